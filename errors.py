@@ -1,0 +1,47 @@
+"""Errors raised on bad user input.
+
+Every error subclasses a builtin (so ``except OSError`` keeps working) and
+:class:`WsiMilError`, which the CLI catches to print one clear line and exit with
+status 2 instead of a traceback. Messages name the file, row or argument and say how
+to fix the problem.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CohortError",
+    "ConfigError",
+    "EncoderError",
+    "MissingMPPError",
+    "OutputExistsError",
+    "SlideOpenError",
+    "WsiMilError",
+]
+
+
+class WsiMilError(Exception):
+    """Base for errors caused by user input (a file, a row, an argument)."""
+
+
+class SlideOpenError(WsiMilError, OSError):
+    """A slide file is missing, unreadable or not a whole-slide image."""
+
+
+class MissingMPPError(WsiMilError, ValueError):
+    """A slide has no usable physical resolution; pass ``--mpp`` or an ``mpp`` column."""
+
+
+class CohortError(WsiMilError, ValueError):
+    """The cohort table (or an omics/clinical table) is invalid."""
+
+
+class EncoderError(WsiMilError, ValueError):
+    """An unknown encoder name or weights that do not fit the encoder."""
+
+
+class ConfigError(WsiMilError, ValueError):
+    """An invalid argument or configuration value."""
+
+
+class OutputExistsError(WsiMilError, FileExistsError):
+    """An output already exists and would be overwritten with something different."""

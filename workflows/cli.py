@@ -1,0 +1,71 @@
+"""The ``wsi-mil`` command line.
+
+Each subcommand lives in ``workflows/commands/<name>.py`` and exposes
+``add_parser(subparsers)`` and ``run(args) -> int``; the commands call the same public
+functions that users import. User errors (:class:`wsi_mil.errors.WsiMilError`) print one
+line to stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from wsi_mil import __version__
+from wsi_mil.errors import WsiMilError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: Subcommand modules under ``wsi_mil.workflows.commands``, in help order.
+COMMANDS = (
+    "info",
+    "tile",
+    "encoders",
+    "extract",
+    "train",
+    "predict",
+    "heatmap",
+    "report",
+    "run",
+    "demo",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with one subparser per available command."""
+    parser = argparse.ArgumentParser(
+        prog="wsi-mil",
+        description="Whole-slide images → tiles → features → MIL → reports.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsi-mil {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"wsi_mil.workflows.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"wsi_mil.workflows.commands.{name}":
+                continue  # command not built yet
+            raise
+        sp = module.add_parser(sub)
+        sp.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``wsi-mil`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except WsiMilError as exc:
+        print(f"wsi-mil {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wsi-mil {args.command}: interrupted; re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

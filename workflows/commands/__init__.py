@@ -1,0 +1,2 @@
+"""The ``wsi-mil`` subcommands, one module each (``add_parser`` + ``run``)."""
+__all__: list[str] = []
