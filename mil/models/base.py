@@ -1,0 +1,199 @@
+"""Shared pieces of the MIL aggregators: the output type, masked softmax, gated attention.
+
+Shapes: ``B`` bags in a batch, ``N`` tiles per bag (padded), ``D`` input feature dim,
+``K`` attention branches, ``L`` embedding dim. ``mask`` is ``(B, N)`` bool, ``True`` for a
+real tile and ``False`` for padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from wsi_mil.errors import ConfigError
+
+__all__ = [
+    "Aggregator",
+    "GatedAttention",
+    "MILOutput",
+    "attention_pool",
+    "check_bag_inputs",
+    "masked_mean",
+    "masked_softmax",
+    "mlp_block",
+]
+
+
+class MILOutput(NamedTuple):
+    """What every aggregator's ``forward`` returns.
+
+    Attributes:
+        logits: ``(B, n_outputs)`` raw scores (class logits, or the Cox risk for
+            ``n_outputs=1``).
+        attention: ``(B, N)`` per-tile attention, exactly 0 on padded tiles and summing to
+            1 over the real tiles of each bag; ``None`` for aggregators without one.
+        aux_loss: scalar auxiliary loss to add to the task loss (CLAM's instance loss), or
+            ``None``.
+    """
+
+    logits: Tensor
+    attention: Tensor | None
+    aux_loss: Tensor | None
+
+
+def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over ``dim`` that ignores masked-out entries.
+
+    Masked entries get exactly 0; a slice with no valid entry is all zeros (never NaN).
+    The softmax runs in float32 and is cast back to ``scores.dtype``.
+
+    Args:
+        scores: ``(..., N)`` raw scores (any float dtype).
+        mask: bool, broadcastable to ``scores``; ``True`` = valid.
+        dim: dimension to normalise over.
+
+    Returns:
+        Tensor shaped like ``scores``.
+    """
+    s = scores.float()
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    weights = torch.softmax(s, dim=dim) * mask
+    return weights.to(scores.dtype)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of the real rows of each bag.
+
+    Args:
+        x: ``(B, N, L)`` tile embeddings.
+        mask: ``(B, N)`` bool.
+
+    Returns:
+        ``(B, L)``; zeros for a bag with no real tile.
+    """
+    m = mask.unsqueeze(-1).to(x.dtype)
+    count = m.sum(dim=1).clamp(min=1.0)
+    return (x * m).sum(dim=1) / count
+
+
+def mlp_block(in_dim: int, out_dim: int, dropout: float) -> nn.Sequential:
+    """``Linear -> ReLU -> Dropout``, the tile projection used by most aggregators."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.ReLU(), nn.Dropout(dropout))
+
+
+class GatedAttention(nn.Module):
+    """Gated attention scores (Ilse et al. 2018): ``w^T (tanh(V h) * sigmoid(U h))``.
+
+    Args:
+        in_dim: embedding dim ``L`` of the tiles.
+        hidden_dim: attention hidden dim (the paper's 128; 256 here by default).
+        n_branches: number of attention branches ``K`` (one per class for multi-branch).
+        dropout: dropout on the tanh and sigmoid activations.
+    """
+
+    def __init__(
+        self, in_dim: int, hidden_dim: int = 256, n_branches: int = 1, dropout: float = 0.25
+    ) -> None:
+        super().__init__()
+        self.attn_v = nn.Linear(in_dim, hidden_dim)
+        self.attn_u = nn.Linear(in_dim, hidden_dim)
+        self.attn_w = nn.Linear(hidden_dim, n_branches)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Raw scores.
+
+        Args:
+            h: ``(B, N, L)``.
+
+        Returns:
+            ``(B, K, N)`` unnormalised scores.
+        """
+        gate = self.dropout(torch.tanh(self.attn_v(h))) * self.dropout(
+            torch.sigmoid(self.attn_u(h))
+        )
+        return self.attn_w(gate).transpose(1, 2)
+
+
+def attention_pool(h: Tensor, scores: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Attention-weighted pooling of tiles.
+
+    Args:
+        h: ``(B, N, L)`` tile embeddings.
+        scores: ``(B, K, N)`` raw attention scores.
+        mask: ``(B, N)`` bool.
+
+    Returns:
+        ``(pooled (B, K, L), weights (B, K, N))``; weights are 0 on padding and sum to 1
+        over the real tiles.
+    """
+    weights = masked_softmax(scores, mask.unsqueeze(1))
+    pooled = torch.bmm(weights.to(h.dtype), h)
+    return pooled, weights
+
+
+def check_bag_inputs(
+    name: str, features: Tensor, mask: Tensor | None, in_dim: int
+) -> tuple[Tensor, Tensor]:
+    """Validate ``features``/``mask`` and return them (an all-True mask when ``None``).
+
+    Raises:
+        ConfigError: wrong rank, wrong feature dim, no tiles at all (``N == 0``), or a
+            mask of the wrong shape/dtype.
+    """
+    if features.ndim != 3:
+        raise ConfigError(
+            f"{name}: features must be (B, N, D), got shape {tuple(features.shape)}; "
+            "add a batch dimension with features.unsqueeze(0)"
+        )
+    if features.shape[-1] != in_dim:
+        raise ConfigError(
+            f"{name}: features have dim {features.shape[-1]} but the model was built with "
+            f"in_dim={in_dim}; build it with in_dim={features.shape[-1]}"
+        )
+    if features.shape[1] == 0:
+        raise ConfigError(
+            f"{name}: bags have no tiles (N=0); drop empty bags before calling the model"
+        )
+    if mask is None:
+        return features, torch.ones(features.shape[:2], dtype=torch.bool, device=features.device)
+    if mask.shape != features.shape[:2]:
+        raise ConfigError(
+            f"{name}: mask must be (B, N) = {tuple(features.shape[:2])}, got {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool:
+        raise ConfigError(
+            f"{name}: mask must be a bool tensor (True = real tile), got {mask.dtype}"
+        )
+    return features, mask
+
+
+class Aggregator(nn.Module):
+    """Base class: stores ``in_dim``/``n_outputs`` and offers per-class attention.
+
+    Subclasses implement ``forward(features, mask, *, omics=None, clinical=None,
+    omics_mask=None, clinical_mask=None, labels=None) -> MILOutput``. Inputs a subclass
+    does not use (e.g. ``omics`` for a histology-only model) are ignored.
+    """
+
+    name: str = "aggregator"
+
+    def __init__(self, in_dim: int, n_outputs: int) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.n_outputs = n_outputs
+
+    def class_attention(
+        self, features: Tensor, mask: Tensor | None = None, **inputs: Any
+    ) -> Tensor | None:
+        """Per-class (per-branch) attention ``(B, K, N)``, or ``None`` when the model has one
+        shared attention map (then use ``MILOutput.attention``).
+
+        Args:
+            features: ``(B, N, D)``.
+            mask: ``(B, N)`` bool.
+            **inputs: the same keyword inputs as ``forward``.
+        """
+        return None

@@ -1,0 +1,367 @@
+"""Dual cross-attention fusion of histology tiles with omics groups and clinical covariates.
+
+Tokens: each tile is projected to a *tile token*; each omics group (the columns of one
+gene group or pathway) goes through its own small self-normalising MLP (SELU, alpha
+dropout) to one *omics token*; the clinical vector goes to one *clinical token*. The
+omics and clinical tokens form the *context* stream.
+
+One block (``n_layers`` of them) updates both streams at once from their previous state:
+
+* tile stream: tile tokens (queries) attend to the context tokens (keys/values);
+* context stream: context tokens (queries) attend to the tile tokens (keys/values);
+
+each followed by a feed-forward layer, pre-norm and residual. There is no tile-to-tile
+attention, so memory is linear in the number of tiles: the largest tensors are
+``(B, heads, N, T)`` with ``T`` context tokens.
+
+Missing modalities are masked, not zero-filled: the tokens of a missing modality are
+removed from the keys of the tile stream (a tile with no context key keeps its own
+representation through the residual) and from the context pooling, and the fused
+context embedding receives a learned "missing omics" / "missing clinical" embedding
+instead. Their input values are never read (set to 0 before encoding).
+
+Each stream is pooled by gated attention (over real tiles; over present context tokens),
+the two embeddings are concatenated and passed through an MLP to the head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.mil.models.base import (
+    Aggregator,
+    GatedAttention,
+    MILOutput,
+    attention_pool,
+    check_bag_inputs,
+    masked_softmax,
+    mlp_block,
+)
+from wsi_mil.mil.models.registry import register_aggregator
+
+__all__ = ["CrossAttention", "DualCrossAttentionMIL", "GroupedSNN"]
+
+
+class GroupedSNN(nn.Module):
+    """One two-layer SNN per omics group, run as a batch of group-wise matmuls.
+
+    Group ``g`` maps ``omics[:, groups[g]]`` through ``Linear -> SELU -> AlphaDropout ->
+    Linear -> SELU -> AlphaDropout`` to a ``dim`` token. Groups are zero-padded to the
+    longest one (the padded inputs are always 0 and contribute nothing).
+
+    Args:
+        groups: column indices of the omics vector per group.
+        dim: token dim.
+        dropout: alpha dropout rate.
+    """
+
+    index: Tensor
+    valid: Tensor
+
+    def __init__(self, groups: list[list[int]], dim: int, dropout: float) -> None:
+        super().__init__()
+        longest = max(len(g) for g in groups)
+        index = torch.zeros(len(groups), longest, dtype=torch.long)
+        valid = torch.zeros(len(groups), longest, dtype=torch.bool)
+        for i, g in enumerate(groups):
+            index[i, : len(g)] = torch.tensor(g, dtype=torch.long)
+            valid[i, : len(g)] = True
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("valid", valid, persistent=False)
+        sizes = torch.tensor([len(g) for g in groups], dtype=torch.float32)
+        # LeCun-normal initialisation with each group's own fan-in
+        self.w1 = nn.Parameter(torch.randn(len(groups), longest, dim) / sizes.sqrt()[:, None, None])
+        self.b1 = nn.Parameter(torch.zeros(len(groups), dim))
+        self.w2 = nn.Parameter(torch.randn(len(groups), dim, dim) / math.sqrt(dim))
+        self.b2 = nn.Parameter(torch.zeros(len(groups), dim))
+        self.act = nn.SELU()
+        self.dropout = nn.AlphaDropout(dropout)
+
+    def forward(self, omics: Tensor) -> Tensor:
+        """Encode the groups.
+
+        Args:
+            omics: ``(B, G_total)``.
+
+        Returns:
+            ``(B, n_groups, dim)`` omics tokens.
+        """
+        x = omics[:, self.index] * self.valid  # (B, n_groups, longest)
+        x = self.dropout(self.act(torch.einsum("bgl,gld->bgd", x, self.w1) + self.b1))
+        return self.dropout(self.act(torch.einsum("bgd,gde->bge", x, self.w2) + self.b2))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention with a key mask; queries with no valid key get 0.
+
+    Args:
+        dim: token dim.
+        n_heads: heads (``dim`` divisible by it).
+        dropout: dropout on the attention weights.
+    """
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
+        """Attend.
+
+        Args:
+            queries: ``(B, Q, C)``.
+            keys: ``(B, K, C)`` (also the values).
+            key_mask: ``(B, K)`` bool, keys that may be attended to.
+
+        Returns:
+            ``(B, Q, C)``; exactly 0 for a bag without any valid key.
+        """
+        b, nq, c = queries.shape
+        nk, h = keys.shape[1], self.n_heads
+        q = self.q(queries).view(b, nq, h, c // h).transpose(1, 2)  # (B, H, Q, d)
+        k, v = self.kv(keys).view(b, nk, 2, h, c // h).permute(2, 0, 3, 1, 4)  # (B, H, K, d)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(c // h)  # (B, H, Q, K)
+        weights = self.dropout(masked_softmax(scores, key_mask[:, None, None, :]))
+        out = self.out((weights @ v).transpose(1, 2).reshape(b, nq, c))
+        return out * key_mask.any(dim=1)[:, None, None]
+
+
+class _FeedForward(nn.Sequential):
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, 2 * dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(2 * dim, dim),
+        )
+
+
+class _DualBlock(nn.Module):
+    """Tile tokens attend to context tokens and context tokens attend to tile tokens."""
+
+    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_tiles = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim)
+        self.tiles_to_context = CrossAttention(dim, n_heads, dropout)
+        self.context_to_tiles = CrossAttention(dim, n_heads, dropout)
+        self.ff_tiles = _FeedForward(dim, dropout)
+        self.ff_context = _FeedForward(dim, dropout)
+
+    def forward(
+        self, tiles: Tensor, tile_mask: Tensor, context: Tensor, context_mask: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Update both streams.
+
+        Args:
+            tiles: ``(B, N, C)``; tile_mask ``(B, N)`` bool.
+            context: ``(B, T, C)``; context_mask ``(B, T)`` bool.
+
+        Returns:
+            ``(tiles (B, N, C), context (B, T, C))``.
+        """
+        t, c = self.norm_tiles(tiles), self.norm_context(context)
+        tiles = tiles + self.tiles_to_context(t, c, context_mask)
+        context = context + self.context_to_tiles(c, t, tile_mask)
+        return tiles + self.ff_tiles(tiles), context + self.ff_context(context)
+
+
+def _check_groups(omics_groups: list[list[int]] | None) -> list[list[int]]:
+    groups = [list(g) for g in (omics_groups or [])]
+    for i, g in enumerate(groups):
+        if not g:
+            raise ConfigError(f"dual_xattn: omics_groups[{i}] is empty; drop it or add columns")
+        if any(isinstance(j, bool) or not isinstance(j, int) or j < 0 for j in g):
+            raise ConfigError(
+                f"dual_xattn: omics_groups[{i}] must hold non-negative column indices, got {g}"
+            )
+    return groups
+
+
+@register_aggregator(
+    "dual_xattn",
+    description=(
+        "Dual cross-attention fusion: tiles <-> omics-group and clinical tokens "
+        "(linear in tiles), gated pooling per stream, masked missing modalities."
+    ),
+    permutation_invariant=True,
+    modalities=("histology", "omics", "clinical"),
+)
+class DualCrossAttentionMIL(Aggregator):
+    """Token-level dual cross-attention fusion (see the module docstring).
+
+    ``attention`` is the histology stream's gated-attention weights over tiles.
+
+    Args:
+        in_dim: tile feature dim ``D``.
+        n_outputs: number of logits.
+        omics_groups: column indices of the omics vector per gene group / pathway; one
+            token per group. ``None`` or ``[]``: no omics.
+        n_clinical: length of the clinical vector (0: no clinical token).
+        dim: token dim (256).
+        n_heads: cross-attention heads (4).
+        n_layers: dual cross-attention blocks (1).
+        attn_dim: gated-attention hidden dim of the poolings (``dim // 2``).
+        dropout: dropout (0.25).
+
+    Raises:
+        ConfigError: no omics group and no clinical input, an empty group, a bad index,
+            or ``dim`` not divisible by ``n_heads``.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_outputs: int,
+        omics_groups: list[list[int]] | None = None,
+        n_clinical: int = 0,
+        dim: int = 256,
+        n_heads: int = 4,
+        n_layers: int = 1,
+        attn_dim: int | None = None,
+        dropout: float = 0.25,
+    ) -> None:
+        super().__init__(in_dim, n_outputs)
+        groups = _check_groups(omics_groups)
+        if not groups and n_clinical < 1:
+            raise ConfigError(
+                "dual_xattn needs omics_groups or n_clinical > 0; for histology alone use abmil"
+            )
+        if dim % n_heads:
+            raise ConfigError(f"dual_xattn: dim={dim} must be divisible by n_heads={n_heads}")
+        self.n_groups = len(groups)
+        self.n_omics_columns = max((max(g) + 1 for g in groups), default=0)
+        self.n_clinical = n_clinical
+        self.tile_proj = mlp_block(in_dim, dim, dropout)
+        self.omics_encoder = GroupedSNN(groups, dim, dropout) if groups else None
+        self.clinical_encoder = (
+            nn.Sequential(
+                nn.Linear(n_clinical, dim),
+                nn.SELU(),
+                nn.AlphaDropout(dropout),
+                nn.Linear(dim, dim),
+                nn.SELU(),
+            )
+            if n_clinical > 0
+            else None
+        )
+        n_tokens = self.n_groups + (1 if n_clinical > 0 else 0)
+        self.token_type = nn.Parameter(torch.randn(n_tokens, dim) * 0.02)
+        self.blocks = nn.ModuleList(_DualBlock(dim, n_heads, dropout) for _ in range(n_layers))
+        self.norm_tiles = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim)
+        hidden = attn_dim or dim // 2
+        self.tile_pool = GatedAttention(dim, hidden, 1, dropout)
+        self.context_pool = GatedAttention(dim, hidden, 1, dropout)
+        self.missing_omics = nn.Parameter(torch.zeros(dim)) if groups else None
+        self.missing_clinical = nn.Parameter(torch.zeros(dim)) if n_clinical > 0 else None
+        self.fusion = mlp_block(2 * dim, dim, dropout)
+        self.classifier = nn.Linear(dim, n_outputs)
+
+    def _present(
+        self,
+        name: str,
+        value: Tensor | None,
+        flags: Tensor | None,
+        batch: int,
+        device: torch.device,
+    ) -> Tensor:
+        """Which bags have the modality: ``(B,)`` bool (all False when ``value`` is None)."""
+        if value is None:
+            return torch.zeros(batch, dtype=torch.bool, device=device)
+        if flags is None:
+            return torch.ones(batch, dtype=torch.bool, device=device)
+        if flags.shape != (batch,) or flags.dtype != torch.bool:
+            raise ConfigError(f"dual_xattn: {name}_mask must be a ({batch},) bool tensor")
+        return flags
+
+    def _context(
+        self,
+        batch: int,
+        omics: Tensor | None,
+        clinical: Tensor | None,
+        omics_present: Tensor,
+        clinical_present: Tensor,
+        like: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Context tokens ``(B, T, C)`` and their mask ``(B, T)``."""
+        tokens, masks = [], []
+        if self.omics_encoder is not None:
+            if omics is None:
+                omics = like.new_zeros(batch, self.n_omics_columns)
+            elif (
+                omics.ndim != 2 or omics.shape[0] != batch or omics.shape[1] < self.n_omics_columns
+            ):
+                raise ConfigError(
+                    f"dual_xattn: omics must be (B={batch}, >= {self.n_omics_columns}) "
+                    f"for the configured omics_groups, got {tuple(omics.shape)}"
+                )
+            omics = torch.where(omics_present[:, None], omics.to(like.dtype), 0.0)
+            tokens.append(self.omics_encoder(omics))
+            masks.append(omics_present[:, None].expand(-1, self.n_groups))
+        if self.clinical_encoder is not None:
+            if clinical is None:
+                clinical = like.new_zeros(batch, self.n_clinical)
+            elif clinical.shape != (batch, self.n_clinical):
+                raise ConfigError(
+                    f"dual_xattn: clinical must be ({batch}, n_clinical={self.n_clinical}), "
+                    f"got {tuple(clinical.shape)}"
+                )
+            clinical = torch.where(clinical_present[:, None], clinical.to(like.dtype), 0.0)
+            tokens.append(self.clinical_encoder(clinical)[:, None])
+            masks.append(clinical_present[:, None])
+        return torch.cat(tokens, dim=1) + self.token_type, torch.cat(masks, dim=1)
+
+    def forward(
+        self,
+        features: Tensor,
+        mask: Tensor | None = None,
+        *,
+        omics: Tensor | None = None,
+        clinical: Tensor | None = None,
+        omics_mask: Tensor | None = None,
+        clinical_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> MILOutput:
+        """Fuse tiles with omics and clinical tokens.
+
+        Args:
+            features: ``(B, N, D)``.
+            mask: ``(B, N)`` bool, True = real tile (None: all real).
+            omics: ``(B, G_total)`` or None (then omics are missing for every bag).
+            clinical: ``(B, n_clinical)`` or None (then missing for every bag).
+            omics_mask: ``(B,)`` bool, True = omics present (None: all present).
+            clinical_mask: ``(B,)`` bool, True = clinical present (None: all present).
+            labels: ignored.
+
+        Returns:
+            ``MILOutput(logits (B, n_outputs), attention (B, N), None)``.
+        """
+        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
+        b, dev = features.shape[0], features.device
+        omics_present = self._present("omics", omics, omics_mask, b, dev)
+        clinical_present = self._present("clinical", clinical, clinical_mask, b, dev)
+        tiles = self.tile_proj(features)
+        context, context_mask = self._context(
+            b, omics, clinical, omics_present, clinical_present, tiles
+        )
+        for block in self.blocks:
+            tiles, context = block(tiles, mask, context, context_mask)
+        tiles, context = self.norm_tiles(tiles), self.norm_context(context)
+        h_tiles, attention = attention_pool(tiles, self.tile_pool(tiles), mask)
+        h_context, _ = attention_pool(context, self.context_pool(context), context_mask)
+        h_context = h_context[:, 0]
+        if self.missing_omics is not None:
+            h_context = h_context + (~omics_present)[:, None] * self.missing_omics
+        if self.missing_clinical is not None:
+            h_context = h_context + (~clinical_present)[:, None] * self.missing_clinical
+        fused = self.fusion(torch.cat([h_tiles[:, 0], h_context], dim=-1))
+        return MILOutput(self.classifier(fused), attention[:, 0], None)
