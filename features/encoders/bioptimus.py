@@ -1,0 +1,40 @@
+"""Bioptimus H-optimus-0: ViT-g/14 with SwiGLU MLP and 4 registers (embedding 1536)."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import SwiGLUPacked
+
+from wsi_mil.features.encoders._vit import TimmBackbone, build_timm
+from wsi_mil.features.registry import EncoderSpec, register_encoder
+
+__all__ = ["build_h_optimus_0"]
+
+
+@register_encoder(
+    "h-optimus-0",
+    dim=1536,
+    input_px=224,
+    mean=(0.707223, 0.578729, 0.703617),
+    std=(0.211883, 0.230117, 0.177517),
+    mpp=0.5,
+    pooling="cls",
+    licence="Apache-2.0",
+    source="https://huggingface.co/bioptimus/H-optimus-0",
+    architecture="timm vit_giant_patch14_reg4_dinov2: depth 40, SwiGLU, 4 registers, 224 px",
+    hub=("bioptimus/H-optimus-0", "timm"),
+)
+def build_h_optimus_0(spec: EncoderSpec) -> TimmBackbone:
+    """H-optimus-0 as published for timm, at 224 px."""
+    return build_timm(
+        "vit_giant_patch14_reg4_dinov2",
+        "cls",
+        img_size=224,
+        init_values=1e-5,
+        mlp_ratio=5.33334,
+        mlp_layer=SwiGLUPacked,
+        act_layer=torch.nn.SiLU,
+        reg_tokens=4,
+        no_embed_class=True,
+        dynamic_img_size=True,
+    )

@@ -1,0 +1,44 @@
+"""Paige Virchow2: ViT-H/14 with SwiGLU MLP and 4 registers.
+
+The embedding is the class token concatenated with the mean of the patch tokens
+(register tokens excluded), 2 × 1280 = 2560 dims, as in the model card.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import SwiGLUPacked
+
+from wsi_mil.features.encoders._vit import TimmBackbone, build_timm
+from wsi_mil.features.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, register_encoder
+
+__all__ = ["build_virchow2"]
+
+
+@register_encoder(
+    "virchow2",
+    dim=2560,
+    input_px=224,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    mpp=0.5,
+    pooling="cls+mean",
+    licence="CC-BY-NC-ND-4.0 (gated; see model card)",
+    source="https://huggingface.co/paige-ai/Virchow2",
+    architecture="timm vit_huge_patch14_224: SwiGLU (mlp ratio 5.3375), 4 registers",
+    hub=("paige-ai/Virchow2", "timm"),
+)
+def build_virchow2(spec: EncoderSpec) -> TimmBackbone:
+    """Virchow2 at 224 px; CLS + mean patch token pooling."""
+    return build_timm(
+        "vit_huge_patch14_224",
+        "cls+mean",
+        img_size=224,
+        init_values=1e-5,
+        mlp_ratio=5.3375,
+        mlp_layer=SwiGLUPacked,
+        act_layer=torch.nn.SiLU,
+        reg_tokens=4,
+        no_embed_class=True,
+        dynamic_img_size=True,
+    )

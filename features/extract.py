@@ -1,0 +1,302 @@
+"""Feature extraction over a folder of tile stores: ``extract_features``.
+
+Output layout (``out_dir`` is ``wsi-mil extract --out``)::
+
+    <out_dir>/<encoder>/<slide_id>.h5     one bag per slide (see bags.py)
+    <out_dir>/<encoder>/manifest.csv      ok / skipped / failed per store, with reasons
+    <out_dir>/<encoder>/config.yaml       the fully resolved settings of the last run
+
+``timm:<name>`` encoders use the folder ``timm_<name>``. A re-run skips slides whose bag
+records the same encoder, weights sha256 and tile-store fingerprint, removes temporary
+files of killed runs and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.errors import ConfigError
+
+__all__ = [
+    "extract_features",
+    "extract_slide",
+    "find_stores",
+    "plan_extraction",
+    "store_fingerprint",
+]
+
+_DTYPES = ("float16", "float32")
+
+
+def find_stores(tiles: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """List the tile stores to process.
+
+    Args:
+        tiles: A folder of ``<slide_id>.zarr`` stores, one store, or a list of stores.
+
+    Raises:
+        ConfigError: Nothing found.
+    """
+    if not isinstance(tiles, str | os.PathLike):
+        return [Path(p) for p in tiles]
+    path = Path(tiles)
+    if path.suffix == ".zarr":
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"tile folder {path} does not exist; run `wsi-mil tile` first")
+    stores = sorted(p for p in path.glob("*.zarr") if not p.name.startswith("."))
+    if not stores:
+        raise ConfigError(f"no <slide_id>.zarr tile stores in {path}; run `wsi-mil tile` first")
+    return stores
+
+
+def store_fingerprint(store: Any) -> str:
+    """Hex digest identifying a tile store's content (attributes and tile coordinates).
+
+    The source slide's path is left out so moving a cohort does not force re-extraction.
+    """
+    attrs = dict(store.attrs)
+    attrs.pop("complete", None)
+    source = dict(attrs.get("source") or {})
+    source.pop("path", None)
+    attrs["source"] = source
+    digest = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode())
+    digest.update(store.coords.tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _bag_matches(bag: Path, encoder: str, sha: str, fingerprint: str) -> bool:
+    from wsi_mil.features.bags import BagError, bag_info
+
+    if not bag.is_file():
+        return False
+    try:
+        info = bag_info(bag)
+    except BagError:
+        return False
+    return (
+        info.get("encoder") == encoder
+        and info.get("weights_sha256") == sha
+        and info.get("store_fingerprint") == fingerprint
+    )
+
+
+def plan_extraction(
+    stores: Sequence[Path], encoder: str, out_dir: Path, weights_sha256: str, *, overwrite: bool
+) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Split stores into tasks (largest first) and rows for skipped/failed stores.
+
+    Returns:
+        ``(tasks, rows)``: :class:`~wsi_mil.features.pool.SlideTask` list and manifest
+        rows of stores that need no work (up to date, incomplete, unreadable, empty).
+    """
+    from wsi_mil.features.bags import bag_path
+    from wsi_mil.features.pool import SlideTask
+    from wsi_mil.tiling import open_tile_store
+
+    tasks, rows = [], []
+    for path in stores:
+        row: dict[str, Any] = {
+            "slide_id": path.stem, "path": str(path), "n_tiles": 0, "store": str(path)
+        }  # fmt: skip
+        try:
+            st = open_tile_store(path, allow_incomplete=True)
+            if not st.complete:
+                rows.append({**row, "status": "skipped", "error": "tile store incomplete "
+                             "(interrupted tiling?); re-run `wsi-mil tile`"})  # fmt: skip
+                continue
+            fp = store_fingerprint(st)
+            bag = bag_path(out_dir, encoder, st.slide_id)
+            row.update(slide_id=st.slide_id, n_tiles=st.n_tiles, path=str(bag))
+        except Exception as exc:
+            rows.append({**row, "status": "failed", "error": f"unreadable tile store: {exc}"})
+            continue
+        if st.n_tiles == 0:
+            rows.append({**row, "status": "skipped", "error": "store has no tissue tiles"})
+        elif not overwrite and _bag_matches(bag, encoder, weights_sha256, fp):
+            rows.append({**row, "status": "skipped", "error": "", "message": "up to date"})
+        else:
+            tasks.append(SlideTask(str(path), st.slide_id, st.n_tiles, str(bag), fp))
+    tasks.sort(key=lambda t: (-t.n_tiles, t.slide_id))
+    return tasks, rows
+
+
+def _clean_temporaries(folder: Path) -> None:
+    """Remove ``.<name>.h5.<id>.tmp`` files left by a killed run."""
+    if folder.is_dir():
+        for tmp in folder.glob(".*.h5.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def extract_features(
+    tiles: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    encoder: str = "builtin",
+    out_dir: str | os.PathLike[str] = "features",
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    devices: str | list[str] | None = None,
+    batch_size: int = 256,
+    workers: int = 2,
+    dtype: str = "float16",
+    overwrite: bool = False,
+    progress: bool = True,
+    manifest: bool = True,
+) -> list[dict[str, Any]]:
+    """Embed every tile of every store and write one bag per slide.
+
+    Args:
+        tiles: Folder of ``<slide_id>.zarr`` tile stores (or store paths).
+        encoder: Encoder name (see ``wsi-mil encoders``) or ``timm:<model>``.
+        out_dir: Output root; bags go to ``<out_dir>/<encoder>/<slide_id>.h5``.
+        weights: Weights folder/file, ``None`` = hub download, ``"random"`` = tests only.
+        devices: ``"cpu"``, ``"cuda:0,cuda:1"``, ...; default every GPU, else CPU.
+        batch_size: Tiles per forward pass (rounded to whole store chunks).
+        workers: Decode worker processes per device.
+        dtype: Feature dtype in the bags (``float16`` or ``float32``).
+        overwrite: Redo slides whose bag is up to date.
+        progress: Show a progress bar (tiles) on stderr.
+        manifest: Write ``manifest.csv`` and ``config.yaml`` (off for per-slide calls).
+
+    Returns:
+        Manifest rows (also written to ``<out_dir>/<encoder>/manifest.csv``): slide_id,
+        path (the bag), status (ok / skipped / failed), n_tiles, seconds, error.
+
+    Raises:
+        EncoderError: Unknown encoder, bad weights, hub unreachable with no weights.
+        ConfigError: Bad arguments or no stores.
+    """
+    from wsi_mil.features.bags import bag_path
+    from wsi_mil.features.pool import ExtractJob, parse_devices
+    from wsi_mil.features.registry import get_encoder_spec
+    from wsi_mil.features.weights import RANDOM_WEIGHTS, resolve_weights
+    from wsi_mil.io import write_manifest
+
+    _check_args(batch_size, workers, dtype)
+    spec = get_encoder_spec(encoder)
+    resolved = resolve_weights(spec, weights)
+    devs = parse_devices(devices)
+    stores = find_stores(tiles)
+    enc_dir = bag_path(out_dir, encoder, "x").parent
+    _clean_temporaries(enc_dir)
+    tasks, rows = plan_extraction(stores, encoder, Path(out_dir), resolved.sha256,
+                                  overwrite=overwrite)  # fmt: skip
+    weights_arg = RANDOM_WEIGHTS if weights == RANDOM_WEIGHTS else resolved.path
+    job = ExtractJob(
+        encoder=encoder,
+        weights=str(weights_arg) if weights_arg is not None else None,
+        weights_sha256=resolved.sha256,
+        batch_size=batch_size,
+        workers=workers,
+        dtype=dtype,
+        n_procs=min(len(devs), max(1, len(tasks))),
+    )
+    config = {
+        "stage": "extract",
+        "tiles": [str(s) for s in stores] if len(stores) < 20 else str(tiles),
+        "out_dir": str(out_dir),
+        "bags": str(enc_dir),
+        "encoder": spec.describe() | {"name": encoder},
+        "weights": str(resolved.path) if resolved.path else weights,
+        "weights_sha256": resolved.sha256,
+        "devices": devs[: job.n_procs],
+        "batch_size": batch_size,
+        "workers": workers,
+        "dtype": dtype,
+        "overwrite": overwrite,
+    }
+    if manifest:
+        _write_config(enc_dir / "config.yaml", config)
+    rows += _run(devs[: job.n_procs], job, tasks, progress)
+    order = {str(p): i for i, p in enumerate(stores)}
+    rows.sort(key=lambda r: order.get(r["store"], len(order)))
+    for row in rows:
+        row.setdefault("seconds", 0.0)
+        row["encoder"] = encoder
+    if manifest:
+        write_manifest(enc_dir / "manifest.csv", rows)
+    return rows
+
+
+def _check_args(batch_size: int, workers: int, dtype: str) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be ≥ 0, got {workers}")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+
+
+def _write_config(path: Path, config: dict[str, Any]) -> None:
+    import yaml
+
+    from wsi_mil.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _run(devices: list[str], job: Any, tasks: list[Any], progress: bool) -> list[dict[str, Any]]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from wsi_mil.features.pool import run_pool
+
+    rows: list[dict[str, Any]] = []
+    if not tasks:
+        return rows
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tiles · {task.fields[slides]} slides done"),
+        TimeRemainingColumn(),
+    )
+    total = sum(t.n_tiles for t in tasks)
+    with Progress(*columns, disable=not progress) as bar:
+        tid = bar.add_task(f"extract {job.encoder}", total=total, slides=0)
+
+        def emit(msg: tuple[str, Any]) -> None:
+            kind, payload = msg
+            if kind == "progress":
+                bar.advance(tid, payload)
+            elif kind == "row":
+                rows.append(payload)
+                bar.update(tid, slides=len(rows))
+
+        run_pool(devices, job, tasks, emit)
+    done = {r["slide_id"] for r in rows}
+    for t in tasks:  # a device process died before reporting these
+        if t.slide_id not in done:
+            rows.append({"slide_id": t.slide_id, "path": t.bag, "status": "failed",
+                         "n_tiles": t.n_tiles, "error": "device process died; re-run"})  # fmt: skip
+    stores = {t.slide_id: t.store for t in tasks}
+    for r in rows:
+        r["store"] = stores[r["slide_id"]]
+    return rows
+
+
+def extract_slide(
+    store: str | os.PathLike[str],
+    encoder: str = "builtin",
+    out_dir: str | os.PathLike[str] = "features",
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Extract one tile store (a picklable per-slide function for Dask or scripts).
+
+    Same arguments as :func:`extract_features`; returns the slide's manifest row.
+    """
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("workers", 0)
+    kwargs.setdefault("manifest", False)
+    rows = extract_features([store], encoder, out_dir, **kwargs)
+    return rows[0]

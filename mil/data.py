@@ -1,0 +1,359 @@
+"""Bags for MIL: lazy loading with a bounded fp16 cache, padding, and batch samplers.
+
+A *unit* is what the model sees as one bag: all tiles of a patient's slides
+(``level="patient"``) or one slide (``level="slide"``). Bags are read from
+``<features_dir>/<slide_id>.h5`` on first use and kept in a least-recently-used cache of
+float16 arrays bounded in bytes; several feature folders (encoders) are joined tile by
+tile with :func:`wsi_mil.features.bags.join_bags`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsi_mil.features.bags import BagError, bag_info, join_bags, read_bag
+from wsi_mil.mil.cohort import Cohort
+
+__all__ = [
+    "LEVELS",
+    "BagBatch",
+    "BagScan",
+    "BagStore",
+    "Unit",
+    "collate_bags",
+    "event_batches",
+    "load_batch",
+    "make_units",
+    "prefetch",
+    "random_batches",
+    "scan_bags",
+]
+
+LEVELS = ("patient", "slide")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One bag for the model.
+
+    Attributes:
+        unit_id: Patient id (patient level) or slide id (slide level).
+        patient_id: The patient it belongs to.
+        slide_ids: Slides whose tiles form the bag, in order.
+    """
+
+    unit_id: str
+    patient_id: str
+    slide_ids: tuple[str, ...]
+
+
+@dataclass
+class BagScan:
+    """What :func:`scan_bags` found without reading features.
+
+    Attributes:
+        dim: Feature dimension after joining all feature folders.
+        dims: Dimension of each feature folder.
+        n_tiles: Tiles per slide.
+        empty: Slides with no tiles (excluded from training and prediction).
+    """
+
+    dim: int
+    dims: list[int]
+    n_tiles: dict[str, int]
+    empty: list[str]
+
+
+def scan_bags(
+    slide_ids: Sequence[str],
+    features_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    expected_dims: Sequence[int] | None = None,
+) -> BagScan:
+    """Check every bag's header: same feature dim in each folder, count tiles.
+
+    Args:
+        slide_ids: Slides to check.
+        features_dirs: Feature folders (one per encoder).
+        expected_dims: Dims the bags must have (e.g. those of a trained model); default:
+            the most common dim in each folder.
+
+    Returns:
+        :class:`BagScan`.
+
+    Raises:
+        BagError: A bag whose dim differs (naming the file and both dims), or a bag
+            that is unreadable or whose tile count differs between folders.
+    """
+    problems: list[str] = []
+    dims: list[int] = []
+    n_tiles: dict[str, int] = {}
+    for k, folder in enumerate(map(Path, features_dirs)):
+        infos = {s: bag_info(folder / f"{s}.h5") for s in slide_ids}
+        found = [i["dim"] for i in infos.values()]
+        if expected_dims is not None:
+            ref = int(expected_dims[k])
+            source = "the trained model"
+        else:
+            ref = max(set(found), key=found.count) if found else 0
+            source = next((i["path"] for i in infos.values() if i["dim"] == ref), "")
+        dims.append(ref)
+        for s, info in infos.items():
+            if info["dim"] != ref:
+                problems.append(
+                    f"{info['path']}: feature dim {info['dim']} differs from dim {ref} of "
+                    f"{source}; re-extract it with the same encoder"
+                )
+            if k == 0:
+                n_tiles[s] = info["n_tiles"]
+            elif info["n_tiles"] != n_tiles[s]:
+                problems.append(
+                    f"{info['path']}: {info['n_tiles']} tiles but {n_tiles[s]} in "
+                    f"{features_dirs[0]}; extract every encoder from the same tile store"
+                )
+    if problems:
+        raise BagError(f"{len(problems)} bad feature bag(s):\n" + "\n".join(problems))
+    empty = [s for s, n in n_tiles.items() if n == 0]
+    return BagScan(sum(dims), dims, n_tiles, empty)
+
+
+def make_units(
+    cohort: Cohort, patient_ids: Sequence[str], level: str, skip: set[str]
+) -> list[Unit]:
+    """Build the bags of ``patient_ids``; slides in ``skip`` (empty bags) are left out.
+
+    Patients left with no slides are dropped.
+    """
+    units: list[Unit] = []
+    for pid in patient_ids:
+        slides = tuple(s for s in cohort.patients[pid].slide_ids if s not in skip)
+        if not slides:
+            continue
+        if level == "patient":
+            units.append(Unit(pid, pid, slides))
+        else:
+            units.extend(Unit(s, pid, (s,)) for s in slides)
+    return units
+
+
+class BagStore:
+    """Lazy reader of slide bags with a bounded LRU cache of float16 arrays.
+
+    Thread-safe, so a prefetch thread can load the next batch while the model trains.
+
+    Args:
+        features_dirs: Feature folders; bags of the same slide are joined tile by tile.
+        cache_bytes: Upper bound of cached feature bytes (0 disables the cache).
+    """
+
+    def __init__(self, features_dirs: Sequence[str | os.PathLike[str]], cache_bytes: int) -> None:
+        self.features_dirs = [Path(d) for d in features_dirs]
+        self.cache_bytes = int(cache_bytes)
+        self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._used = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of features currently cached."""
+        return self._used
+
+    def slide(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Return (features (N, D) float16, coords (N, 2) int64) of one slide."""
+        with self._lock:
+            hit = self._cache.get(slide_id)
+            if hit is not None:
+                self._cache.move_to_end(slide_id)
+                self.hits += 1
+                return hit
+            self.misses += 1
+        item = self._read(slide_id)
+        with self._lock:
+            self._put(slide_id, item)
+        return item
+
+    def _read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        bags = [read_bag(d / f"{slide_id}.h5") for d in self.features_dirs]
+        bag = (
+            bags[0]
+            if len(bags) == 1
+            else join_bags(bags, names=[d.name for d in self.features_dirs])
+        )
+        return bag.features.astype(np.float16, copy=False), bag.coords
+
+    def _put(self, slide_id: str, item: tuple[np.ndarray, np.ndarray]) -> None:
+        size = item[0].nbytes
+        if size > self.cache_bytes or slide_id in self._cache:
+            return
+        while self._used + size > self.cache_bytes and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._used -= old[0].nbytes
+        self._cache[slide_id] = item
+        self._used += size
+
+    def unit(self, unit: Unit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All tiles of a unit.
+
+        Returns:
+            features (N, D) float16, coords (N, 2) int64, and (N,) int index of each
+            tile's slide in ``unit.slide_ids``.
+        """
+        parts = [self.slide(s) for s in unit.slide_ids]
+        if len(parts) == 1:
+            feats, coords = parts[0]
+            return feats, coords, np.zeros(len(feats), np.int64)
+        which = np.concatenate([np.full(len(p[0]), i, np.int64) for i, p in enumerate(parts)])
+        feats = np.concatenate([p[0] for p in parts])
+        coords = np.concatenate([p[1] for p in parts])
+        return feats, coords, which
+
+
+@dataclass
+class BagBatch:
+    """A padded batch of bags.
+
+    Attributes:
+        features: (B, N_max, D) float32.
+        mask: (B, N_max) bool, True = real tile.
+        units: The units, in batch order.
+        tiles: Per unit, the tile indices used (into the unit's full bag), (n_b,).
+    """
+
+    features: torch.Tensor
+    mask: torch.Tensor
+    units: list[Unit]
+    tiles: list[np.ndarray]
+
+
+def collate_bags(bags: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad bags of different sizes into one tensor.
+
+    Args:
+        bags: Arrays (n_b, D) of any float dtype.
+
+    Returns:
+        features (B, N_max, D) float32 (zeros on padding) and mask (B, N_max) bool.
+    """
+    n_max = max(1, max(len(b) for b in bags))
+    dim = bags[0].shape[1]
+    out = torch.zeros(len(bags), n_max, dim, dtype=torch.float32)
+    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
+    for i, bag in enumerate(bags):
+        out[i, : len(bag)] = torch.from_numpy(np.ascontiguousarray(bag)).float()
+        mask[i, : len(bag)] = True
+    return out, mask
+
+
+def load_batch(
+    store: BagStore,
+    units: Sequence[Unit],
+    *,
+    max_tiles: int | None = None,
+    seed: int | None = None,
+) -> BagBatch:
+    """Load and pad ``units``; with ``max_tiles``, draw a random subset of tiles per bag.
+
+    Args:
+        store: Bag reader.
+        units: Bags of the batch.
+        max_tiles: Keep at most this many random tiles per bag (training).
+        seed: Seed of the tile subsampling (with the unit id, so it is reproducible
+            whatever the load order).
+    """
+    bags, tiles = [], []
+    for unit in units:
+        feats = store.unit(unit)[0]
+        idx = np.arange(len(feats))
+        if max_tiles is not None and len(feats) > max_tiles:
+            rng = np.random.default_rng([seed or 0, _stable_hash(unit.unit_id)])
+            idx = np.sort(rng.choice(len(feats), size=max_tiles, replace=False))
+            feats = feats[idx]
+        bags.append(feats)
+        tiles.append(idx)
+    features, mask = collate_bags(bags)
+    return BagBatch(features, mask, list(units), tiles)
+
+
+def _stable_hash(text: str) -> int:
+    """A process-independent 32-bit hash (Python's ``hash`` is salted)."""
+    h = 2166136261
+    for byte in text.encode():
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Shuffle ``range(n)`` into batches of ``batch_size`` (last one may be smaller)."""
+    order = rng.permutation(n).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def event_batches(
+    events: Sequence[int], batch_size: int, rng: np.random.Generator
+) -> list[list[int]]:
+    """Shuffle into batches that each hold at least one event (for the Cox loss).
+
+    Events and censored samples are shuffled separately and dealt round-robin into
+    ``min(ceil(n / batch_size), n_events)`` batches, so batches are about
+    ``batch_size`` large and none is without events.
+
+    Args:
+        events: (n,) 0/1 event indicators.
+        batch_size: Target batch size.
+        rng: Random generator.
+
+    Returns:
+        Lists of indices; every list contains an index with event 1 (when any exists).
+    """
+    events = np.asarray(events)
+    pos = rng.permutation(np.flatnonzero(events == 1)).tolist()
+    neg = rng.permutation(np.flatnonzero(events != 1)).tolist()
+    n = len(events)
+    n_batches = max(1, min(math.ceil(n / max(1, batch_size)), len(pos) or 1))
+    batches: list[list[int]] = [[] for _ in range(n_batches)]
+    for i, idx in enumerate(pos + neg):
+        batches[i % n_batches].append(idx)
+    order = rng.permutation(n_batches)
+    return [rng.permutation(batches[i]).tolist() for i in order if batches[i]]
+
+
+def prefetch(
+    jobs: Sequence[Any], load: Callable[[Any], BagBatch], depth: int = 2
+) -> Iterator[BagBatch]:
+    """Yield ``load(job)`` for each job in order, loading up to ``depth`` ahead in a thread.
+
+    Args:
+        jobs: Work items (e.g. lists of units).
+        load: Loads one job (must be thread-safe).
+        depth: Batches loaded ahead (0 = load in the caller's thread).
+    """
+    if depth <= 0:
+        for job in jobs:
+            yield load(job)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsi-mil-bags") as pool:
+        pending: list[Future[BagBatch]] = []
+        it = iter(jobs)
+        for job in it:
+            pending.append(pool.submit(load, job))
+            if len(pending) > depth:
+                break
+        while pending:
+            batch = pending.pop(0).result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(load, nxt))
+            yield batch

@@ -1,0 +1,232 @@
+"""Task heads: how aggregator logits become a loss and a prediction.
+
+* :class:`ClassificationHead` — binary or multiclass, class-weighted cross-entropy;
+  predictions are class probabilities (B, C).
+* :class:`CoxHead` — one logit = log relative hazard, weighted Cox partial likelihood
+  (:func:`wsi_mil.survival.loss.cox_ph_loss`); predictions are risks (B,).
+* :class:`DiscreteTimeHead` — one logit per time bin, discrete-time hazard NLL
+  (:func:`wsi_mil.survival.loss.discrete_time_nll`); bins are fitted on training times.
+
+Heads are rebuilt from a JSON-serialisable :meth:`state_dict` saved with each fold.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.mil.cohort import Cohort
+
+__all__ = [
+    "SURVIVAL_LOSSES",
+    "ClassificationHead",
+    "CoxHead",
+    "DiscreteTimeHead",
+    "Head",
+    "create_head",
+    "head_from_state",
+]
+
+SURVIVAL_LOSSES = ("cox", "discrete")
+
+
+class Head(abc.ABC):
+    """Base class: ``n_outputs``, ``targets``, ``loss`` and ``predict``."""
+
+    kind: str = ""
+    n_outputs: int = 1
+
+    @abc.abstractmethod
+    def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Target tensors of ``patient_ids`` (one entry per sample)."""
+        ...
+
+    @abc.abstractmethod
+    def loss(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scalar training loss of (B, n_outputs) logits."""
+        ...
+
+    @abc.abstractmethod
+    def predict(self, logits: torch.Tensor) -> np.ndarray:
+        """Probabilities (B, C) or risks (B,) as float64 numpy."""
+        ...
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state."""
+        ...
+
+
+class ClassificationHead(Head):
+    """Class-weighted cross-entropy over ``len(classes)`` logits (2 for binary).
+
+    Args:
+        classes: Class names; logit ``k`` is class ``classes[k]``.
+        class_weights: (C,) loss weight per class (default all 1).
+    """
+
+    kind = "classification"
+
+    def __init__(self, classes: Sequence[str], class_weights: Sequence[float] | None = None):
+        self.classes = list(classes)
+        self.n_outputs = len(self.classes)
+        weights = class_weights if class_weights is not None else [1.0] * self.n_outputs
+        self.class_weights = [float(w) for w in weights]
+
+    @classmethod
+    def fit(cls, cohort: Cohort, train_ids: Sequence[str]) -> ClassificationHead:
+        """Balanced class weights ``n / (C * n_c)`` from the training patients."""
+        labels = [cohort.patients[p].label for p in train_ids]
+        counts = np.array([labels.count(c) for c in cohort.classes], float)
+        weights = len(labels) / (len(counts) * np.maximum(counts, 1.0))
+        return cls(cohort.classes, weights.tolist())
+
+    def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        index = {c: i for i, c in enumerate(self.classes)}
+        labels = [index[str(cohort.patients[p].label)] for p in patient_ids]
+        return {"label": torch.tensor(labels, dtype=torch.long)}
+
+    def loss(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        weight = torch.tensor(self.class_weights, dtype=torch.float32, device=logits.device)
+        return F.cross_entropy(logits.float(), targets["label"].to(logits.device), weight=weight)
+
+    def predict(self, logits: torch.Tensor) -> np.ndarray:
+        return torch.softmax(logits.float(), dim=1).detach().cpu().double().numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "classes": self.classes, "class_weights": self.class_weights}
+
+
+def _survival_targets(cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+    time = [float(cohort.patients[p].time or 0.0) for p in patient_ids]
+    event = [int(cohort.patients[p].event or 0) for p in patient_ids]
+    return {
+        "time": torch.tensor(time, dtype=torch.float64),
+        "event": torch.tensor(event, dtype=torch.long),
+    }
+
+
+class CoxHead(Head):
+    """Weighted Cox partial likelihood of a single risk logit (Efron ties).
+
+    Args:
+        event_weight: Weight of samples with an event relative to censored ones
+            (1 = unweighted Cox).
+    """
+
+    kind = "cox"
+    n_outputs = 1
+
+    def __init__(self, event_weight: float = 1.0) -> None:
+        self.event_weight = float(event_weight)
+
+    def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        return _survival_targets(cohort, patient_ids)
+
+    def loss(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        from wsi_mil.survival.loss import cox_ph_loss
+
+        event = targets["event"].to(logits.device)
+        weights = None
+        if self.event_weight != 1.0:
+            weights = torch.where(event == 1, self.event_weight, 1.0).float()
+        return cox_ph_loss(
+            logits[:, 0].float(),
+            targets["time"].to(logits.device),
+            event,
+            weights,
+            allow_no_events=True,
+        )
+
+    def predict(self, logits: torch.Tensor) -> np.ndarray:
+        return logits[:, 0].detach().cpu().double().numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "event_weight": self.event_weight}
+
+
+class DiscreteTimeHead(Head):
+    """Discrete-time hazard NLL over time bins fitted on training event times.
+
+    Args:
+        edges: (K + 1,) bin edges from :func:`wsi_mil.survival.loss.make_time_bins`.
+    """
+
+    kind = "discrete"
+
+    def __init__(self, edges: Sequence[float]) -> None:
+        self.edges = [float(e) for e in edges]
+        self.n_outputs = len(self.edges) - 1
+
+    @classmethod
+    def fit(cls, cohort: Cohort, train_ids: Sequence[str], n_bins: int = 4) -> DiscreteTimeHead:
+        """Bins at quantiles of the training event times."""
+        from wsi_mil.survival.loss import make_time_bins
+
+        t = _survival_targets(cohort, train_ids)
+        return cls(make_time_bins(t["time"].numpy(), t["event"].numpy(), n_bins).tolist())
+
+    def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        from wsi_mil.survival.loss import assign_time_bins
+
+        t = _survival_targets(cohort, patient_ids)
+        t["bin"] = torch.from_numpy(assign_time_bins(t["time"].numpy(), np.asarray(self.edges)))
+        return t
+
+    def loss(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        from wsi_mil.survival.loss import discrete_time_nll
+
+        return discrete_time_nll(
+            logits.float(), targets["bin"].to(logits.device), targets["event"].to(logits.device)
+        )
+
+    def predict(self, logits: torch.Tensor) -> np.ndarray:
+        from wsi_mil.survival.loss import discrete_time_risk
+
+        return discrete_time_risk(logits.float()).detach().cpu().double().numpy()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "edges": [e if np.isfinite(e) else "inf" for e in self.edges]}
+
+
+def create_head(
+    cohort: Cohort, train_ids: Sequence[str], *, survival_loss: str = "cox", n_bins: int = 4
+) -> Head:
+    """Build the head for ``cohort.task`` fitted on the training patients.
+
+    Args:
+        cohort: The cohort (its task picks the head).
+        train_ids: Training patients (class weights, time bins).
+        survival_loss: ``cox`` or ``discrete`` (survival only).
+        n_bins: Time bins of the discrete-time head.
+
+    Raises:
+        ConfigError: Unknown ``survival_loss``.
+    """
+    if cohort.task == "classification":
+        return ClassificationHead.fit(cohort, train_ids)
+    if survival_loss == "cox":
+        return CoxHead()
+    if survival_loss == "discrete":
+        return DiscreteTimeHead.fit(cohort, train_ids, n_bins)
+    raise ConfigError(
+        f"unknown --survival-loss {survival_loss!r}; choose one of {', '.join(SURVIVAL_LOSSES)}"
+    )
+
+
+def head_from_state(state: dict[str, Any]) -> Head:
+    """Rebuild a head from :meth:`Head.state_dict`."""
+    kind = state.get("kind")
+    if kind == "classification":
+        return ClassificationHead(state["classes"], state["class_weights"])
+    if kind == "cox":
+        return CoxHead(state.get("event_weight", 1.0))
+    if kind == "discrete":
+        return DiscreteTimeHead([float(e) for e in state["edges"]])
+    raise ConfigError(f"unknown head kind {kind!r} in a saved fold; was the run made by wsi-mil?")

@@ -1,0 +1,166 @@
+"""Out-of-fold metrics with patient-bootstrap confidence intervals.
+
+Classification: ROC AUC (binary; one-vs-rest macro for multiclass) and balanced
+accuracy from scikit-learn. Survival: Harrell's and Uno's C from
+:mod:`wsi_mil.survival.metrics` (risk: higher = earlier event). Every value comes with
+a percentile bootstrap 95% CI over patients (seeded); a value that is undefined (e.g. a
+single class in a fold) is ``None`` rather than an error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+__all__ = ["bootstrap_ci", "classification_metrics", "survival_metrics"]
+
+
+def bootstrap_ci(
+    fn: Callable[[np.ndarray], float | None],
+    n: int,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Point estimate and percentile bootstrap CI of ``fn`` over resampled rows.
+
+    Args:
+        fn: Maps an index array (rows of the data) to a value, or None if undefined.
+        n: Number of rows.
+        n_boot: Bootstrap resamples (0 = no CI).
+        seed: Seed of the resampling.
+        level: Confidence level.
+
+    Returns:
+        ``{"value", "ci_low", "ci_high", "n", "n_boot"}`` (None where undefined);
+        ``n_boot`` counts the resamples on which ``fn`` was defined.
+    """
+    value = fn(np.arange(n)) if n else None
+    out: dict[str, Any] = {"value": value, "ci_low": None, "ci_high": None, "n": n, "n_boot": 0}
+    if value is None or n_boot <= 0:
+        return out
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n_boot):
+        v = fn(rng.integers(0, n, n))
+        if v is not None and math.isfinite(v):
+            samples.append(v)
+    if samples:
+        alpha = (1 - level) / 2
+        out["ci_low"] = float(np.quantile(samples, alpha))
+        out["ci_high"] = float(np.quantile(samples, 1 - alpha))
+        out["n_boot"] = len(samples)
+    return out
+
+
+def _auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float | None:
+    present = np.unique(y)
+    if len(present) < 2:
+        return None
+    if n_classes == 2:
+        return float(roc_auc_score(y, probs[:, 1]))
+    if len(present) < n_classes:
+        return None
+    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+
+
+def classification_metrics(
+    y: Sequence[int], probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """AUC and balanced accuracy with bootstrap CIs.
+
+    Args:
+        y: (P,) true class indices.
+        probs: (P, C) class probabilities.
+        n_boot: Bootstrap resamples.
+        seed: Bootstrap seed.
+
+    Returns:
+        ``{"auc": {...}, "balanced_accuracy": {...}, "n_patients"}``.
+    """
+    y = np.asarray(y, int)
+    probs = np.asarray(probs, float)
+    n_classes = probs.shape[1]
+    pred = probs.argmax(axis=1)
+
+    def bacc(idx: np.ndarray) -> float | None:
+        if len(np.unique(y[idx])) < 2:
+            return None
+        return float(balanced_accuracy_score(y[idx], pred[idx]))
+
+    return {
+        "auc": bootstrap_ci(
+            lambda i: _auc(y[i], probs[i], n_classes), len(y), n_boot=n_boot, seed=seed
+        ),
+        "balanced_accuracy": bootstrap_ci(bacc, len(y), n_boot=n_boot, seed=seed),
+        "n_patients": len(y),
+    }
+
+
+def _c_index(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Run a :mod:`wsi_mil.survival.metrics` C-index; undefined → value None."""
+    from wsi_mil.survival.validate import SurvivalDataError
+
+    try:
+        res = fn()
+    except (SurvivalDataError, ValueError) as exc:
+        return {"value": None, "ci_low": None, "ci_high": None, "n_boot": 0, "note": str(exc)}
+
+    def num(x: float) -> float | None:
+        return float(x) if math.isfinite(x) else None
+
+    return {
+        "value": num(res.estimate),
+        "ci_low": num(res.lower),
+        "ci_high": num(res.upper),
+        "n_boot": int(res.n_bootstrap),
+    }
+
+
+def survival_metrics(
+    time: Sequence[float],
+    event: Sequence[int],
+    risk: Sequence[float],
+    *,
+    train_time: Sequence[float] | None = None,
+    train_event: Sequence[int] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Harrell's and Uno's C of held-out risks with bootstrap CIs.
+
+    Computed by :func:`wsi_mil.survival.metrics.harrell_c` and
+    :func:`~wsi_mil.survival.metrics.uno_c`; Uno's C weights by the censoring
+    distribution of the training patients (``train_time``/``train_event``, default the
+    held-out ones) with that function's default truncation time.
+
+    Returns:
+        ``{"harrell_c": {...}, "uno_c": {...}, "n_patients", "n_events"}``; a C-index
+        that is undefined (no events, no comparable pairs) has value None and a note.
+    """
+    from wsi_mil.survival.metrics import harrell_c, uno_c
+
+    t = np.asarray(time, float)
+    e = np.asarray(event, int)
+    r = np.asarray(risk, float)
+    return {
+        "harrell_c": _c_index(lambda: harrell_c(t, e, r, n_bootstrap=n_boot, seed=seed)),
+        "uno_c": _c_index(
+            lambda: uno_c(
+                t,
+                e,
+                r,
+                train_time=train_time,
+                train_event=train_event,
+                n_bootstrap=n_boot,
+                seed=seed,
+            )
+        ),
+        "n_patients": len(t),
+        "n_events": int(e.sum()),
+    }

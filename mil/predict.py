@@ -1,0 +1,253 @@
+"""Apply a trained run to new slides (``wsi-mil predict``).
+
+The model for new cohorts is the fold ensemble: every ``fold_<k>`` model predicts each
+bag and the outputs are averaged (class probabilities or risks; attention too). A
+uniform weight soup (the average of the fold models' weights, which share their
+initialisation) is offered where it applies: same architecture and no fold-specific
+clinical/omics preprocessing or time bins.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.io import atomic_path
+from wsi_mil.mil.cohort import Cohort, Patient, Slide, load_cohort
+from wsi_mil.mil.data import BagStore, Unit, make_units, scan_bags
+from wsi_mil.mil.metrics import classification_metrics, survival_metrics
+from wsi_mil.mil.run import load_config, write_config
+from wsi_mil.mil.train import (
+    FoldModel,
+    UnitSet,
+    patient_rows,
+    predict_units,
+    resolve_device,
+    write_unit_attention,
+)
+
+__all__ = ["Ensemble", "load_ensemble", "predict_cohort", "uniform_soup"]
+
+
+@dataclass
+class Ensemble:
+    """The fold models of a run.
+
+    Attributes:
+        run_dir: The run folder.
+        config: Its ``config.yaml``.
+        folds: One :class:`~wsi_mil.mil.train.FoldModel` per finished fold.
+    """
+
+    run_dir: Path
+    config: dict[str, Any]
+    folds: list[FoldModel]
+
+
+def load_ensemble(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> Ensemble:
+    """Load every finished fold of a run.
+
+    Raises:
+        ConfigError: Not a run folder, or no finished fold.
+    """
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    dirs = sorted(
+        (d for d in run_dir.glob("fold_*") if (d / "fold.json").is_file()),
+        key=lambda d: int(d.name.split("_")[1]),
+    )
+    if not dirs:
+        raise ConfigError(f"{run_dir} has no finished fold; finish `wsi-mil train` first")
+    return Ensemble(run_dir, config, [FoldModel.load(d, device) for d in dirs])
+
+
+def uniform_soup(folds: Sequence[FoldModel]) -> FoldModel:
+    """Average the fold models' weights into one model (a uniform weight soup).
+
+    Raises:
+        ConfigError: The folds differ in architecture, or use fold-specific
+            preprocessing (clinical/omics scaling or survival time bins), so averaging
+            their weights does not apply.
+    """
+    ref = folds[0]
+    for fm in folds[1:]:
+        if fm.meta["aggregator"] != ref.meta["aggregator"]:
+            raise ConfigError(
+                "weight soup needs the same architecture in every fold; use the ensemble"
+            )
+    if ref.pre.n_omics or ref.pre.clinical or ref.head.kind == "discrete":
+        raise ConfigError(
+            "weight soup does not apply: the folds use fold-specific clinical/omics scaling "
+            "or time bins; use the fold ensemble (default)"
+        )
+    states = [fm.model.state_dict() for fm in folds]
+    averaged = {
+        k: (
+            torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+            if v.is_floating_point()
+            else v
+        )
+        for k, v in states[0].items()
+    }
+    model = copy.deepcopy(ref.model)
+    model.load_state_dict(averaged)
+    meta = {**ref.meta, "fold": -1, "source": "soup"}
+    return FoldModel(-1, model.eval(), ref.head, ref.pre, meta)
+
+
+def _bag_cohort(features_dir: Path, task: str) -> Cohort:
+    """A cohort of every bag in ``features_dir``, one patient per slide, unlabelled."""
+    ids = sorted(p.stem for p in features_dir.glob("*.h5"))
+    if not ids:
+        raise ConfigError(f"{features_dir} holds no .h5 bags; give the folder of `wsi-mil extract`")
+    patients = {s: Patient(s, [s]) for s in ids}
+    slides = {s: Slide(s, s, 0) for s in ids}
+    return Cohort(features_dir, task, patients, slides)
+
+
+def predict_cohort(
+    run_dir: str | os.PathLike[str],
+    features: Sequence[str | os.PathLike[str]],
+    *,
+    out: str | os.PathLike[str],
+    cohort: str | os.PathLike[str] | None = None,
+    omics: str | os.PathLike[str] | None = None,
+    attention_dir: str | os.PathLike[str] | None = None,
+    soup: bool = False,
+    device: str = "auto",
+    batch_size: int = 8,
+    n_boot: int = 1000,
+) -> pd.DataFrame:
+    """Predict patients of a new cohort with a run's fold ensemble (or weight soup).
+
+    Args:
+        run_dir: A run folder of ``wsi-mil train``.
+        features: Bag folders, one per encoder, in the order used for training.
+        out: Output CSV: ``patient_id``, ``n_slides``, ``prob_<class>`` + ``pred`` or
+            ``risk``, and the targets when the cohort has them. A ``.yaml`` with the
+            resolved options and, with targets, a ``.metrics.json`` are written beside.
+        cohort: Optional cohort CSV (targets optional); default every bag is a patient.
+        omics: Omics table for fusion models trained with one.
+        attention_dir: Where ``<slide_id>.h5`` attention goes (default ``<out dir>/attention``).
+        soup: Use the uniform weight soup instead of the ensemble.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        batch_size: Bags per forward pass.
+        n_boot: Bootstrap resamples for the metrics (labelled cohorts).
+
+    Returns:
+        The predictions table.
+
+    Raises:
+        ConfigError / CohortError / BagError: Bad run folder, cohort or bags.
+    """
+    dev = resolve_device(device)
+    ens = load_ensemble(run_dir, dev)
+    cfg = ens.config
+    feature_dirs = [Path(f) for f in features]
+    if len(feature_dirs) != len(cfg["features"]):
+        raise ConfigError(
+            f"the run was trained on {len(cfg['features'])} feature folder(s) "
+            f"({', '.join(Path(f).name for f in cfg['features'])}); give as many --features"
+        )
+    if cohort is not None:
+        table = load_cohort(
+            cohort,
+            task=cfg["task"],
+            features_dirs=feature_dirs,
+            clinical=cfg.get("clinical") or (),
+            omics=omics,
+            label_column=cfg["label_column"],
+            time_column=cfg["time_column"],
+            event_column=cfg["event_column"],
+            require_targets=False,
+        )
+    else:
+        table = _bag_cohort(feature_dirs[0], cfg["task"])
+    scan = scan_bags(list(table.slides), feature_dirs, expected_dims=ens.folds[0].meta["dims"])
+    units = make_units(table, list(table.patients), cfg["level"], set(scan.empty))
+    members = [uniform_soup(ens.folds)] if soup else ens.folds
+    store = BagStore(feature_dirs, int(float(cfg.get("cache_gb", 4.0)) * 2**30))
+    outputs, attention = _ensemble_outputs(members, table, units, store, dev, batch_size)
+    result = pd.DataFrame(patient_rows(table, units, outputs, members[0].head))
+    out = Path(out)
+    att_dir = Path(attention_dir) if attention_dir is not None else out.parent / "attention"
+    write_unit_attention(
+        att_dir,
+        store,
+        units,
+        attention,
+        source="soup" if soup else "ensemble",
+        model_name=cfg["model"],
+    )
+    with atomic_path(out) as tmp:
+        result.to_csv(tmp, index=False)
+    options = {
+        "run_dir": str(Path(run_dir).resolve()),
+        "features": [str(f.resolve()) for f in feature_dirs],
+        "cohort": str(Path(cohort).resolve()) if cohort is not None else None,
+        "omics": str(Path(omics).resolve()) if omics is not None else None,
+        "attention_dir": str(att_dir.resolve()),
+        "soup": soup,
+        "device": str(dev),
+        "batch_size": batch_size,
+        "folds": [fm.fold for fm in ens.folds],
+        "excluded_empty_slides": scan.empty,
+    }
+    write_config(out.with_suffix(".yaml"), options)
+    if cohort is not None and table.labelled and len(result):
+        metrics = _metrics(result, table, n_boot)
+        with atomic_path(out.with_suffix(".metrics.json")) as tmp:
+            tmp.write_text(json.dumps(metrics, indent=1))
+    return result
+
+
+def _ensemble_outputs(
+    members: Sequence[FoldModel],
+    table: Cohort,
+    units: list[Unit],
+    store: BagStore,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Mean over members of head outputs (U, ...) and of per-unit attention."""
+    total: np.ndarray | None = None
+    attention: list[np.ndarray | None] = [None] * len(units)
+    for fm in members:
+        data = UnitSet.build(table, units, None, fm.pre)
+        preds = predict_units(fm.model, data, store, device, batch_size=batch_size)
+        out = fm.head.predict(preds.logits)
+        total = out if total is None else total + out
+        for i, att in enumerate(preds.attention):
+            if att is not None:
+                prev = attention[i]
+                attention[i] = att.copy() if prev is None else prev + att
+    n = len(members)
+    mean = total / n if total is not None else np.zeros((0,))
+    return mean, [None if a is None else a / n for a in attention]
+
+
+def _metrics(result: pd.DataFrame, table: Cohort, n_boot: int) -> dict[str, Any]:
+    if table.task == "classification":
+        index = {c: i for i, c in enumerate(table.classes)}
+        known = result["label"].isin(list(index))
+        rows = result[known]
+        probs = rows[[c for c in result.columns if c.startswith("prob_")]].to_numpy()
+        if probs.shape[1] != len(table.classes):
+            return {"note": "the cohort's classes differ from the model's; no metrics"}
+        return classification_metrics([index[v] for v in rows["label"]], probs, n_boot=n_boot)
+    return survival_metrics(
+        result["time"].to_numpy(float),
+        result["event"].to_numpy(int),
+        result["risk"].to_numpy(float),
+        n_boot=n_boot,
+    )

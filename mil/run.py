@@ -1,0 +1,199 @@
+"""Run folders (``runs/<name>/``): the resolved configuration and resume rules.
+
+A run folder holds ``config.yaml`` (every option, resolved: absolute paths, defaults
+filled in). Training into a folder whose ``config.yaml`` matches resumes it; a folder
+with a different configuration is refused, naming the options that differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsi_mil.errors import ConfigError, OutputExistsError
+from wsi_mil.io import atomic_path
+
+__all__ = ["RUNTIME_KEYS", "TrainConfig", "load_config", "prepare_run_dir", "write_config"]
+
+#: Options that do not change results; they may differ when a run is resumed.
+RUNTIME_KEYS = frozenset({"device", "cache_gb", "prefetch", "progress", "wsi_mil_version"})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run (written to ``config.yaml``).
+
+    Attributes:
+        task: ``classification`` or ``survival``.
+        cohort: Cohort CSV.
+        features: Feature folders (``features/<encoder>``); several are joined.
+        model: Aggregator name (:func:`wsi_mil.mil.models.list_aggregators`).
+        model_kwargs: Aggregator options.
+        folds: Outer cross-validation folds.
+        epochs: Maximum epochs per fold.
+        lr: AdamW learning rate (cosine-annealed to ``lr / 100``).
+        weight_decay: AdamW weight decay.
+        batch_size: Bags per optimiser step.
+        max_tiles: Random tiles kept per bag in training (None = all).
+        level: ``patient`` (one bag per patient) or ``slide``.
+        seed: Seed of splits, initialisation, sampling.
+        patience: Early-stopping patience in epochs (on the inner validation loss).
+        val_fraction: Share of each outer training set used for inner validation.
+        grad_clip: Gradient-norm clip (0 = off).
+        survival_loss: ``cox`` or ``discrete`` (survival).
+        n_bins: Time bins of the discrete-time loss.
+        label_column / time_column / event_column: Target columns of the cohort.
+        clinical: Clinical covariate columns.
+        omics / omics_groups / omics_group_size: Omics table, gene-group JSON, chunk size.
+        n_boot: Bootstrap resamples of the metrics' CIs.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        cache_gb: Bound of the in-memory bag cache.
+        prefetch: Batches loaded ahead by a background thread.
+        progress: Show progress bars.
+    """
+
+    task: str
+    cohort: str
+    features: list[str]
+    model: str = "abmil"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    folds: int = 5
+    epochs: int = 20
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    max_tiles: int | None = 4096
+    level: str = "patient"
+    seed: int = 0
+    patience: int = 5
+    val_fraction: float = 0.2
+    grad_clip: float = 1.0
+    survival_loss: str = "cox"
+    n_bins: int = 4
+    label_column: str = "label"
+    time_column: str = "time"
+    event_column: str = "event"
+    clinical: list[str] = field(default_factory=list)
+    omics: str | None = None
+    omics_groups: str | None = None
+    omics_group_size: int = 32
+    n_boot: int = 1000
+    device: str = "auto"
+    cache_gb: float = 4.0
+    prefetch: int = 2
+    progress: bool = False
+
+    def resolved(self) -> dict[str, Any]:
+        """The configuration as a plain dict with absolute paths."""
+        from wsi_mil import __version__
+
+        out = dataclasses.asdict(self)
+        out["cohort"] = str(Path(self.cohort).resolve())
+        out["features"] = [str(Path(f).resolve()) for f in self.features]
+        for key in ("omics", "omics_groups"):
+            if out[key] is not None:
+                out[key] = str(Path(out[key]).resolve())
+        out["wsi_mil_version"] = __version__
+        return out
+
+    def validate(self) -> None:
+        """Check option values.
+
+        Raises:
+            ConfigError: Naming the option and the allowed values.
+        """
+        checks = [
+            (
+                self.task in ("classification", "survival"),
+                "--task must be classification or survival",
+            ),
+            (self.level in ("patient", "slide"), "--level must be patient or slide"),
+            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.lr > 0, "--lr must be > 0"),
+            (self.batch_size >= 1, "--batch-size must be >= 1"),
+            (self.max_tiles is None or self.max_tiles >= 1, "--max-tiles must be >= 1"),
+            (self.patience >= 1, "--patience must be >= 1"),
+            (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
+            (self.survival_loss in ("cox", "discrete"), "--survival-loss must be cox or discrete"),
+            (bool(self.features), "give at least one --features folder"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild from :meth:`resolved` (unknown keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def write_config(path: str | os.PathLike[str], config: dict[str, Any]) -> Path:
+    """Write ``config.yaml`` atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def load_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read ``<run_dir>/config.yaml``.
+
+    Raises:
+        ConfigError: Not a run folder.
+    """
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a wsi-mil run folder (no config.yaml); give runs/<name>"
+        )
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a mapping; the run folder is damaged")
+    return data
+
+
+def prepare_run_dir(out: str | os.PathLike[str], config: dict[str, Any]) -> bool:
+    """Create the run folder or check that it holds the same run.
+
+    Args:
+        out: The run folder.
+        config: Resolved configuration (see :meth:`TrainConfig.resolved`).
+
+    Returns:
+        True when an existing run with the same configuration is resumed.
+
+    Raises:
+        OutputExistsError: The folder holds a different configuration, or files that are
+            not a wsi-mil run.
+    """
+    out = Path(out)
+    cfg_path = out / "config.yaml"
+    if cfg_path.is_file():
+        old = load_config(out)
+        diff = sorted(
+            k
+            for k in set(old) | set(config)
+            if k not in RUNTIME_KEYS and old.get(k) != config.get(k)
+        )
+        if diff:
+            changes = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:8])
+            raise OutputExistsError(
+                f"{out} already holds a run with a different configuration ({changes}); "
+                "re-run with the original options to resume it, or pick a new --out name"
+            )
+        write_config(cfg_path, config)  # runtime options may have changed
+        return True
+    if out.exists() and any(out.iterdir()):
+        raise OutputExistsError(
+            f"{out} exists, is not empty and is not a wsi-mil run (no config.yaml); "
+            "pick a new --out name"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg_path, config)
+    return False

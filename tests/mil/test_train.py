@@ -1,0 +1,158 @@
+"""Training: learning a planted signal, no test-fold leakage, run folder, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from wsi_mil.errors import CohortError, ConfigError, OutputExistsError
+from wsi_mil.features.bags import BagError, write_bag
+from wsi_mil.mil.attention import read_attention
+from wsi_mil.mil.synthetic import make_synthetic_cohort
+from wsi_mil.mil.train import train_cv
+
+
+def test_classification_learns_planted_signal(classification_run: Any) -> None:
+    pooled = classification_run.result.metrics["pooled"]
+    assert pooled["auc"]["value"] >= 0.9
+    assert pooled["auc"]["ci_low"] <= pooled["auc"]["value"] <= pooled["auc"]["ci_high"]
+    assert set(classification_run.result.metrics["folds"]) == {"0", "1", "2"}
+
+
+def test_planted_tiles_get_the_highest_attention(classification_run: Any) -> None:
+    run = classification_run.result.out
+    syn = classification_run.syn
+    top_hits, ratios = [], []
+    for sid, planted in syn.planted.items():
+        att = read_attention(run / "attention" / f"{sid}.h5")
+        assert att.attention.shape == planted.shape and att.attrs["source"].startswith("fold_")
+        if planted.sum() == 0:
+            continue
+        top = np.argsort(-att.attention)[: int(planted.sum())]
+        top_hits.append(planted[top].mean())
+        ratios.append(att.attention[planted].mean() / att.attention[~planted].mean())
+    assert len(top_hits) == 15
+    assert float(np.mean(top_hits)) >= 0.8  # the top-attended tiles are the planted ones
+    assert float(np.median(ratios)) >= 3.0  # several times the attention of other tiles
+
+
+def test_test_fold_never_reaches_selection(classification_run: Any) -> None:
+    splits = json.loads((classification_run.result.out / "splits.json").read_text())
+    events = classification_run.log.events
+    for fold in splits["folds"]:
+        k, test = fold["fold"], set(fold["test"])
+        selects = [i for e, i in events if e == "select" and i["fold"] == k]
+        assert selects, "early stopping must evaluate the inner validation split"
+        for info in selects:
+            assert not set(info["patient_ids"]) & test
+            assert set(info["patient_ids"]) == set(fold["val"])
+        order = [(e, i.get("split")) for e, i in events if i.get("fold") == k]
+        first_test = order.index(("predict", "test"))
+        assert all(e != "select" for e, _ in order[first_test:])  # nothing chosen after
+
+
+def test_run_folder_contents(classification_run: Any) -> None:
+    out = classification_run.result.out
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["task"] == "classification" and config["folds"] == 3
+    assert Path(config["cohort"]).is_absolute()
+    preds = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str, "label": str})
+    assert {"patient_id", "fold", "split", "label", "prob_0", "prob_1"} <= set(preds.columns)
+    assert set(preds["split"]) == {"train", "test"}
+    assert len(preds) == 3 * 30  # one row per fold and patient
+    assert preds.groupby("patient_id")["split"].apply(lambda s: (s == "test").sum()).eq(1).all()
+    np.testing.assert_allclose(preds[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-6)
+    for k in range(3):
+        state = load_file(out / f"fold_{k}" / "model.safetensors")
+        assert state and json.loads((out / f"fold_{k}" / "fold.json").read_text())["fold"] == k
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["excluded_empty_slides"] == [] and metrics["n_patients"] == 30
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_survival_learns_planted_signal(survival_run: Any) -> None:
+    metrics = survival_run.result.metrics
+    assert metrics["pooled"]["harrell_c"]["value"] >= 0.7
+    assert metrics["pooled"]["uno_c"]["value"] is not None
+    preds = survival_run.result.predictions
+    assert {"time", "event", "risk"} <= set(preds.columns)
+    assert (survival_run.result.out / "report.html").is_file()
+    # every Cox training batch had an event (event-aware sampler): loss never zero
+    history = json.loads((survival_run.result.out / "fold_0" / "fold.json").read_text())["history"]
+    assert all(v > 0 for v in history["train"])
+
+
+def test_interrupted_training_resumes(tiny_cohort: Any, make_config: Any, event_log: Any, tmp_path: Path) -> None:
+    config = make_config(tiny_cohort, "classification", folds=3, epochs=2, n_boot=10)
+    out = tmp_path / "run"
+
+    def interrupt(event: str, info: dict[str, Any]) -> None:
+        if event == "fold_done" and info["fold"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cv(config, out, callback=interrupt)
+    assert (out / "fold_0" / "model.safetensors").is_file() and (out / "fold_1").is_dir()
+    assert not (out / "fold_2").exists() and not (out / "predictions.csv").exists()
+    splits = (out / "splits.json").read_text()
+    result = train_cv(config, out, callback=event_log)
+    assert result.resumed_folds == [0, 1]
+    assert {i["fold"] for i in event_log.of("epoch")} == {2}
+    assert (out / "splits.json").read_text() == splits
+    assert len(result.predictions) == 3 * 12
+
+
+def test_deterministic_on_cpu(tiny_cohort: Any, make_config: Any, tmp_path: Path) -> None:
+    config = make_config(tiny_cohort, "classification", folds=2, epochs=2, n_boot=0)
+    a = train_cv(config, tmp_path / "a").predictions
+    b = train_cv(config, tmp_path / "b").predictions
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_refuses_run_folder_with_other_config(tiny_cohort: Any, make_config: Any, tmp_path: Path) -> None:
+    train_cv(make_config(tiny_cohort, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r")
+    with pytest.raises(OutputExistsError, match="epochs: 1 -> 2.*resume it, or pick a new --out"):
+        train_cv(make_config(tiny_cohort, "classification", folds=2, epochs=2, n_boot=0), tmp_path / "r")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a wsi-mil run"):
+        train_cv(make_config(tiny_cohort, "classification", folds=2, epochs=1), tmp_path / "other")
+
+
+def test_empty_bags_are_excluded_and_counted(tmp_path: Path, make_config: Any) -> None:
+    syn = make_synthetic_cohort(tmp_path / "d", n_patients=8, n_tiles=(10, 20), dims=(8,), empty_slides=2)
+    result = train_cv(make_config(syn, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r")
+    assert len(result.metrics["excluded_empty_slides"]) == 2
+    assert not any((result.out / "attention" / f"{s}.h5").exists() for s in result.metrics["excluded_empty_slides"])
+
+
+def test_bad_inputs(tmp_path: Path, tiny_cohort: Any, make_config: Any) -> None:
+    folder = tiny_cohort.features_dirs[0]
+    sid = next(iter(tiny_cohort.planted))
+    rng = np.random.default_rng(0)
+    write_bag(folder / f"{sid}.h5", rng.standard_normal((5, 3)), np.zeros((5, 2)),
+              attrs={"encoder": "e", "weights_sha256": "x", "target_mpp": 0.5, "tile_px": 224, "slide_id": sid})
+    with pytest.raises(BagError, match=f"{sid}.h5: feature dim 3 differs from dim 8"):
+        train_cv(make_config(tiny_cohort, "classification"), tmp_path / "r1")
+    syn = make_synthetic_cohort(tmp_path / "few", n_patients=3, n_tiles=(5, 5), dims=(4,))
+    with pytest.raises(CohortError, match="3 patient"):
+        train_cv(make_config(syn, "classification", folds=5), tmp_path / "r2")
+    syn = make_synthetic_cohort(tmp_path / "surv", task="survival", n_patients=6, n_tiles=(5, 5), dims=(4,))
+    csv = syn.cohort_csv.read_text().splitlines()
+    header = csv[0].split(",")
+    ev = header.index("event")
+    rows = [",".join("0" if i == ev else v for i, v in enumerate(r.split(","))) for r in csv[1:]]
+    syn.cohort_csv.write_text("\n".join([csv[0], *rows]) + "\n")
+    with pytest.raises(CohortError, match="no events"):
+        train_cv(make_config(syn, "survival", folds=2), tmp_path / "r3")
+    with pytest.raises(ConfigError, match="--level"):
+        train_cv(make_config(syn, "survival", level="tile"), tmp_path / "r4")
+    with pytest.raises(ConfigError, match="histology only"):
+        train_cv(make_config(tiny_cohort, "classification", clinical=["label"]), tmp_path / "r5")

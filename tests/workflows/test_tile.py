@@ -1,0 +1,111 @@
+"""``wsi-mil tile``: discovery, duplicate ids, manifest, config, exit status."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsi_mil.io import read_manifest
+from wsi_mil.tiling import open_tile_store
+from wsi_mil.workflows.cli import main
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with two small synthetic slides, one in a subfolder, plus a non-slide."""
+    from wsi_mil.wsi.synthetic import make_synthetic_slide
+
+    root = tmp_path_factory.mktemp("cli-slides")
+    (root / "sub").mkdir()
+    make_synthetic_slide(root / "a.svs", 1200, 900, mpp=0.5, seed=1)
+    make_synthetic_slide(root / "sub" / "b.tif", 1000, 800, mpp=0.5, seed=2, flavour="generic")
+    (root / "notes.txt").write_text("not a slide")
+    return root
+
+
+def test_folder_recursive_manifest_config_and_rerun(slides: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "tiles"
+    args = ["tile", str(slides), "--out", str(out), "--workers", "1", "--tile-px", "128",
+            "--export-coords"]  # fmt: skip
+    assert main(args) == 0
+    rows = {r["slide_id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert set(rows) == {"a", "b"}
+    assert all(r["status"] == "ok" and int(r["n_tiles"]) > 0 for r in rows.values())
+    assert open_tile_store(out / "a.zarr").tile_px == 128
+    assert (out / "coords" / "b.h5").exists() and (out / "qc" / "a.png").exists()
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["tile_px"] == 128 and config["target_mpp"] == 0.5 and config["slides"] == 2
+    assert "2 ok" in capsys.readouterr().out
+    assert main(args) == 0  # resume: everything skipped
+    assert {r["status"] for r in read_manifest(out / "manifest.csv")} == {"skipped"}
+
+
+def test_failed_slide_gives_exit_1_and_is_listed(slides: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "in" / "broken.svs"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x00" * 4096)
+    out = tmp_path / "tiles"
+    code = main(["tile", str(slides / "a.svs"), str(bad), "--out", str(out), "--workers", "2",
+                 "--pixels", "none"])  # fmt: skip
+    assert code == 1
+    rows = {r["slide_id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert rows["a"]["status"] == "ok"
+    assert rows["broken"]["status"] == "failed" and "broken.svs" in rows["broken"]["error"]
+
+
+def test_duplicate_ids_refused_before_work(slides: Path, tmp_path: Path, capsys) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.svs").write_bytes((slides / "a.svs").read_bytes())
+    out = tmp_path / "tiles"
+    assert main(["tile", str(slides), str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "duplicate slide ids" in err and "a:" in err
+    assert not (out / "manifest.csv").exists() and not list(out.glob("*.zarr"))
+
+
+def test_mpp_csv_overrides(slides: Path, tmp_path: Path, capsys) -> None:
+    table = tmp_path / "mpp.csv"
+    with open(table, "w", newline="") as fh:
+        csv.writer(fh).writerows([["slide_id", "mpp"], ["a", "0.25"]])
+    out = tmp_path / "tiles"
+    assert main(["tile", str(slides / "a.svs"), "--out", str(out), "--pixels", "none",
+                 "--mpp-csv", str(table), "--workers", "1"]) == 0  # fmt: skip
+    assert open_tile_store(out / "a.zarr").attrs["mpp"] == 0.25
+    table.write_text("slide_id,mpp\na,zero\n")
+    assert main(["tile", str(slides / "a.svs"), "--out", str(out), "--mpp-csv", str(table)]) == 2
+    assert "row 2" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2(slides: Path, tmp_path: Path, capsys) -> None:
+    assert main(["tile", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["tile", str(slides), "--out", str(tmp_path / "o"), "--min-tissue", "2"]) == 2
+    assert "--min-tissue" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["tile", str(empty), "--out", str(tmp_path / "o")]) == 2
+    assert "no slides found" in capsys.readouterr().err
+
+
+def test_read_only_output_folder(slides: Path, tmp_path: Path, capsys) -> None:
+    if os.geteuid() == 0:  # root ignores permission bits: use a read-only filesystem
+        out = Path("/proc/wsi-mil-test-out")
+    else:
+        out = tmp_path / "ro"
+        out.mkdir()
+        out.chmod(0o555)
+    assert main(["tile", str(slides / "a.svs"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not writable" in err and str(out) in err
+
+
+def test_help_documents_exit_status(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["tile", "--help"])
+    text = capsys.readouterr().out
+    assert "Exit status" in text and "1 when any slide failed" in text

@@ -1,0 +1,455 @@
+"""Per-slide tile stores: ``<out>/<slide_id>.zarr`` (zarr v3), writer and reader.
+
+Layout (see ``DESIGN.md``): arrays ``coords`` int64 (N, 2), ``tissue`` float32 (N,),
+optional ``tiles`` uint8 (N, tile_px, tile_px, 3) chunked ``chunk_tiles`` tiles per chunk,
+``mask`` uint8 (h, w) and ``thumbnail`` uint8 (h, w, 3) at ``mask_mpp``; group attributes
+describe the source, the geometry and the detection, and ``complete: true`` is written
+last. Stores are written under a temporary name and renamed when complete (see
+:func:`wsi_mil.io.atomic_path`).
+
+Pixel modes:
+
+- ``"lossless"``: Zstandard level 1 — bit-exact tiles, fast to write and to read, and
+  readable by any zarr v3 implementation.
+- ``"jpeg"``: each chunk is one baseline JPEG (quality 90) of its tiles stacked
+  vertically, codec ``wsi_mil.jpeg`` (registered with zarr when this module is
+  imported; reading such a store needs ``wsi_mil`` installed). Tile sides that are
+  multiples of 16 (224, 256, 512) keep JPEG blocks inside tiles.
+- ``"none"``: no pixels; feature extraction reads from the slide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+import numpy as np
+import zarr
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.common import JSON, parse_named_configuration
+
+from wsi_mil.errors import WsiMilError
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArraySpec
+    from zarr.core.buffer import Buffer, NDBuffer
+
+__all__ = [
+    "FORMAT",
+    "PIXEL_MODES",
+    "IncompleteStoreError",
+    "JpegCodec",
+    "TileStore",
+    "TileWriter",
+    "create_store",
+    "open_tile_store",
+    "source_fingerprint",
+]
+
+FORMAT = "wsi-mil.tiles/1"
+PixelMode = Literal["lossless", "jpeg", "none"]
+PIXEL_MODES: tuple[str, ...] = ("lossless", "jpeg", "none")
+_MIB = 1 << 20
+
+
+class IncompleteStoreError(WsiMilError, OSError):
+    """A tile store is missing, unreadable or was never completed."""
+
+
+# --------------------------------------------------------------------- JPEG codec
+
+
+@dataclass(frozen=True)
+class JpegCodec(ArrayBytesCodec):
+    """zarr v3 array→bytes codec storing a uint8 (n, h, w, 3) chunk as one JPEG.
+
+    The n tiles are stacked vertically into an (n·h, w, 3) image.
+
+    Attributes:
+        quality: JPEG quality (1–100).
+    """
+
+    is_fixed_size = False
+    quality: int = 90
+
+    def __init__(self, *, quality: int = 90) -> None:
+        object.__setattr__(self, "quality", int(quality))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, JSON]) -> Self:
+        """Codec from its zarr metadata."""
+        _, config = parse_named_configuration(data, "wsi_mil.jpeg", require_configuration=False)
+        return cls(**(config or {}))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, JSON]:
+        """zarr metadata of the codec."""
+        return {"name": "wsi_mil.jpeg", "configuration": {"quality": self.quality}}
+
+    def validate(self, *, shape: tuple[int, ...], dtype: Any, chunk_grid: Any) -> None:
+        """Only uint8 (n, h, w, 3) arrays can be stored as JPEG."""
+        if len(shape) != 4 or shape[-1] != 3 or dtype.to_native_dtype() != np.uint8:
+            raise ValueError(f"wsi_mil.jpeg needs uint8 (n, h, w, 3) arrays, got {shape}")
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        import imagecodecs
+
+        n, h, w, c = chunk_spec.shape
+        img = imagecodecs.jpeg8_decode(chunk_bytes.as_numpy_array().tobytes())
+        arr: Any = np.ascontiguousarray(img.reshape(n, h, w, c))
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(arr)
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        import imagecodecs
+
+        arr = np.ascontiguousarray(chunk_array.as_numpy_array())
+        n, h, w, c = arr.shape
+        data = imagecodecs.jpeg8_encode(arr.reshape(n * h, w, c), level=self.quality)
+        return chunk_spec.prototype.buffer.from_bytes(data)
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
+        return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer | None:
+        return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
+
+    def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
+        """Variable size: not computable."""
+        raise NotImplementedError
+
+
+zarr.registry.register_codec("wsi_mil.jpeg", JpegCodec)
+
+
+# ---------------------------------------------------------------------- fingerprint
+
+
+def source_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Cheap content fingerprint of a slide file: size and sha256 of first + last MiB.
+
+    Args:
+        path: The slide file.
+
+    Returns:
+        ``{"path": str, "size": int, "sha256_head_tail": hex str}``.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(_MIB))
+        if size > _MIB:
+            fh.seek(max(_MIB, size - _MIB))
+            digest.update(fh.read(_MIB))
+    return {"path": str(path.resolve()), "size": size, "sha256_head_tail": digest.hexdigest()}
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group`` (typed)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise IncompleteStoreError(f"{group.store_path}: {name!r} is not an array")
+    return node
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=1)
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy scalars/arrays and tuples in attribute values to JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def create_store(
+    path: str | os.PathLike[str],
+    *,
+    attrs: dict[str, Any],
+    coords: np.ndarray,
+    tissue: np.ndarray,
+    mask: np.ndarray,
+    thumbnail: np.ndarray,
+    pixels: PixelMode,
+    tile_px: int,
+    chunk_tiles: int = 64,
+    jpeg_quality: int = 90,
+) -> zarr.Group:
+    """Create a store with its geometry arrays (and an empty ``tiles`` array).
+
+    ``complete`` is set to False; call :meth:`TileWriter.close` (or set the attribute)
+    once the pixels are written.
+
+    Args:
+        path: The store directory to create (usually a temporary name).
+        attrs: Group attributes (JSON-able; numpy scalars are converted).
+        coords: int64 (N, 2) level-0 (x, y).
+        tissue: float32 (N,).
+        mask: bool/uint8 (h, w) tissue mask at ``mask_mpp``.
+        thumbnail: uint8 (h, w, 3) at ``mask_mpp``.
+        pixels: ``"lossless"``, ``"jpeg"`` or ``"none"``.
+        tile_px: Tile side in pixels.
+        chunk_tiles: Tiles per chunk of ``tiles`` (and of ``coords``/``tissue``).
+        jpeg_quality: Quality of ``"jpeg"`` pixels.
+
+    Returns:
+        The open zarr group (mode ``w``).
+    """
+    if pixels not in PIXEL_MODES:
+        raise ValueError(f"pixels must be one of {PIXEL_MODES}, got {pixels!r}")
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs.update(_jsonable({**attrs, "chunk_tiles": int(chunk_tiles), "complete": False}))
+    n = int(coords.shape[0])
+    rows = max(1, chunk_tiles) * 64
+    group.create_array(
+        "coords", data=np.asarray(coords, np.int64).reshape(n, 2), chunks=(rows, 2),
+        compressors=_compressor(),
+    )  # fmt: skip
+    group.create_array(
+        "tissue", data=np.asarray(tissue, np.float32).reshape(n), chunks=(rows,),
+        compressors=_compressor(),
+    )  # fmt: skip
+    group.create_array("mask", data=np.asarray(mask, np.uint8), compressors=_compressor())
+    group.create_array(
+        "thumbnail", data=np.ascontiguousarray(thumbnail, np.uint8), compressors=_compressor()
+    )
+    if pixels != "none":
+        shape = (n, tile_px, tile_px, 3)
+        chunks = (max(1, chunk_tiles), tile_px, tile_px, 3)
+        if pixels == "jpeg":
+            group.create_array(
+                "tiles", shape=shape, chunks=chunks, dtype="uint8",
+                serializer=JpegCodec(quality=jpeg_quality), compressors=None, fill_value=0,
+            )  # fmt: skip
+        else:
+            group.create_array(
+                "tiles", shape=shape, chunks=chunks, dtype="uint8",
+                compressors=ZstdCodec(level=1), fill_value=0,
+            )  # fmt: skip
+    return group
+
+
+class TileWriter:
+    """Appends tile pixels to a store's ``tiles`` array, one full chunk per write.
+
+    Encoding and writing run in a background thread so that reading the slide and
+    compressing overlap (both release the GIL).
+
+    Args:
+        group: A group made by :func:`create_store`.
+    """
+
+    def __init__(self, group: zarr.Group) -> None:
+        self._group = group
+        self._array = _array(group, "tiles") if "tiles" in group else None
+        self._chunk = int(self._array.chunks[0]) if self._array is not None else 1
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+        self._written = 0
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._futures: list[Future[None]] = []
+
+    @property
+    def n_written(self) -> int:
+        """Tiles handed to the writer so far (written or queued)."""
+        return self._written + self._n_pending
+
+    def add(self, tiles: np.ndarray) -> None:
+        """Queue uint8 (n, tile_px, tile_px, 3) tiles (next in store order)."""
+        if self._array is None or len(tiles) == 0:
+            self._written += len(tiles) if self._array is None else 0
+            return
+        self._pending.append(tiles)
+        self._n_pending += len(tiles)
+        if self._n_pending >= self._chunk:
+            block = np.concatenate(self._pending)
+            n_full = (len(block) // self._chunk) * self._chunk
+            self._submit(block[:n_full])
+            rest = block[n_full:]
+            self._pending = [rest] if len(rest) else []
+            self._n_pending = len(rest)
+
+    def _submit(self, block: np.ndarray) -> None:
+        start = self._written
+        self._written += len(block)
+        array = self._array
+        if array is None:
+            return
+
+        def write() -> None:
+            array[start : start + len(block)] = block
+
+        for fut in [f for f in self._futures if f.done()]:
+            fut.result()  # surface a failed write now
+        self._futures = [f for f in self._futures if not f.done()]
+        if len(self._futures) >= 2:
+            self._futures.pop(0).result()
+        self._futures.append(self._pool.submit(write))
+
+    def close(self, extra_attrs: dict[str, Any] | None = None) -> None:
+        """Flush, wait for the writes, check the count, then mark the store complete."""
+        try:
+            if self._pending:
+                self._submit(np.concatenate(self._pending))
+                self._pending, self._n_pending = [], 0
+            for fut in self._futures:
+                fut.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        if self._array is not None and self._written != self._array.shape[0]:
+            raise RuntimeError(f"wrote {self._written} tiles, expected {self._array.shape[0]}")
+        self._group.attrs.update(_jsonable({**(extra_attrs or {}), "complete": True}))
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class TileStore:
+    """Read access to a tile store (``open_tile_store``).
+
+    Args:
+        path: The ``<slide_id>.zarr`` directory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self._group = zarr.open_group(str(self.path), mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise IncompleteStoreError(
+                f"{self.path} is not a tile store; run `wsi-mil tile` to create it"
+            ) from exc
+        if self.attrs.get("format") != FORMAT:
+            raise IncompleteStoreError(
+                f"{self.path} is not a {FORMAT} tile store (format "
+                f"{self.attrs.get('format')!r}); re-run `wsi-mil tile`"
+            )
+
+    def __repr__(self) -> str:
+        return f"TileStore({str(self.path)!r}, n_tiles={self.n_tiles}, pixels={self.pixels!r})"
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        """Group attributes (a plain dict)."""
+        return dict(self._group.attrs)
+
+    @property
+    def slide_id(self) -> str:
+        """Slide identifier (file stem of the source)."""
+        return str(self.attrs["slide_id"])
+
+    @property
+    def complete(self) -> bool:
+        """True when the writer finished."""
+        return bool(self.attrs.get("complete", False))
+
+    @property
+    def source_path(self) -> Path:
+        """Path of the source slide when the store was written."""
+        return Path(self.attrs["source"]["path"])
+
+    @property
+    def tile_px(self) -> int:
+        """Tile side in pixels at ``target_mpp``."""
+        return int(self.attrs["tile_px"])
+
+    @property
+    def target_mpp(self) -> float:
+        """Tile resolution in µm/px."""
+        return float(self.attrs["target_mpp"])
+
+    @property
+    def pixels(self) -> str:
+        """Pixel mode: ``"lossless"``, ``"jpeg"`` or ``"none"``."""
+        return str(self.attrs.get("pixels", "none"))
+
+    @property
+    def has_pixels(self) -> bool:
+        """True when the store holds tile pixels."""
+        return "tiles" in self._group
+
+    @cached_property
+    def coords(self) -> np.ndarray:
+        """int64 (N, 2) level-0 (x, y) of each tile's top-left corner."""
+        return np.asarray(_array(self._group, "coords")[:], dtype=np.int64).reshape(-1, 2)
+
+    @cached_property
+    def tissue(self) -> np.ndarray:
+        """float32 (N,) tissue fraction of each tile."""
+        return np.asarray(_array(self._group, "tissue")[:], dtype=np.float32)
+
+    @property
+    def n_tiles(self) -> int:
+        """Number of tiles N."""
+        return int(_array(self._group, "coords").shape[0])
+
+    @property
+    def chunk_tiles(self) -> int:
+        """Tiles per chunk of ``tiles`` (read in multiples of it for speed)."""
+        if self.has_pixels:
+            return int(_array(self._group, "tiles").chunks[0])
+        return int(self.attrs.get("chunk_tiles", 64))
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool (h, w) tissue mask at ``mask_mpp``."""
+        return np.asarray(_array(self._group, "mask")[:]) > 0
+
+    @property
+    def thumbnail(self) -> np.ndarray:
+        """uint8 (h, w, 3) thumbnail at ``mask_mpp``."""
+        return np.asarray(_array(self._group, "thumbnail")[:])
+
+    def read_pixels(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Tiles ``start:stop`` as uint8 (n, tile_px, tile_px, 3).
+
+        Raises:
+            IncompleteStoreError: The store holds no pixels (``--pixels none``).
+        """
+        if not self.has_pixels:
+            raise IncompleteStoreError(
+                f"{self.path} holds no tile pixels (tiled with --pixels none); read the "
+                "tiles from the slide at .coords, or re-tile with --pixels lossless|jpeg"
+            )
+        stop = self.n_tiles if stop is None else min(stop, self.n_tiles)
+        start = max(0, min(start, stop))
+        return np.asarray(_array(self._group, "tiles")[start:stop], dtype=np.uint8)
+
+
+def open_tile_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> TileStore:
+    """Open ``<slide_id>.zarr`` for reading.
+
+    Args:
+        path: The store directory.
+        allow_incomplete: Also open a store whose ``complete`` attribute is not true.
+
+    Returns:
+        The reader.
+
+    Raises:
+        IncompleteStoreError: Not a tile store, or not complete.
+    """
+    store = TileStore(path)
+    if not allow_incomplete and not store.complete:
+        raise IncompleteStoreError(
+            f"{store.path} was not completed (interrupted run?); re-run `wsi-mil tile`"
+        )
+    return store

@@ -1,0 +1,78 @@
+"""``wsi-mil extract``: embed the tiles of every tile store with an encoder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+_DESCRIPTION = """\
+Embed every tile of every tile store in TILES_DIR (<slide_id>.zarr, from `wsi-mil tile`)
+with ENCODER and write one HDF5 bag per slide:
+
+  OUT/<encoder>/<slide_id>.h5    features (N, D) float16, coords (N, 2) level-0 (x, y)
+  OUT/<encoder>/manifest.csv     ok / skipped / failed per store, with the reason
+  OUT/<encoder>/config.yaml      resolved settings (encoder, weights sha256, devices)
+
+(timm:<name> encoders write to OUT/timm_<name>/.) Weights: --weights accepts the folder
+a publisher distributes on Hugging Face (config.json + model.safetensors or
+pytorch_model.bin) or a timm state-dict file (.safetensors / .pth); pickles holding
+anything but tensors are refused. Without --weights the hub is tried. `builtin` needs no
+weights. Re-running skips bags with the same encoder, weights and tile store; incomplete
+stores are skipped and listed in the manifest.
+
+Exit status: 0 when every slide is ok or skipped; 1 when any slide failed (see
+manifest.csv); 2 on invalid arguments (unknown encoder, bad weights, no stores)."""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``extract`` subcommand."""
+    p = subparsers.add_parser(
+        "extract",
+        help="embed tiles into per-slide HDF5 feature bags",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("tiles", type=Path, metavar="TILES_DIR", help="folder of <slide_id>.zarr")
+    p.add_argument(
+        "--encoder", default="builtin", help="encoder name (see `wsi-mil encoders`; builtin)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output root of the bags")
+    p.add_argument("--weights", default=None, help="weights folder or file (default: hub)")
+    p.add_argument(
+        "--devices", default=None, help="cpu | cuda:0,cuda:1 (default: all GPUs, else cpu)"
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="tiles per batch (256)")
+    p.add_argument("--workers", type=int, default=2, help="decode workers per device (2)")
+    p.add_argument(
+        "--dtype", choices=("float16", "float32"), default="float16", help="bag dtype (float16)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="redo up-to-date bags")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``wsi-mil extract``; 1 if any slide failed."""
+    from wsi_mil.features import extract_features
+
+    rows = extract_features(
+        args.tiles,
+        args.encoder,
+        args.out,
+        weights=args.weights,
+        devices=args.devices,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
+    print(f"extract: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed")
+    for r in rows:
+        if r["status"] != "ok" and r.get("error"):
+            print(f"  {r['slide_id']}: {r['status']}: {r['error']}")
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,56 @@
+"""``wsi-mil predict``: apply a trained run's fold ensemble to new slides."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``predict``."""
+    p = subparsers.add_parser(
+        "predict",
+        help="predict new slides with a trained run (fold ensemble)",
+        description=(
+            "Average the fold models of RUN_DIR over every bag (or the patients of "
+            "--cohort; targets optional) and write a predictions CSV, per-slide attention "
+            "(attention/<slide_id>.h5 beside the CSV) and the resolved options (.yaml)."
+        ),
+    )
+    p.add_argument("run_dir", help="run folder written by `wsi-mil train`")
+    p.add_argument(
+        "--features",
+        action="append",
+        required=True,
+        metavar="DIR",
+        help="folder of bags; repeat in the training order for joined encoders",
+    )
+    p.add_argument("--cohort", help="cohort CSV (labels optional); default: one patient per bag")
+    p.add_argument("--omics", help="omics table for fusion models")
+    p.add_argument("--out", required=True, help="predictions CSV to write")
+    p.add_argument("--attention-dir", help="default: <folder of --out>/attention")
+    p.add_argument("--soup", action="store_true", help="use a uniform weight soup of the folds")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``predict``."""
+    from wsi_mil.mil.predict import predict_cohort
+
+    table = predict_cohort(
+        args.run_dir,
+        args.features,
+        out=args.out,
+        cohort=args.cohort,
+        omics=args.omics,
+        attention_dir=args.attention_dir,
+        soup=args.soup,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    print(f"{len(table)} patient(s) predicted -> {args.out}")
+    return 0

@@ -1,0 +1,94 @@
+"""``wsi-mil report``: survival-stratification report from a run or a predictions CSV."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from wsi_mil.errors import ConfigError
+
+__all__ = ["add_parser", "parse_times", "run"]
+
+
+def parse_times(values: Sequence[str] | None) -> list[float] | None:
+    """Parse ``--times 12 24,36`` into floats (space- or comma-separated)."""
+    if not values:
+        return None
+    out = []
+    for item in values:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            try:
+                out.append(float(part))
+            except ValueError:
+                raise ConfigError(
+                    f"--times: {part.strip()!r} is not a number; give times like --times 12 24 36"
+                ) from None
+    return out or None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``report`` subcommand."""
+    p = subparsers.add_parser(
+        "report",
+        help="survival report (KM, hazard ratios, C-index) from predictions",
+        description=(
+            "Turn a predictions table (patient_id, fold, split=train|test, time, event, risk, "
+            "optional clinical columns) into report.html (self-contained), report.json and "
+            "figures (PNG + SVG). Given a run folder, reads predictions.csv and writes the "
+            "report beside it."
+        ),
+    )
+    p.add_argument("source", metavar="RUN_DIR_OR_PREDICTIONS_CSV")
+    p.add_argument("--out", default=None, help="output folder (default: beside the predictions)")
+    p.add_argument(
+        "--covariates",
+        default="",
+        help="comma-separated clinical columns to adjust hazard ratios for, e.g. age,stage",
+    )
+    p.add_argument(
+        "--groups",
+        type=int,
+        default=2,
+        choices=(2, 3),
+        help="risk groups: 2 = median split, 3 = tertiles of the training risks",
+    )
+    p.add_argument(
+        "--times",
+        nargs="+",
+        default=None,
+        help="evaluation times of the time-dependent AUC (default: event-time percentiles)",
+    )
+    p.add_argument("--tau", type=float, default=None, help="truncation time of Uno's C")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per CI")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument(
+        "--force", action="store_true", help="replace a report made from a different input"
+    )
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the report; print where it is."""
+    from wsi_mil.survival.report import make_report
+
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
+    result = make_report(
+        args.source,
+        args.out,
+        covariates=covariates,
+        n_groups=args.groups,
+        times=parse_times(args.times),
+        tau=args.tau,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        force=args.force,
+    )
+    print(f"report: {result.html}")
+    print(f"numbers: {result.json}")
+    for line in result.data["summary"]:
+        print(f"  {line}")
+    return 0

@@ -1,0 +1,233 @@
+"""``wsi-mil tile``: detect tissue and tile slides into per-slide zarr stores."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+from wsi_mil import __version__
+from wsi_mil.errors import ConfigError
+
+__all__ = ["SLIDE_EXTENSIONS", "add_parser", "find_slides", "read_mpp_csv", "run"]
+
+#: File extensions searched for in input folders (case-insensitive).
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".bif", ".vms", ".dcm")
+
+_DESCRIPTION = """\
+Detect tissue on a thumbnail, lay a grid of tiles (TILE_PX pixels at TARGET_MPP µm/px)
+and write one zarr store per slide, OUT/<slide_id>.zarr, with the kept tiles'
+coordinates, tissue fractions, mask, thumbnail and (unless --pixels none) pixels.
+Also writes OUT/qc/<slide_id>.png (thumbnail, tissue outline, kept tiles),
+OUT/qc/<slide_id>.geojson (tissue polygons for QuPath, level-0 coordinates),
+OUT/coords/<slide_id>.h5 with --export-coords (CLAM/TRIDENT layout),
+OUT/manifest.csv (one row per slide: status ok/skipped/failed and why) and
+OUT/config.yaml (the resolved configuration).
+
+Folders are searched recursively for .svs .ndpi .mrxs .tif .tiff .scn .bif .vms .dcm
+(one .dcm file per folder). Re-running skips complete stores with the same parameters
+and rebuilds the others (the manifest says so).
+
+Exit status: 0 when every slide is ok or skipped; 1 when any slide failed (see
+manifest.csv); 2 on invalid arguments (bad input path, duplicate slide ids, unwritable
+output folder, bad --mpp-csv)."""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``tile`` subcommand."""
+    p = subparsers.add_parser(
+        "tile",
+        help="detect tissue and tile slides into zarr stores",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files or folders")
+    p.add_argument("--out", required=True, type=Path, help="output folder of the stores")
+    p.add_argument("--target-mpp", type=float, default=0.5, help="tile µm/px (default 0.5)")
+    p.add_argument("--tile-px", type=int, default=224, help="tile side in px (default 224)")
+    p.add_argument("--stride-px", type=int, default=None, help="grid step in px (default: tile px)")
+    p.add_argument(
+        "--min-tissue", type=float, default=0.5, help="min tissue fraction per tile (0.5)"
+    )
+    p.add_argument(
+        "--pixels",
+        choices=("lossless", "jpeg", "none"),
+        default="lossless",
+        help="store tile pixels lossless (zstd), as JPEG q90, or not at all (default lossless)",
+    )
+    p.add_argument(
+        "--mask-mpp", type=float, default=8.0, help="µm/px of thumbnail and mask (default 8)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="parallel slide processes (default: min(4, CPUs))",
+    )
+    p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for every slide")
+    p.add_argument(
+        "--mpp-csv", type=Path, default=None, help="CSV with columns slide_id,mpp (overrides)"
+    )
+    p.add_argument("--export-coords", action="store_true", help="also write CLAM/TRIDENT coords h5")
+    p.add_argument("--no-qc", action="store_true", help="skip the QC PNG and GeoJSON")
+    p.add_argument("--dask-scheduler", default=None, help="run on a Dask cluster (tcp://host:8786)")
+    return p
+
+
+def find_slides(inputs: list[str | os.PathLike[str]]) -> list[Path]:
+    """Slide files named in ``inputs`` (files as given; folders searched recursively).
+
+    Raises:
+        ConfigError: An input does not exist or no slide was found.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            dcm_dirs: set[Path] = set()
+            for f in sorted(path.rglob("*")):
+                if not f.is_file() or f.suffix.lower() not in SLIDE_EXTENSIONS:
+                    continue
+                if f.suffix.lower() == ".dcm":
+                    if f.parent in dcm_dirs:
+                        continue
+                    dcm_dirs.add(f.parent)
+                found.append(f)
+        else:
+            raise ConfigError(f"input {path} does not exist; pass slide files or folders")
+    if not found:
+        raise ConfigError(
+            f"no slides found in {', '.join(map(str, inputs))} "
+            f"(looked for {' '.join(SLIDE_EXTENSIONS)})"
+        )
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+def _check_duplicates(slides: list[Path]) -> None:
+    by_id: dict[str, list[Path]] = {}
+    for s in slides:
+        by_id.setdefault(s.stem, []).append(s)
+    dups = {k: v for k, v in by_id.items() if len(v) > 1}
+    if dups:
+        lines = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in sorted(dups.items()))
+        raise ConfigError(
+            f"duplicate slide ids (file stems) would share one store: {lines}; "
+            "rename the files or tile them into different --out folders"
+        )
+
+
+def read_mpp_csv(path: Path) -> dict[str, float]:
+    """Read ``slide_id,mpp`` overrides.
+
+    Raises:
+        ConfigError: Missing file/columns or a bad value (names the row).
+    """
+    if not path.is_file():
+        raise ConfigError(f"--mpp-csv {path} does not exist")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not {"slide_id", "mpp"} <= cols:
+            raise ConfigError(f"--mpp-csv {path} needs columns slide_id,mpp (found {sorted(cols)})")
+        out: dict[str, float] = {}
+        for i, row in enumerate(reader, start=2):
+            try:
+                value = float(row["mpp"])
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not value > 0:
+                raise ConfigError(
+                    f"--mpp-csv {path} row {i}: mpp {row['mpp']!r} for slide "
+                    f"{row['slide_id']!r} is not a positive number (µm/px)"
+                )
+            out[str(row["slide_id"])] = value
+    return out
+
+
+def _check_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"--out {out} is not writable ({exc.strerror or exc}); "
+            "choose another folder or fix its permissions"
+        ) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    """Tile every slide; returns 1 when any slide failed, else 0."""
+    import yaml
+
+    from wsi_mil.io import atomic_path, write_manifest
+    from wsi_mil.tiling.pipeline import tile_params, tile_slide
+    from wsi_mil.workflows.batch import Job, run_batch
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers={args.workers} is invalid; expected at least 1")
+    if args.mpp is not None and not args.mpp > 0:
+        raise ConfigError(f"--mpp={args.mpp} is invalid; expected a positive µm/px value")
+    params = tile_params(
+        target_mpp=args.target_mpp, tile_px=args.tile_px, stride_px=args.stride_px,
+        min_tissue=args.min_tissue, pixels=args.pixels, mask_mpp=args.mask_mpp, mpp=args.mpp,
+    )  # fmt: skip
+    slides = find_slides(args.inputs)
+    _check_duplicates(slides)
+    mpp_map = read_mpp_csv(args.mpp_csv) if args.mpp_csv else {}
+    out: Path = args.out
+    _check_out(out)
+    common = {
+        "target_mpp": args.target_mpp, "tile_px": args.tile_px, "stride_px": args.stride_px,
+        "min_tissue": args.min_tissue, "pixels": args.pixels, "mask_mpp": args.mask_mpp,
+        "export_coords": args.export_coords, "qc": not args.no_qc,
+    }  # fmt: skip
+    jobs = [
+        Job(
+            slide_id=s.stem,
+            path=str(s),
+            fn=tile_slide,
+            kwargs={
+                **common,
+                "slide_path": str(s),
+                "out_dir": str(out),
+                "mpp": mpp_map.get(s.stem, args.mpp),
+            },
+        )
+        for s in slides
+    ]
+    config = {
+        "command": "tile",
+        "wsi_mil_version": __version__,
+        "inputs": [str(i) for i in args.inputs],
+        "slides": len(slides),
+        "out": str(out.resolve()),
+        "workers": args.workers,
+        "dask_scheduler": args.dask_scheduler,
+        "mpp": args.mpp,
+        "mpp_csv": str(args.mpp_csv) if args.mpp_csv else None,
+        "mpp_overrides": mpp_map,
+        "export_coords": bool(args.export_coords),
+        "qc": not args.no_qc,
+        **params,
+    }
+    with atomic_path(out / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    rows = run_batch(jobs, workers=args.workers, scheduler=args.dask_scheduler, desc="tiling")
+    manifest = write_manifest(out / "manifest.csv", rows)
+    counts = {k: sum(r.get("status") == k for r in rows) for k in ("ok", "skipped", "failed")}
+    print(
+        f"tiled {len(rows)} slides: {counts['ok']} ok, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed; tiles: {sum(int(r.get('n_tiles') or 0) for r in rows)}; "
+        f"manifest: {manifest}"
+    )
+    for r in rows:
+        if r.get("status") == "failed":
+            print(f"  failed {r.get('slide_id')}: {r.get('error')}")
+    return 1 if counts["failed"] else 0
