@@ -172,15 +172,17 @@ def create_encoder(
         EncoderError: Unknown name, unreadable/unsafe weights, wrong architecture, or
             hub unreachable with no ``weights``.
     """
-    from wsi_mil.features.weights import load_weights
+    from wsi_mil.features.weights import load_resolved, resolve_weights
 
     spec = get_encoder_spec(name)
     if spec.builder is None:
         raise EncoderError(f"encoder {name!r} has no builder")
+    resolved = resolve_weights(spec, weights)  # fail fast, before building a big model
     torch.manual_seed(0)  # "random" weights are the same in every process
     with torch.device(device):
         backbone = spec.builder(spec)
-    sha = load_weights(backbone, spec, weights) if device != "meta" else "meta"
+    meta = torch.device(device).type == "meta"
+    sha = resolved.sha256 if meta else load_resolved(backbone, spec, resolved)
     if spec.dim is None:  # timm:<name>: known once built
         spec = replace(spec, dim=int(backbone.dim))
     encoder = Encoder(spec, backbone, sha)

@@ -35,9 +35,10 @@ __all__ = [
     "RANDOM_WEIGHTS",
     "WEIGHT_FREE",
     "ResolvedWeights",
-    "file_sha256",
     "check_state_dict",
+    "file_sha256",
     "hf_to_timm_keys",
+    "load_resolved",
     "load_weights",
     "read_state_dict",
     "resolve_weights",
@@ -278,7 +279,11 @@ def load_weights(
         EncoderError: Unreadable or unsafe file, or keys/shapes that do not fit the
             architecture (the message lists missing and unexpected keys).
     """
-    resolved = resolve_weights(spec, weights)
+    return load_resolved(backbone, spec, resolve_weights(spec, weights))
+
+
+def load_resolved(backbone: torch.nn.Module, spec: EncoderSpec, resolved: ResolvedWeights) -> str:
+    """Load already-resolved weights (see :func:`load_weights`); returns their sha256."""
     if resolved.path is None:
         return resolved.sha256
     model = getattr(backbone, "model", backbone)

@@ -11,7 +11,8 @@ Public API (imported lazily, so ``import wsi_mil.mil`` stays cheap):
 * training — :class:`TrainConfig`, :func:`train_cv` (``mil/train.py``);
 * inference — :func:`predict_cohort`, :func:`load_ensemble`, :func:`uniform_soup`
   (``mil/predict.py``);
-* attention files — :func:`read_attention`, :func:`write_attention`;
+* attention files — :func:`read_attention`, :func:`write_attention`; heatmaps —
+  :func:`render_heatmap` (``mil/heatmap.py``);
 * generated cohorts — :func:`make_synthetic_cohort`.
 """
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from wsi_mil.mil.cohort import Cohort, load_cohort
     from wsi_mil.mil.data import BagStore, collate_bags, event_batches, scan_bags
     from wsi_mil.mil.heads import create_head
+    from wsi_mil.mil.heatmap import render_heatmap
     from wsi_mil.mil.models import create_aggregator, list_aggregators
     from wsi_mil.mil.predict import load_ensemble, predict_cohort, uniform_soup
     from wsi_mil.mil.run import TrainConfig
@@ -48,6 +50,7 @@ _LAZY = {
     "make_synthetic_cohort": "synthetic",
     "predict_cohort": "predict",
     "read_attention": "attention",
+    "render_heatmap": "heatmap",
     "scan_bags": "data",
     "train_cv": "train",
     "uniform_soup": "predict",
@@ -70,6 +73,7 @@ __all__ = [
     "make_synthetic_cohort",
     "predict_cohort",
     "read_attention",
+    "render_heatmap",
     "scan_bags",
     "train_cv",
     "uniform_soup",

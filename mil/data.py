@@ -163,6 +163,8 @@ class BagStore:
         self._cache: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._used = 0
         self._lock = threading.Lock()
+        #: Tile side in level-0 px per slide read so far (from the bag's coords attributes).
+        self.tile_level0: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
 
@@ -187,11 +189,13 @@ class BagStore:
 
     def _read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         bags = [read_bag(d / f"{slide_id}.h5") for d in self.features_dirs]
-        bag = (
-            bags[0]
-            if len(bags) == 1
-            else join_bags(bags, names=[d.name for d in self.features_dirs])
-        )
+        if len(bags) == 1:
+            bag = bags[0]
+        else:
+            bag = join_bags(bags, names=[d.name for d in self.features_dirs])
+        tile = bag.attrs.get("coords_attrs", {}).get("patch_size_level0")
+        if tile:
+            self.tile_level0[slide_id] = int(tile)
         return bag.features.astype(np.float16, copy=False), bag.coords
 
     def _put(self, slide_id: str, item: tuple[np.ndarray, np.ndarray]) -> None:
@@ -226,7 +230,7 @@ class BagBatch:
     """A padded batch of bags.
 
     Attributes:
-        features: (B, N_max, D) float32.
+        features: (B, N_max, D) float16 (cast to float32 on the device).
         mask: (B, N_max) bool, True = real tile.
         units: The units, in batch order.
         tiles: Per unit, the tile indices used (into the unit's full bag), (n_b,).
@@ -238,21 +242,25 @@ class BagBatch:
     tiles: list[np.ndarray]
 
 
-def collate_bags(bags: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_bags(
+    bags: Sequence[np.ndarray], dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad bags of different sizes into one tensor.
 
     Args:
         bags: Arrays (n_b, D) of any float dtype.
+        dtype: Dtype of the padded tensor (float16 halves host-to-device copies; the
+            trainer casts to float32 on the device).
 
     Returns:
-        features (B, N_max, D) float32 (zeros on padding) and mask (B, N_max) bool.
+        features (B, N_max, D) ``dtype`` (zeros on padding) and mask (B, N_max) bool.
     """
     n_max = max(1, max(len(b) for b in bags))
     dim = bags[0].shape[1]
-    out = torch.zeros(len(bags), n_max, dim, dtype=torch.float32)
+    out = torch.zeros(len(bags), n_max, dim, dtype=dtype)
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
     for i, bag in enumerate(bags):
-        out[i, : len(bag)] = torch.from_numpy(np.ascontiguousarray(bag)).float()
+        out[i, : len(bag)] = torch.from_numpy(np.ascontiguousarray(bag)).to(dtype)
         mask[i, : len(bag)] = True
     return out, mask
 
@@ -283,7 +291,7 @@ def load_batch(
             feats = feats[idx]
         bags.append(feats)
         tiles.append(idx)
-    features, mask = collate_bags(bags)
+    features, mask = collate_bags(bags, torch.float16)
     return BagBatch(features, mask, list(units), tiles)
 
 

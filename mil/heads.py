@@ -3,7 +3,8 @@
 * :class:`ClassificationHead` — binary or multiclass, class-weighted cross-entropy;
   predictions are class probabilities (B, C).
 * :class:`CoxHead` — one logit = log relative hazard, weighted Cox partial likelihood
-  (:func:`wsi_mil.survival.loss.cox_ph_loss`); predictions are risks (B,).
+  (:func:`wsi_mil.survival.loss.cox_ph_loss`); predictions are risks (B,), z-scored
+  against the fold's training patients.
 * :class:`DiscreteTimeHead` — one logit per time bin, discrete-time hazard NLL
   (:func:`wsi_mil.survival.loss.discrete_time_nll`); bins are fitted on training times.
 
@@ -29,6 +30,7 @@ __all__ = [
     "CoxHead",
     "DiscreteTimeHead",
     "Head",
+    "SurvivalHead",
     "create_head",
     "head_from_state",
 ]
@@ -112,7 +114,43 @@ def _survival_targets(cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, t
     }
 
 
-class CoxHead(Head):
+class SurvivalHead(Head):
+    """Risk heads: risks are standardised against the fold's training patients.
+
+    A Cox risk is identified only up to an additive constant (and its spread differs
+    between folds), so after training each fold's raw risks are z-scored with the mean
+    and s.d. of its training patients' risks (:meth:`calibrate`). This keeps the order
+    within a fold and makes risks of different folds comparable for pooled metrics and
+    the fold ensemble.
+    """
+
+    center: float = 0.0
+    scale: float = 1.0
+
+    def raw_risk(self, logits: torch.Tensor) -> np.ndarray:
+        """(B,) risks before standardisation."""
+        return logits[:, 0].detach().cpu().double().numpy()
+
+    def calibrate(self, train_logits: torch.Tensor) -> None:
+        """Set ``center``/``scale`` from the training patients' logits (U, n_outputs)."""
+        raw = self.raw_risk(train_logits)
+        self.center = float(raw.mean()) if len(raw) else 0.0
+        std = float(raw.std()) if len(raw) > 1 else 0.0
+        self.scale = std if std > 1e-12 else 1.0
+
+    def predict(self, logits: torch.Tensor) -> np.ndarray:
+        return (self.raw_risk(logits) - self.center) / self.scale
+
+    def _calibration(self) -> dict[str, float]:
+        return {"center": self.center, "scale": self.scale}
+
+    def _set_calibration(self, state: dict[str, Any]) -> SurvivalHead:
+        self.center = float(state.get("center", 0.0))
+        self.scale = float(state.get("scale", 1.0))
+        return self
+
+
+class CoxHead(SurvivalHead):
     """Weighted Cox partial likelihood of a single risk logit (Efron ties).
 
     Args:
@@ -144,14 +182,11 @@ class CoxHead(Head):
             allow_no_events=True,
         )
 
-    def predict(self, logits: torch.Tensor) -> np.ndarray:
-        return logits[:, 0].detach().cpu().double().numpy()
-
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "event_weight": self.event_weight}
+        return {"kind": self.kind, "event_weight": self.event_weight, **self._calibration()}
 
 
-class DiscreteTimeHead(Head):
+class DiscreteTimeHead(SurvivalHead):
     """Discrete-time hazard NLL over time bins fitted on training event times.
 
     Args:
@@ -186,13 +221,14 @@ class DiscreteTimeHead(Head):
             logits.float(), targets["bin"].to(logits.device), targets["event"].to(logits.device)
         )
 
-    def predict(self, logits: torch.Tensor) -> np.ndarray:
+    def raw_risk(self, logits: torch.Tensor) -> np.ndarray:
         from wsi_mil.survival.loss import discrete_time_risk
 
         return discrete_time_risk(logits.float()).detach().cpu().double().numpy()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "edges": [e if np.isfinite(e) else "inf" for e in self.edges]}
+        edges = [e if np.isfinite(e) else "inf" for e in self.edges]
+        return {"kind": self.kind, "edges": edges, **self._calibration()}
 
 
 def create_head(
@@ -226,7 +262,7 @@ def head_from_state(state: dict[str, Any]) -> Head:
     if kind == "classification":
         return ClassificationHead(state["classes"], state["class_weights"])
     if kind == "cox":
-        return CoxHead(state.get("event_weight", 1.0))
+        return CoxHead(state.get("event_weight", 1.0))._set_calibration(state)
     if kind == "discrete":
-        return DiscreteTimeHead([float(e) for e in state["edges"]])
+        return DiscreteTimeHead([float(e) for e in state["edges"]])._set_calibration(state)
     raise ConfigError(f"unknown head kind {kind!r} in a saved fold; was the run made by wsi-mil?")

@@ -87,7 +87,7 @@ def _group_split(
     x = np.zeros((len(slides), 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # small strata: stratify best effort
-        if len(set(strata)) > 1:
+        if len(set(strata)) > 1 and max(Counter(strata).values()) >= n_splits:
             cv: Any = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
             return [test for _, test in cv.split(x, strata, groups)]
         order = np.random.default_rng(seed).permutation(len(set(groups)))

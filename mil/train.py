@@ -45,10 +45,16 @@ from wsi_mil.mil.data import (
     random_batches,
     scan_bags,
 )
-from wsi_mil.mil.heads import ClassificationHead, Head, create_head, head_from_state
+from wsi_mil.mil.heads import (
+    ClassificationHead,
+    Head,
+    SurvivalHead,
+    create_head,
+    head_from_state,
+)
 from wsi_mil.mil.metrics import classification_metrics, survival_metrics
 from wsi_mil.mil.run import TrainConfig, prepare_run_dir
-from wsi_mil.mil.splits import load_splits, make_splits, save_splits
+from wsi_mil.mil.splits import check_cv_cohort, load_splits, make_splits, save_splits
 from wsi_mil.mil.tabular import TabularPreprocessor
 
 __all__ = [
@@ -181,7 +187,7 @@ def _forward(
     device: torch.device,
     labels: torch.Tensor | None = None,
 ) -> Any:
-    features = batch.features.to(device, non_blocking=True)
+    features = batch.features.to(device, non_blocking=True).float()
     mask = batch.mask.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return model(features, mask, labels=labels, **extras)
@@ -499,6 +505,7 @@ def write_unit_attention(
                 att[sel],
                 coords[sel],
                 attrs={
+                    "tile_level0": store.tile_level0.get(slide_id),
                     "slide_id": slide_id,
                     "patient_id": unit.patient_id,
                     "model": model_name,
@@ -532,6 +539,9 @@ def _finish_fold(ctx: _Context, fm: FoldModel, fold_spec: dict[str, Any]) -> pd.
             batch_size=cfg.batch_size,
             prefetch_depth=cfg.prefetch,
         )
+        if split == "train" and isinstance(fm.head, SurvivalHead):
+            fm.head.calibrate(preds.logits)
+            fm.meta["head"] = fm.head.state_dict()
         outputs = fm.head.predict(preds.logits)
         rows = patient_rows(cohort, data.units, outputs, fm.head, {"fold": k, "split": split})
         val_ids = set(fold_spec["val"])
@@ -615,6 +625,7 @@ def train_cv(
     """
     config.validate()
     cohort, scan, usable = _prepare(config)
+    check_cv_cohort(cohort, usable, config.folds)  # before anything is written
     out = Path(out)
     splits_path = out / "splits.json"
     resumed = prepare_run_dir(out, config.resolved())

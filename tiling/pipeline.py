@@ -125,6 +125,7 @@ def tile_slide(
     jpeg_quality: int = 90,
     tissue: TissueParams | None = None,
     backend: str = "auto",
+    read_threads: int = 2,
     raise_errors: bool = False,
 ) -> dict[str, Any]:
     """Detect tissue, tile one slide and write ``<out_dir>/<slide_id>.zarr``.
@@ -148,6 +149,8 @@ def tile_slide(
         jpeg_quality: Quality of ``pixels="jpeg"``.
         tissue: Tissue-detection parameters.
         backend: Slide reader (``"auto"``, ``"openslide"``, ``"tiffslide"``).
+        read_threads: Threads decoding the slide concurrently (the output does not
+            depend on it).
         raise_errors: Raise instead of returning a ``failed`` row.
 
     Returns:
@@ -173,7 +176,9 @@ def tile_slide(
             min_tissue=min_tissue, pixels=pixels, mask_mpp=mask_mpp, mpp=mpp,
             chunk_tiles=chunk_tiles, jpeg_quality=jpeg_quality, tissue=tissue,
         )  # fmt: skip
-        row.update(_tile(slide_path, Path(out_dir), params, export_coords, qc, backend))
+        row.update(
+            _tile(slide_path, Path(out_dir), params, export_coords, qc, backend, read_threads)
+        )
     except Exception as exc:
         if raise_errors:
             raise
@@ -195,13 +200,14 @@ def _tile(
     export_coords: bool,
     qc: bool,
     backend: str,
+    read_threads: int,
 ) -> dict[str, Any]:
     from wsi_mil.wsi import open_slide
 
-    if not slide_path.is_file():
-        raise FileNotFoundError(f"{slide_path}: no such slide file")
-    source = source_fingerprint(slide_path)
+    if not slide_path.exists():
+        raise FileNotFoundError(f"{slide_path}: no such slide file; check the path")
     with open_slide(slide_path, backend=backend, mpp=params["mpp_override"]) as slide:
+        source = source_fingerprint(slide_path)
         slide_id = slide.slide_id
         final = store_path(out_dir, slide_id)
         reason = _reuse_reason(final, params, source)
@@ -215,7 +221,7 @@ def _tile(
         _ensure_writable(out_dir)
         _remove_stale_temporaries(final)
         messages = [] if reason == "new" else [f"rebuilt: {reason}"]
-        n_tiles, extra = _build_store(slide, final, params, source)
+        n_tiles, extra = _build_store(slide, final, params, source, read_threads)
         messages += extra
         store = open_tile_store(final)
         _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=False)
@@ -272,7 +278,7 @@ def _reuse_reason(final: Path, params: dict[str, Any], source: dict[str, Any]) -
 
 
 def _build_store(
-    slide: Any, final: Path, params: dict[str, Any], source: dict[str, Any]
+    slide: Any, final: Path, params: dict[str, Any], source: dict[str, Any], threads: int
 ) -> tuple[int, list[str]]:
     """Detect, grid, read and write the store at ``final``; returns (N, messages)."""
     mpp = float(slide.mpp)
@@ -321,7 +327,7 @@ def _build_store(
         )  # fmt: skip
         writer = TileWriter(group)
         if params["pixels"] != "none":
-            for tiles in iter_tile_pixels(slide, index, read_level, params):
+            for tiles in iter_tile_pixels(slide, index, read_level, params, threads=threads):
                 writer.add(tiles)
         writer.close()
     return int(coords.shape[0]), messages

@@ -20,7 +20,7 @@ from numba import njit
 __all__ = ["RegionReader"]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _argb_to_rgb(buf: np.ndarray, bg: np.ndarray) -> np.ndarray:
     """Premultiplied ARGB uint32 (h, w) → RGB uint8 (h, w, 3) over background ``bg``."""
     h, w = buf.shape
@@ -37,9 +37,9 @@ def _argb_to_rgb(buf: np.ndarray, bg: np.ndarray) -> np.ndarray:
                 r = r + (bg[0] * k + 127) // 255
                 g = g + (bg[1] * k + 127) // 255
                 b = b + (bg[2] * k + 127) // 255
-            out[i, j, 0] = min(r, 255)
-            out[i, j, 1] = min(g, 255)
-            out[i, j, 2] = min(b, 255)
+            out[i, j, 0] = r if r < 255 else 255
+            out[i, j, 1] = g if g < 255 else 255
+            out[i, j, 2] = b if b < 255 else 255
     return out
 
 

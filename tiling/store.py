@@ -9,8 +9,9 @@ last. Stores are written under a temporary name and renamed when complete (see
 
 Pixel modes:
 
-- ``"lossless"``: Zstandard level 1 — bit-exact tiles, fast to write and to read, and
-  readable by any zarr v3 implementation.
+- ``"lossless"``: Blosc/LZ4 — bit-exact tiles, the fastest to write and to read (about
+  0.25 ms per 224-px tile each way; Zstandard saves a third of the bytes but is four
+  times slower to write), readable by any zarr v3 implementation.
 - ``"jpeg"``: each chunk is one baseline JPEG (quality 90) of its tiles stacked
   vertically, codec ``wsi_mil.jpeg`` (registered with zarr when this module is
   imported; reading such a store needs ``wsi_mil`` installed). Tile sides that are
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 import numpy as np
 import zarr
 from zarr.abc.codec import ArrayBytesCodec
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec
 from zarr.core.common import JSON, parse_named_configuration
 
 from wsi_mil.errors import WsiMilError
@@ -132,6 +133,8 @@ zarr.registry.register_codec("wsi_mil.jpeg", JpegCodec)
 
 def source_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Cheap content fingerprint of a slide file: size and sha256 of first + last MiB.
+
+    For multi-file formats (MRXS) only the named index file is fingerprinted.
 
     Args:
         path: The slide file.
@@ -240,9 +243,10 @@ def create_store(
                 serializer=JpegCodec(quality=jpeg_quality), compressors=None, fill_value=0,
             )  # fmt: skip
         else:
+            lz4 = BloscCodec(cname="lz4", clevel=5, shuffle="noshuffle", typesize=1)
             group.create_array(
                 "tiles", shape=shape, chunks=chunks, dtype="uint8",
-                compressors=ZstdCodec(level=1), fill_value=0,
+                compressors=lz4, fill_value=0,
             )  # fmt: skip
     return group
 
@@ -259,7 +263,10 @@ class TileWriter:
 
     def __init__(self, group: zarr.Group) -> None:
         self._group = group
-        self._array = _array(group, "tiles") if "tiles" in group else None
+        tiles = _array(group, "tiles") if "tiles" in group else None
+        # whole chunks of real tiles: skip zarr's (slow) all-fill-value check per chunk;
+        # this runtime setting is not stored with the array, so set it on our handle
+        self._array = tiles.with_config({"write_empty_chunks": True}) if tiles is not None else None
         self._chunk = int(self._array.chunks[0]) if self._array is not None else 1
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
@@ -279,23 +286,32 @@ class TileWriter:
             return
         self._pending.append(tiles)
         self._n_pending += len(tiles)
-        if self._n_pending >= self._chunk:
-            block = np.concatenate(self._pending)
-            n_full = (len(block) // self._chunk) * self._chunk
-            self._submit(block[:n_full])
-            rest = block[n_full:]
-            self._pending = [rest] if len(rest) else []
-            self._n_pending = len(rest)
+        while self._n_pending >= self._chunk:
+            # split the queued pieces at the chunk boundary (views, no copy here)
+            need, pieces = self._chunk, []
+            while need:
+                head = self._pending[0]
+                if len(head) <= need:
+                    pieces.append(self._pending.pop(0))
+                    need -= len(head)
+                else:
+                    pieces.append(head[:need])
+                    self._pending[0] = head[need:]
+                    need = 0
+            self._n_pending -= self._chunk
+            self._submit(pieces)
 
-    def _submit(self, block: np.ndarray) -> None:
+    def _submit(self, pieces: list[np.ndarray]) -> None:
         start = self._written
-        self._written += len(block)
+        n = sum(len(p) for p in pieces)
+        self._written += n
         array = self._array
         if array is None:
             return
 
         def write() -> None:
-            array[start : start + len(block)] = block
+            block = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            array[start : start + n] = block
 
         for fut in [f for f in self._futures if f.done()]:
             fut.result()  # surface a failed write now
@@ -308,7 +324,7 @@ class TileWriter:
         """Flush, wait for the writes, check the count, then mark the store complete."""
         try:
             if self._pending:
-                self._submit(np.concatenate(self._pending))
+                self._submit(self._pending)
                 self._pending, self._n_pending = [], 0
             for fut in self._futures:
                 fut.result()
@@ -342,6 +358,12 @@ class TileStore:
                 f"{self.path} is not a {FORMAT} tile store (format "
                 f"{self.attrs.get('format')!r}); re-run `wsi-mil tile`"
             )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": str(self.path)}  # picklable: worker processes reopen by path
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"TileStore({str(self.path)!r}, n_tiles={self.n_tiles}, pixels={self.pixels!r})"

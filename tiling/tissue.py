@@ -13,8 +13,9 @@ The method (``"sat-hysteresis/1"``) works on a thumbnail at ``mask_mpp`` µm/px:
    ``weak_ratio`` times it are *weak*, and weak regions are kept when they touch a strong
    pixel (hysteresis), which keeps faint tissue attached to tissue.
 3. Morphology in physical units: closing with a square of side ``2 * close_um``, filling
-   of holes smaller than ``max_hole_um2``, removal of ink pixels, then removal of
-   connected components (8-connected) smaller than ``min_area_um2``.
+   of holes smaller than ``max_hole_um2``, removal of ink/black pixels and a one-pixel
+   halo around them (ink enclosed by tissue is never tissue, even after hole filling),
+   then removal of connected components (8-connected) smaller than ``min_area_um2``.
 
 All kernels are compiled with ``numba`` (``cache=True``), run in a single thread and are
 deterministic: the result depends only on the pixels, ``mpp`` and the parameters.
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-__all__ = ["METHOD", "TissueParams", "detect_tissue", "otsu_threshold"]
+__all__ = ["METHOD", "TissueParams", "detect_tissue", "label_components", "otsu_threshold"]
 
 #: Name and version of the detection method, stored in tile stores.
 METHOD = "sat-hysteresis/1"
@@ -74,7 +75,7 @@ class TissueParams:
 
 
 @njit(cache=True)
-def _saturation_and_excluded(
+def _pixel_features(
     rgb: np.ndarray,
     black_value: int,
     dark_grey_value: int,
@@ -82,36 +83,16 @@ def _saturation_and_excluded(
     pen_margin: int,
     blue_margin: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Saturation (uint8, 0–255) and excluded flag (bool) of an RGB image (h, w, 3)."""
-    h, w = rgb.shape[0], rgb.shape[1]
-    sat = np.zeros((h, w), np.uint8)
-    excl = np.zeros((h, w), np.bool_)
-    for i in range(h):
-        for j in range(w):
-            r = int(rgb[i, j, 0])
-            g = int(rgb[i, j, 1])
-            b = int(rgb[i, j, 2])
-            mx = max(r, max(g, b))
-            mn = min(r, min(g, b))
-            s = 0 if mx == 0 else (255 * (mx - mn) + mx // 2) // mx
-            sat[i, j] = s
-            if mx < black_value or (mx < dark_grey_value and s < dark_grey_sat):
-                excl[i, j] = True
-            elif g > r + pen_margin and mx - mn > 25:
-                excl[i, j] = True
-            elif b > r + blue_margin and g >= r - 5:
-                excl[i, j] = True
-    return sat, excl
+    """Saturation of the 3×3-blurred image and the excluded flag of the raw pixels.
 
+    Args:
+        rgb: uint8 (h, w, 3).
 
-@njit(cache=True)
-def _box3_rgb(rgb: np.ndarray) -> np.ndarray:
-    """3×3 mean of each channel of a uint8 (h, w, 3) image (edges: available pixels).
-
-    Separable: horizontal sums, then vertical sums, then one division per pixel.
+    Returns:
+        ``sat`` uint8 (h, w) (0–255) and ``excl`` bool (h, w).
     """
     h, w = rgb.shape[0], rgb.shape[1]
-    rows = np.empty((h, w, 3), np.uint16)
+    rows = np.empty((h, w, 3), np.uint16)  # horizontal 3-sums
     for i in range(h):
         for j in range(w):
             for k in range(3):
@@ -121,19 +102,38 @@ def _box3_rgb(rgb: np.ndarray) -> np.ndarray:
                 if j + 1 < w:
                     acc += rgb[i, j + 1, k]
                 rows[i, j, k] = acc
-    out = np.empty((h, w, 3), np.uint8)
+    sat = np.empty((h, w), np.uint8)
+    excl = np.zeros((h, w), np.bool_)
     for i in range(h):
-        ny = 1 + (1 if i > 0 else 0) + (1 if i + 1 < h else 0)
         for j in range(w):
-            n = ny * (1 + (1 if j > 0 else 0) + (1 if j + 1 < w else 0))
-            for k in range(3):
-                acc2 = np.int32(rows[i, j, k])
-                if i > 0:
-                    acc2 += rows[i - 1, j, k]
-                if i + 1 < h:
-                    acc2 += rows[i + 1, j, k]
-                out[i, j, k] = (acc2 + n // 2) // n
-    return out
+            # saturation is scale invariant: use the 3×3 sums, no per-channel division
+            s0 = np.int32(rows[i, j, 0])
+            s1 = np.int32(rows[i, j, 1])
+            s2 = np.int32(rows[i, j, 2])
+            if i > 0:
+                s0 += rows[i - 1, j, 0]
+                s1 += rows[i - 1, j, 1]
+                s2 += rows[i - 1, j, 2]
+            if i + 1 < h:
+                s0 += rows[i + 1, j, 0]
+                s1 += rows[i + 1, j, 1]
+                s2 += rows[i + 1, j, 2]
+            mx = max(s0, max(s1, s2))
+            mn = min(s0, min(s1, s2))
+            sat[i, j] = 0 if mx == 0 else (255 * (mx - mn) + mx // 2) // mx
+            r = np.int32(rgb[i, j, 0])
+            g = np.int32(rgb[i, j, 1])
+            b = np.int32(rgb[i, j, 2])
+            vmx = max(r, max(g, b))
+            vmn = min(r, min(g, b))
+            vs = 0 if vmx == 0 else (255 * (vmx - vmn) + vmx // 2) // vmx
+            if vmx < black_value or (vmx < dark_grey_value and vs < dark_grey_sat):
+                excl[i, j] = True
+            elif g > r + pen_margin and vmx - vmn > 25:
+                excl[i, j] = True
+            elif b > r + blue_margin and g >= r - 5:
+                excl[i, j] = True
+    return sat, excl
 
 
 @njit(cache=True)
@@ -336,23 +336,36 @@ def _square_filter(mask: np.ndarray, r: int, erode: bool) -> np.ndarray:
     """Dilation (or erosion) of a bool mask by a (2r+1)² square, separable, O(h·w).
 
     Erosion treats pixels outside the image as foreground, so a closing does not eat
-    tissue that touches the image border.
+    tissue that touches the image border. The vertical pass keeps one running sum per
+    column and walks the image row by row (cache friendly).
     """
     h, w = mask.shape
     side = 2 * r + 1
     outside = 1 if erode else 0
     rows = _count_window_rows(mask, r, outside)
+    full = side * side
+    acc = np.zeros(w, np.int32)
+    for i in range(-r, r + 1):
+        if 0 <= i < h:
+            for j in range(w):
+                acc[j] += rows[i, j]
+        else:
+            for j in range(w):
+                acc[j] += outside * side
     out = np.zeros((h, w), np.bool_)
-    for j in range(w):
-        acc = 0
-        for i in range(-r, r + 1):
-            acc += rows[i, j] if 0 <= i < h else outside * side
-        for i in range(h):
-            out[i, j] = (acc == side * side) if erode else (acc > 0)
-            io = i - r
-            ii = i + r + 1
-            acc -= rows[io, j] if 0 <= io < h else outside * side
-            acc += rows[ii, j] if 0 <= ii < h else outside * side
+    for i in range(h):
+        if erode:
+            for j in range(w):
+                out[i, j] = acc[j] == full
+        else:
+            for j in range(w):
+                out[i, j] = acc[j] > 0
+        io = i - r
+        ii = i + r + 1
+        for j in range(w):
+            add = rows[ii, j] if ii < h else outside * side
+            sub = rows[io, j] if io >= 0 else outside * side
+            acc[j] += add - sub
     return out
 
 
@@ -447,8 +460,7 @@ def detect_tissue(
         int(params.pen_margin),
         int(params.blue_margin),
     )
-    sat, _ = _saturation_and_excluded(_box3_rgb(rgb), *colour)  # denoised saturation
-    _, excl = _saturation_and_excluded(rgb, *colour)  # ink/black on the raw pixels
+    sat, excl = _pixel_features(rgb, *colour)
     t = _otsu(_histogram(sat, excl))
     strong = int(np.clip(t, round(params.sat_floor * 255), round(params.sat_ceiling * 255)))
     weak = max(round(params.sat_floor * 255 * 0.5), round(strong * params.weak_ratio))

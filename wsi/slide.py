@@ -3,7 +3,10 @@
 :func:`open_slide` returns a :class:`Slide`: one object whatever the file format or the
 library behind it (OpenSlide or tiffslide). It does coordinate handling, clipping at the
 slide edge, compositing of transparent pixels onto the slide background and resampling
-itself, so both backends return the same pixels for the same request.
+itself, so both backends return the same pixels for the same request. (One exception:
+on a level whose downsample is not an integer, OpenSlide resamples sub-pixel offsets
+of a level-0 location itself, so reads there can differ from tiffslide's by a fraction
+of a pixel; level 0 and integer-downsample levels agree exactly.)
 
 Conventions: ``(x, y)`` locations are level-0 pixels, sizes are ``(width, height)``,
 arrays are ``(rows, cols, 3)`` RGB uint8.
@@ -12,6 +15,7 @@ arrays are ``(rows, cols, 3)`` RGB uint8.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +28,7 @@ from numpy.typing import NDArray
 from wsi_mil.errors import ConfigError, SlideOpenError
 from wsi_mil.wsi.backends import BACKENDS, Backend, open_backend
 from wsi_mil.wsi.mpp import resolve_mpp
-from wsi_mil.wsi.tiff import check_tiff_complete, tiff_tags
+from wsi_mil.wsi.tiff import inspect_tiff
 
 __all__ = ["Slide", "open_slide"]
 
@@ -64,7 +68,7 @@ class Slide:
 
     Attributes:
         path: The slide file.
-        slide_id: The file name without its extension.
+        slide_id: The file name without its extension (``.ome.tif(f)`` counts as one).
         backend: ``"openslide"`` or ``"tiffslide"``.
         dimensions: Level-0 ``(width, height)``.
         level_count: Number of pyramid levels.
@@ -84,11 +88,13 @@ class Slide:
         self.path = Path(path)
         self._backend_arg = backend
         self._mpp_arg = mpp
+        names = _backend_names(backend)
         _check_file(self.path)
-        self._b: Backend = _open_any(self.path, backend)
+        tiff = inspect_tiff(self.path)
+        self._b: Backend = _open_any(self.path, names, tiff.problem)
         try:
             props = dict(self._b.properties)
-            for key, value in tiff_tags(self.path).items():
+            for key, value in tiff.tags.items():
                 props.setdefault(key, value)
             found = resolve_mpp(self.path, props, mpp)
         except BaseException:
@@ -104,6 +110,10 @@ class Slide:
 
     @property
     def slide_id(self) -> str:
+        name = self.path.name
+        for suffix in (".ome.tiff", ".ome.tif"):
+            if name.lower().endswith(suffix):
+                return name[: -len(suffix)]
         return self.path.stem
 
     @property
@@ -372,7 +382,7 @@ def _ceil(value: float) -> int:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
@@ -391,15 +401,17 @@ def _check_file(path: Path) -> None:
         )
 
 
-def _open_any(path: Path, backend: str) -> Backend:
+def _backend_names(backend: str) -> tuple[str, ...]:
     if backend == "auto":
-        names: tuple[str, ...] = BACKENDS
-    elif backend in BACKENDS:
-        names = (backend,)
-    else:
-        raise ConfigError(f"--backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
-    check_tiff_complete(path)
-    failures = []
+        return BACKENDS
+    if backend in BACKENDS:
+        return (backend,)
+    raise ConfigError(f"--backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
+
+
+def _open_any(path: Path, names: tuple[str, ...], tiff_problem: str | None) -> Backend:
+    """Open with the first backend in ``names`` that can read the file."""
+    failures = [f"tifffile: {tiff_problem}"] if tiff_problem else []
     for name in names:
         try:
             opened = open_backend(str(path), name)

@@ -173,35 +173,41 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float
     grid = rng.standard_normal(coarse)
     ys = np.linspace(1.0, coarse[0] - 2.0, shape[0])
     xs = np.linspace(1.0, coarse[1] - 2.0, shape[1])
-    out = _bspline_matrix(ys, coarse[0]) @ grid @ _bspline_matrix(xs, coarse[1]).T
+    out = (_bspline_matrix(ys, coarse[0]) @ grid @ _bspline_matrix(xs, coarse[1]).T).astype(
+        np.float32
+    )
     out -= out.mean()
-    return out / (out.std() + 1e-9)
+    out /= out.std() + 1e-9
+    return out
 
 
 def _make_scene(width: int, height: int, mpp: float, seed: int, field_mpp: float) -> _Scene:
     rng = np.random.default_rng(seed)
     rows = max(2, math.ceil(height * mpp / field_mpp))
     cols = max(2, math.ceil(width * mpp / field_mpp))
-    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float64)
-    yy, xx = (yy + 0.5) / rows, (xx + 0.5) / cols
+    yy = ((np.arange(rows, dtype=np.float32) + 0.5) / rows)[:, None]
+    xx = ((np.arange(cols, dtype=np.float32) + 0.5) / cols)[None, :]
+    fields = np.empty((3, rows, cols), dtype=np.float32)
+    tissue = fields[0]
+    tissue[:] = -1.0
     # A few elliptical tissue pieces with ragged, noisy borders.
-    tissue = np.full((rows, cols), -1.0)
     for _ in range(int(rng.integers(1, 4))):
         cy, cx = rng.uniform(0.3, 0.7, 2)
         ry, rx = rng.uniform(0.18, 0.32, 2)
         ang = rng.uniform(0, np.pi)
-        dy, dx = yy - cy, xx - cx
-        u = (dx * np.cos(ang) + dy * np.sin(ang)) / rx
-        v = (-dx * np.sin(ang) + dy * np.cos(ang)) / ry
-        tissue = np.maximum(tissue, 1.0 - np.sqrt(u * u + v * v))
+        cos, sin = np.float32(np.cos(ang)), np.float32(np.sin(ang))
+        dy, dx = yy - np.float32(cy), xx - np.float32(cx)
+        u = (dx * cos + dy * sin) / np.float32(rx)
+        v = (dy * cos - dx * sin) / np.float32(ry)
+        np.maximum(tissue, 1.0 - np.sqrt(u * u + v * v), out=tissue)
+        del u, v
     span = max(rows, cols)
-    tissue = tissue + 0.12 * _smooth_noise(rng, (rows, cols), span / 6)
-    tumour = _smooth_noise(rng, (rows, cols), span / 4)
-    texture = _smooth_noise(rng, (rows, cols), 3.0)
+    tissue += 0.12 * _smooth_noise(rng, (rows, cols), span / 6)
+    fields[1] = _smooth_noise(rng, (rows, cols), span / 4)
+    fields[2] = _smooth_noise(rng, (rows, cols), 3.0)
     inside = tissue > 0
-    tumour_thr = float(np.quantile(tumour[inside], 0.7)) if inside.any() else 0.0
+    tumour_thr = float(np.quantile(fields[1][inside], 0.7)) if inside.any() else 0.0
     debris = _place_debris(rng, tissue, field_mpp)
-    fields = np.stack([tissue, tumour, texture]).astype(np.float32)
     return _Scene(fields, 0.0, tumour_thr, field_mpp, debris, seed)
 
 
@@ -392,7 +398,7 @@ def _write_tiff(
     import tifffile
 
     bigtiff = width * height * 3 > 2**31
-    strip_px = tile_px * factor  # a whole number of tiles on this level and the next
+    strip_px = tile_px  # one row of tiles; a multiple of the level factor
     common: dict = {
         "photometric": "rgb",
         "compression": "jpeg",

@@ -177,7 +177,7 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path, kind):
     else:
         path.write_bytes(pickle.dumps(payload))
     assert not marker.exists()
-    with pytest.raises(EncoderError, match="refused to load .*nothing in it was executed"):
+    with pytest.raises(EncoderError, match=r"refused to load .*nothing in it was executed"):
         create_encoder("dinov2-s", weights=str(path))
     assert not marker.exists()
 
@@ -199,7 +199,7 @@ def test_weights_path_errors(tmp_path):
     with pytest.raises(EncoderError, match="do not exist"):
         create_encoder("dinov2-s", weights=str(tmp_path / "nope.safetensors"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EncoderError, match="holds none of model.safetensors"):
+    with pytest.raises(EncoderError, match=r"holds none of model\.safetensors"):
         create_encoder("dinov2-s", weights=str(tmp_path / "empty"))
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
     with pytest.raises(EncoderError, match="cannot read safetensors"):

@@ -38,8 +38,8 @@ def small_config(syn: SyntheticCohort, task: str, **overrides: Any) -> TrainConf
         "model_kwargs": dict(SMALL_MODEL),
         "folds": 3,
         "epochs": 12,
-        "lr": 1e-3,
-        "batch_size": 1 if task == "classification" else 8,
+        "lr": 1e-3 if task == "classification" else 3e-3,
+        "batch_size": 1 if task == "classification" else 4,
         "max_tiles": 96,
         "patience": 5,
         "n_boot": 50,
@@ -56,7 +56,9 @@ class TrainedRun:
     log: EventLog
 
 
-def _train(tmp_factory: Any, name: str, make: Callable[[Any], SyntheticCohort], task: str) -> TrainedRun:
+def _train(
+    tmp_factory: Any, name: str, make: Callable[[Any], SyntheticCohort], task: str
+) -> TrainedRun:
     root = tmp_factory.mktemp(name)
     syn = make(root)
     log = EventLog()
@@ -70,8 +72,13 @@ def classification_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
 
     def make(root: Any) -> SyntheticCohort:
         return make_synthetic_cohort(
-            root / "data", task="classification", n_patients=30, n_tiles=(80, 120),
-            planted_fraction=(0.1, 0.2), shift=3.0, seed=1,
+            root / "data",
+            task="classification",
+            n_patients=30,
+            n_tiles=(80, 120),
+            planted_fraction=(0.1, 0.2),
+            shift=3.0,
+            seed=1,
         )
 
     return _train(tmp_path_factory, "cls", make, "classification")
@@ -83,8 +90,12 @@ def survival_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
 
     def make(root: Any) -> SyntheticCohort:
         return make_synthetic_cohort(
-            root / "data", task="survival", n_patients=40, n_tiles=(80, 120),
-            planted_fraction=(0.0, 0.3), seed=2,
+            root / "data",
+            task="survival",
+            n_patients=40,
+            n_tiles=(80, 120),
+            planted_fraction=(0.0, 0.3),
+            seed=2,
         )
 
     return _train(tmp_path_factory, "surv", make, "survival")

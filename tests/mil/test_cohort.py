@@ -30,7 +30,9 @@ def test_groups_slides_by_patient_and_accepts_case_id(tmp_path: Path) -> None:
         tmp_path / "c.csv",
         "case_id,slide_id,label\nB,b1,tumour\nA,a1,normal\nB,b2,tumour\n\nA,a2,normal\n",
     )
-    cohort = load_cohort(csv, task="classification", features_dirs=[_bags(tmp_path / "f", ["a1", "a2", "b1", "b2"])])
+    cohort = load_cohort(
+        csv, task="classification", features_dirs=[_bags(tmp_path / "f", ["a1", "a2", "b1", "b2"])]
+    )
     assert cohort.patient_ids == ["B", "A"]
     assert cohort.patients["B"].slide_ids == ["b1", "b2"]
     assert cohort.patients["A"].slide_ids == ["a1", "a2"]

@@ -25,7 +25,12 @@ ATTRS = {"encoder": "e", "weights_sha256": "x", "target_mpp": 0.5, "tile_px": 22
 def _bag(folder: Path, sid: str, n: int, dim: int) -> Path:
     rng = np.random.default_rng(n)
     coords = np.stack([np.arange(n) * 224, np.zeros(n)], axis=1)
-    return write_bag(folder / f"{sid}.h5", rng.standard_normal((n, dim)), coords, attrs={**ATTRS, "slide_id": sid})
+    return write_bag(
+        folder / f"{sid}.h5",
+        rng.standard_normal((n, dim)),
+        coords,
+        attrs={**ATTRS, "slide_id": sid},
+    )
 
 
 def test_cache_is_bounded_lru_of_fp16(tmp_path: Path) -> None:
@@ -53,14 +58,16 @@ def test_join_encoders_tile_by_tile(tmp_path: Path) -> None:
 
 
 def test_patient_level_bags_concatenate_slides(tmp_path: Path) -> None:
-    syn = make_synthetic_cohort(tmp_path, n_patients=5, slides_per_patient=(2, 3), n_tiles=(5, 9), dims=(4,))
+    syn = make_synthetic_cohort(
+        tmp_path, n_patients=5, slides_per_patient=(2, 3), n_tiles=(5, 9), dims=(4,)
+    )
     cohort = load_cohort(syn.cohort_csv, task="classification", features_dirs=syn.features_dirs)
     store = BagStore(syn.features_dirs, 1 << 20)
     patients = make_units(cohort, cohort.patient_ids, "patient", set())
     slides = make_units(cohort, cohort.patient_ids, "slide", set())
     assert len(patients) == 5 and len(slides) == len(cohort.slides)
     unit = patients[0]
-    feats, coords, which = store.unit(unit)
+    feats, _coords, which = store.unit(unit)
     sizes = [len(store.slide(s)[0]) for s in unit.slide_ids]
     assert len(feats) == sum(sizes) and np.bincount(which).tolist() == sizes
 
@@ -98,7 +105,9 @@ def test_every_cox_batch_has_an_event(seed: int) -> None:
 def test_scan_names_bag_with_other_dim_and_counts_empty(tmp_path: Path) -> None:
     for sid in ("a", "b", "c"):
         _bag(tmp_path, sid, 10, 16)
-    write_bag(tmp_path / "e.h5", np.zeros((0, 16)), np.zeros((0, 2)), attrs={**ATTRS, "slide_id": "e"})
+    write_bag(
+        tmp_path / "e.h5", np.zeros((0, 16)), np.zeros((0, 2)), attrs={**ATTRS, "slide_id": "e"}
+    )
     scan = scan_bags(["a", "b", "c", "e"], [tmp_path])
     assert scan.dim == 16 and scan.empty == ["e"] and scan.n_tiles["a"] == 10
     _bag(tmp_path, "d", 10, 8)

@@ -62,14 +62,17 @@ def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at least 2"):
         make_splits(cohort, cohort.patient_ids, n_folds=1)
     csv = tmp_path / "imb.csv"
-    csv.write_text("patient_id,slide_id,label\n" + "".join(
-        f"P{i},s{i},{'rare' if i < 2 else 'common'}\n" for i in range(20)
-    ))
+    csv.write_text(
+        "patient_id,slide_id,label\n"
+        + "".join(f"P{i},s{i},{'rare' if i < 2 else 'common'}\n" for i in range(20))
+    )
     imbalanced = load_cohort(csv, task="classification")
     with pytest.raises(CohortError, match="'rare' has 2"):
         make_splits(imbalanced, imbalanced.patient_ids, n_folds=3)
     csv = tmp_path / "noevents.csv"
-    csv.write_text("patient_id,slide_id,time,event\n" + "".join(f"P{i},s{i},{i + 1},0\n" for i in range(10)))
+    csv.write_text(
+        "patient_id,slide_id,time,event\n" + "".join(f"P{i},s{i},{i + 1},0\n" for i in range(10))
+    )
     censored = load_cohort(csv, task="survival")
     with pytest.raises(CohortError, match="no events"):
         make_splits(censored, censored.patient_ids, n_folds=3)

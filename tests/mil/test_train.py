@@ -89,7 +89,9 @@ def test_survival_learns_planted_signal(survival_run: Any) -> None:
     assert all(v > 0 for v in history["train"])
 
 
-def test_interrupted_training_resumes(tiny_cohort: Any, make_config: Any, event_log: Any, tmp_path: Path) -> None:
+def test_interrupted_training_resumes(
+    tiny_cohort: Any, make_config: Any, event_log: Any, tmp_path: Path
+) -> None:
     config = make_config(tiny_cohort, "classification", folds=3, epochs=2, n_boot=10)
     out = tmp_path / "run"
 
@@ -116,10 +118,16 @@ def test_deterministic_on_cpu(tiny_cohort: Any, make_config: Any, tmp_path: Path
     pd.testing.assert_frame_equal(a, b)
 
 
-def test_refuses_run_folder_with_other_config(tiny_cohort: Any, make_config: Any, tmp_path: Path) -> None:
-    train_cv(make_config(tiny_cohort, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r")
-    with pytest.raises(OutputExistsError, match="epochs: 1 -> 2.*resume it, or pick a new --out"):
-        train_cv(make_config(tiny_cohort, "classification", folds=2, epochs=2, n_boot=0), tmp_path / "r")
+def test_refuses_run_folder_with_other_config(
+    tiny_cohort: Any, make_config: Any, tmp_path: Path
+) -> None:
+    train_cv(
+        make_config(tiny_cohort, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r"
+    )
+    with pytest.raises(OutputExistsError, match=r"epochs: 1 -> 2.*resume it, or pick a new --out"):
+        train_cv(
+            make_config(tiny_cohort, "classification", folds=2, epochs=2, n_boot=0), tmp_path / "r"
+        )
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="not a wsi-mil run"):
@@ -127,24 +135,43 @@ def test_refuses_run_folder_with_other_config(tiny_cohort: Any, make_config: Any
 
 
 def test_empty_bags_are_excluded_and_counted(tmp_path: Path, make_config: Any) -> None:
-    syn = make_synthetic_cohort(tmp_path / "d", n_patients=8, n_tiles=(10, 20), dims=(8,), empty_slides=2)
-    result = train_cv(make_config(syn, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r")
+    syn = make_synthetic_cohort(
+        tmp_path / "d", n_patients=8, n_tiles=(10, 20), dims=(8,), empty_slides=2
+    )
+    result = train_cv(
+        make_config(syn, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r"
+    )
     assert len(result.metrics["excluded_empty_slides"]) == 2
-    assert not any((result.out / "attention" / f"{s}.h5").exists() for s in result.metrics["excluded_empty_slides"])
+    assert not any(
+        (result.out / "attention" / f"{s}.h5").exists()
+        for s in result.metrics["excluded_empty_slides"]
+    )
 
 
 def test_bad_inputs(tmp_path: Path, tiny_cohort: Any, make_config: Any) -> None:
     folder = tiny_cohort.features_dirs[0]
     sid = next(iter(tiny_cohort.planted))
     rng = np.random.default_rng(0)
-    write_bag(folder / f"{sid}.h5", rng.standard_normal((5, 3)), np.zeros((5, 2)),
-              attrs={"encoder": "e", "weights_sha256": "x", "target_mpp": 0.5, "tile_px": 224, "slide_id": sid})
+    write_bag(
+        folder / f"{sid}.h5",
+        rng.standard_normal((5, 3)),
+        np.zeros((5, 2)),
+        attrs={
+            "encoder": "e",
+            "weights_sha256": "x",
+            "target_mpp": 0.5,
+            "tile_px": 224,
+            "slide_id": sid,
+        },
+    )
     with pytest.raises(BagError, match=f"{sid}.h5: feature dim 3 differs from dim 8"):
         train_cv(make_config(tiny_cohort, "classification"), tmp_path / "r1")
     syn = make_synthetic_cohort(tmp_path / "few", n_patients=3, n_tiles=(5, 5), dims=(4,))
     with pytest.raises(CohortError, match="3 patient"):
         train_cv(make_config(syn, "classification", folds=5), tmp_path / "r2")
-    syn = make_synthetic_cohort(tmp_path / "surv", task="survival", n_patients=6, n_tiles=(5, 5), dims=(4,))
+    syn = make_synthetic_cohort(
+        tmp_path / "surv", task="survival", n_patients=6, n_tiles=(5, 5), dims=(4,)
+    )
     csv = syn.cohort_csv.read_text().splitlines()
     header = csv[0].split(",")
     ev = header.index("event")
@@ -154,5 +181,58 @@ def test_bad_inputs(tmp_path: Path, tiny_cohort: Any, make_config: Any) -> None:
         train_cv(make_config(syn, "survival", folds=2), tmp_path / "r3")
     with pytest.raises(ConfigError, match="--level"):
         train_cv(make_config(syn, "survival", level="tile"), tmp_path / "r4")
+    few = make_synthetic_cohort(tmp_path / "cls", n_patients=6, n_tiles=(5, 5), dims=(4,))
     with pytest.raises(ConfigError, match="histology only"):
-        train_cv(make_config(tiny_cohort, "classification", clinical=["label"]), tmp_path / "r5")
+        train_cv(make_config(few, "classification", folds=2, clinical=["label"]), tmp_path / "r5")
+
+
+def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) -> None:
+    syn = make_synthetic_cohort(
+        tmp_path / "d",
+        task="survival",
+        n_patients=10,
+        slides_per_patient=(1, 2),
+        n_tiles=(10, 20),
+        dims=(4, 4),
+    )
+    patients = sorted(set(syn.patients.values()))
+    omics = tmp_path / "omics.csv"
+    rng = np.random.default_rng(0)
+    omics.write_text(
+        "patient_id,g1,g2,g3\n"
+        + "".join(
+            f"{p},{rng.normal():.3f},{rng.normal():.3f},{rng.normal():.3f}\n" for p in patients[:-2]
+        )
+    )  # two patients without omics: masked, not zero-filled
+    csv = syn.cohort_csv.read_text().splitlines()
+    csv = [csv[0] + ",age"] + [f"{r},{40 + i}" for i, r in enumerate(csv[1:])]
+    syn.cohort_csv.write_text("\n".join(csv) + "\n")
+    # age differs between slides of a patient → cohort error naming the line
+    with pytest.raises(CohortError, match=r"age: .* disagrees"):
+        train_cv(make_config(syn, "survival", clinical=["age"]), tmp_path / "bad")
+    lines = syn.cohort_csv.read_text().splitlines()
+    fixed = [lines[0]] + [
+        ",".join([*r.split(",")[:-1], str(40 + int(r.split(",")[0][1:]))]) for r in lines[1:]
+    ]
+    syn.cohort_csv.write_text("\n".join(fixed) + "\n")
+    config = make_config(
+        syn,
+        "survival",
+        model="dual_xattn",
+        model_kwargs={"dim": 16, "n_heads": 2},
+        folds=2,
+        epochs=2,
+        clinical=["age"],
+        omics=str(omics),
+        omics_group_size=2,
+        level="slide",
+        survival_loss="discrete",
+        n_boot=0,
+    )
+    result = train_cv(config, tmp_path / "run")
+    meta = json.loads((result.out / "fold_0" / "fold.json").read_text())
+    assert meta["aggregator"]["omics_groups"] == [[0, 1], [2]]
+    assert meta["aggregator"]["n_clinical"] == 1 and meta["in_dim"] == 8
+    assert meta["head"]["kind"] == "discrete"
+    assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
+    assert result.predictions["n_slides"].max() >= 2

@@ -205,3 +205,25 @@ def test_geojson_polygons_have_holes() -> None:
         180, abs=5
     )
     assert tissue_geojson(np.zeros((4, 4), bool), (1.0, 1.0))["features"] == []
+
+
+def test_output_does_not_depend_on_threads(slide_025, tmp_path: Path) -> None:
+    kwargs = {"target_mpp": 0.5, "tile_px": 96, "stride_px": 64, "qc": False}
+    tile_slide(slide_025.path, tmp_path / "t1", read_threads=1, **kwargs)
+    tile_slide(slide_025.path, tmp_path / "t3", read_threads=3, **kwargs)
+    one = open_tile_store(tmp_path / "t1" / "syn025.zarr")
+    three = open_tile_store(tmp_path / "t3" / "syn025.zarr")
+    assert one.n_tiles == three.n_tiles > 0
+    assert np.array_equal(one.coords, three.coords)
+    assert np.array_equal(one.read_pixels(), three.read_pixels())
+
+
+def test_changed_source_is_rebuilt(tmp_path: Path) -> None:
+    from wsi_mil.wsi.synthetic import make_synthetic_slide
+
+    path = tmp_path / "s.svs"
+    make_synthetic_slide(path, 900, 700, mpp=0.5, seed=1)
+    assert tile_slide(path, tmp_path / "out", pixels="none")["status"] == "ok"
+    make_synthetic_slide(path, 900, 700, mpp=0.5, seed=2)  # same name, new content
+    row = tile_slide(path, tmp_path / "out", pixels="none")
+    assert row["status"] == "ok" and "source slide changed" in row["message"]

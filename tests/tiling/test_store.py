@@ -102,3 +102,12 @@ def test_fingerprint_sees_content_changes(tmp_path: Path) -> None:
     data[-10] = ord("y")  # change inside the last MiB
     path.write_bytes(bytes(data))
     assert source_fingerprint(path)["sha256_head_tail"] != first["sha256_head_tail"]
+
+
+def test_store_reader_pickles(tmp_path: Path) -> None:
+    import pickle
+
+    _write(tmp_path / "p.zarr", _tiles(20), "jpeg")
+    store = open_tile_store(tmp_path / "p.zarr")
+    clone = pickle.loads(pickle.dumps(store))
+    assert clone.n_tiles == 20 and np.array_equal(clone.read_pixels(3, 9), store.read_pixels(3, 9))

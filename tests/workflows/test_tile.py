@@ -109,3 +109,17 @@ def test_help_documents_exit_status(capsys) -> None:
         main(["tile", "--help"])
     text = capsys.readouterr().out
     assert "Exit status" in text and "1 when any slide failed" in text
+
+
+def test_find_slides_extensions_and_dicom_folders(tmp_path: Path) -> None:
+    from wsi_mil.workflows.commands.tile import find_slides
+
+    for name in ("a/x.svs", "a/deep/y.NDPI", "b/z.mrxs", "b/z/Data0001.dat", "c/1.dcm",
+                 "c/2.dcm", "d/notes.txt", "d/e.tiff"):  # fmt: skip
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    found = {p.relative_to(tmp_path).as_posix() for p in find_slides([tmp_path])}
+    assert found == {"a/x.svs", "a/deep/y.NDPI", "b/z.mrxs", "c/1.dcm", "d/e.tiff"}
+    explicit = find_slides([tmp_path / "d" / "notes.txt", tmp_path / "a" / "x.svs"])
+    assert [p.name for p in explicit] == ["notes.txt", "x.svs"]  # files are taken as given

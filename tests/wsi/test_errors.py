@@ -21,6 +21,8 @@ def _bad_inputs(tmp: Path, good: Path) -> dict[str, tuple[Path, type[Exception],
     truncated = tmp / "truncated.svs"
     data = good.read_bytes()
     truncated.write_bytes(data[: len(data) * 2 // 3])
+    cut_header = tmp / "cut_header.svs"
+    cut_header.write_bytes(data[:64])
     folder = tmp / "folder.svs"
     folder.mkdir()
     no_mpp = make_synthetic_slide(tmp / "no_mpp.svs", 256, 256, mpp=None).path
@@ -32,6 +34,7 @@ def _bad_inputs(tmp: Path, good: Path) -> dict[str, tuple[Path, type[Exception],
         "empty": (empty, SlideOpenError, "empty"),
         "text-named-svs": (text, SlideOpenError, "not a readable whole-slide image"),
         "truncated": (truncated, SlideOpenError, "truncated"),
+        "truncated-header": (cut_header, SlideOpenError, "copy it again"),
         "directory": (folder, SlideOpenError, "is a directory"),
         "missing": (tmp / "missing.svs", SlideOpenError, "no such file"),
         "no-mpp": (no_mpp, MissingMPPError, "--mpp"),
@@ -44,6 +47,7 @@ BAD = [
     "empty",
     "text-named-svs",
     "truncated",
+    "truncated-header",
     "directory",
     "missing",
     "no-mpp",

@@ -247,3 +247,35 @@ def test_background_colour_property() -> None:
     assert _background({"openslide.background-color": "F0E0D0"}) == (240, 224, 208)
     assert _background({}) == (255, 255, 255)
     assert _background({"openslide.background-color": "zzzzzz"}) == (255, 255, 255)
+
+
+def test_numpy_scalars_and_ome_slide_id(small_slide: SyntheticSlide, tmp_path) -> None:
+    import shutil
+
+    ome = tmp_path / "case-7.ome.tiff"
+    shutil.copy(small_slide.path, ome)
+    with open_slide(ome) as slide:
+        assert slide.slide_id == "case-7"
+        tile = slide.read_tile(np.int64(10), np.int64(20), np.int64(16), np.float32(1.0))
+        assert tile.shape == (16, 16, 3)
+        assert slide.get_thumbnail(size=(np.int64(64), np.int64(64))).shape[1] == 64
+
+
+def test_non_integer_downsample(tmp_path) -> None:
+    """Odd sizes give non-integer downsamples: level 0 agrees exactly, others closely."""
+    from wsi_mil.wsi import make_synthetic_slide
+
+    path = make_synthetic_slide(tmp_path / "odd.svs", 1031, 777, levels=2, level_factor=2).path
+    with open_slide(path, backend="openslide") as a, open_slide(path, backend="tiffslide") as b:
+        assert a.level_dimensions == ((1031, 777), (515, 388))
+        assert a.level_downsamples[1] != 2.0
+        for level in (0, 1):
+            w, h = a.level_dimensions[level]
+            np.testing.assert_array_equal(  # from the origin: no sub-pixel offset
+                a.read_region((0, 0), level, (w, h)), b.read_region((0, 0), level, (w, h))
+            )
+        np.testing.assert_array_equal(
+            a.read_tile(301, 203, 64, 0.5), b.read_tile(301, 203, 64, 0.5)
+        )
+        ta, tb = a.read_tile(301, 203, 64, 1.0), b.read_tile(301, 203, 64, 1.0)
+        assert np.abs(ta.astype(int) - tb).mean() < 4.0

@@ -55,7 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--pixels",
         choices=("lossless", "jpeg", "none"),
         default="lossless",
-        help="store tile pixels lossless (zstd), as JPEG q90, or not at all (default lossless)",
+        help="tile pixels: lossless (Blosc-LZ4), jpeg (quality 90) or none (default lossless)",
     )
     p.add_argument(
         "--mask-mpp", type=float, default=8.0, help="µm/px of thumbnail and mask (default 8)"

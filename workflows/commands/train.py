@@ -59,6 +59,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--clinical", default="", help="comma-separated clinical covariate columns")
     p.add_argument("--omics", help="omics table (CSV/TSV keyed by patient_id)")
     p.add_argument("--omics-groups", help='gene groups JSON {"group": ["gene", ...]}')
+    p.add_argument(
+        "--omics-group-size", type=int, default=32, help="columns per group without --omics-groups"
+    )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--cache-gb", type=float, default=4.0, help="in-memory bag cache bound")
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         clinical=[c.strip() for c in args.clinical.split(",") if c.strip()],
         omics=args.omics,
         omics_groups=args.omics_groups,
+        omics_group_size=args.omics_group_size,
         n_boot=args.n_boot,
         device=args.device,
         cache_gb=args.cache_gb,

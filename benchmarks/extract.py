@@ -1,0 +1,136 @@
+"""Feature-extraction throughput: full pipeline from zarr stores vs the model alone.
+
+Prints, for each encoder, in one run and on the same device::
+
+    NAME: ours X tiles/s, model-only Y tiles/s, ratio Z
+
+* ours — :func:`wsi_mil.features.pool.run_pool` over real tile stores: decode workers
+  read whole chunks from zarr, tiles go to the device as uint8, are normalised there,
+  embedded, and one HDF5 bag per slide is written.
+* model-only — the same encoder on the same number of tiles already in memory as
+  uint8 tensors on the device, same batch size.
+
+Both rates skip the first batch (encoder build and warm-up). On CPU: ``builtin`` and a
+ViT-S/16; with CUDA also ViT-B/16 and ViT-L/16 in bf16 autocast.
+
+Usage: ``python benchmarks/extract.py [--tiles-dir DIR] [--workers 2] [--batch-size 64]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def make_stores(root: Path, n_slides: int) -> Path:
+    """Tile synthetic slides (0.5 µm/px) into 224 px stores at 0.25 µm/px."""
+    from wsi_mil.tiling import tile_slide
+    from wsi_mil.wsi.synthetic import make_synthetic_slide
+
+    tiles = root / "tiles"
+    for i in range(n_slides):
+        slide = make_synthetic_slide(root / f"bench_{i}.svs", 6000, 4000, seed=10 + i).path
+        tile_slide(slide, tiles, target_mpp=0.25, tile_px=224, min_tissue=0.25, qc=False,
+                   raise_errors=True)  # fmt: skip
+    return tiles
+
+
+def bench_pipeline(encoder: str, tasks: list, device: str, args: argparse.Namespace, out: Path):
+    """Tiles/s of the full pipeline, first batch excluded."""
+    from wsi_mil.features.pool import ExtractJob, run_pool
+
+    job = ExtractJob(encoder, "random", "benchmark", args.batch_size, args.workers, "float16")
+    marks: list[tuple[float, int]] = []
+    tasks = [t.__class__(t.store, t.slide_id, t.n_tiles, str(out / f"{t.slide_id}.h5"),
+                         t.fingerprint) for t in tasks]  # fmt: skip
+
+    def emit(msg):
+        if msg[0] == "progress":
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            marks.append((time.perf_counter(), msg[1]))
+        elif msg[0] == "row" and msg[1]["status"] != "ok":
+            raise RuntimeError(msg[1])
+
+    run_pool([device], job, tasks, emit)
+    end = time.perf_counter()
+    n = sum(k for _, k in marks[1:])
+    return n / (end - marks[0][0]), sum(k for _, k in marks)
+
+
+def bench_model(encoder: str, n_tiles: int, device: str, batch_size: int) -> float:
+    """Tiles/s of the encoder alone on in-memory uint8 tiles, first batch excluded."""
+    from wsi_mil.features import create_encoder
+
+    enc = create_encoder(encoder, weights="random", device=device)
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(
+            0, 256, (min(batch_size, n_tiles - i), 224, 224, 3), dtype=torch.uint8, generator=g
+        ).to(device)
+        for i in range(0, n_tiles, batch_size)
+    ]
+    ctx = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda") and enc.spec.needs_weights
+        else torch.autocast("cpu", enabled=False)
+    )
+    with torch.inference_mode(), ctx:
+        enc(batches[0]).float().cpu()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in batches[1:]:
+            enc(b).float().cpu()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return sum(len(b) for b in batches[1:]) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles-dir", type=Path, default=None, help="existing tile stores")
+    parser.add_argument("--slides", type=int, default=2, help="synthetic slides to tile")
+    parser.add_argument("--workers", type=int, default=2, help="decode workers")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--vit-tiles", type=int, default=256, help="tiles for ViTs on CPU")
+    args = parser.parse_args()
+
+    from wsi_mil.features.extract import find_stores, plan_extraction
+
+    tmp = Path(tempfile.mkdtemp(prefix="wsi-mil-bench-"))
+    tiles = args.tiles_dir or make_stores(tmp, args.slides)
+    tasks, _ = plan_extraction(find_stores(tiles), "bench", tmp / "bags", "x", overwrite=True)
+    cuda = torch.cuda.is_available()
+    runs = [("builtin", "builtin", "cpu"), ("ViT-S/16", "timm:vit_small_patch16_224", "cpu")]
+    if cuda:
+        runs += [
+            ("builtin (cuda)", "builtin", "cuda:0"),
+            ("ViT-B/16 bf16", "timm:vit_base_patch16_224", "cuda:0"),
+            ("ViT-L/16 bf16", "timm:vit_large_patch16_224", "cuda:0"),
+        ]
+    print(f"torch threads {torch.get_num_threads()}, workers {args.workers}, "
+          f"batch {args.batch_size}, cuda {cuda}")  # fmt: skip
+    for label, encoder, device in runs:
+        sub = tasks
+        if device == "cpu" and encoder != "builtin":  # keep CPU ViT runs short
+            sub, total = [], 0
+            for t in sorted(tasks, key=lambda t: t.n_tiles):
+                if sub and total + t.n_tiles > args.vit_tiles:
+                    break
+                sub.append(t)
+                total += t.n_tiles
+        ours, n = bench_pipeline(
+            encoder, sub, device, args, tmp / "bags" / encoder.replace(":", "_")
+        )
+        model = bench_model(encoder, n, device, args.batch_size)
+        print(f"{label}: ours {ours:.1f} tiles/s, model-only {model:.1f} tiles/s, "
+              f"ratio {ours / model:.2f}  ({n} tiles, {device})", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

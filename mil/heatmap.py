@@ -1,0 +1,152 @@
+"""Attention heatmaps for pathologists: a PNG overlay and a QuPath GeoJSON.
+
+* ``<slide_id>_heatmap.png`` — the slide thumbnail with each tile coloured by its
+  attention rank (percentile within the slide, so a few extreme tiles do not wash out
+  the rest), blended over the tissue;
+* ``<slide_id>_attention.geojson`` — one square polygon per tile (level-0 pixels) with
+  ``measurements`` ``attention`` and ``attention_percentile``, importable in QuPath
+  (File → Import objects) and colourable by measurement there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.io import atomic_path
+from wsi_mil.mil.attention import SlideAttention, read_attention
+
+__all__ = ["attention_geojson", "find_attention", "percentiles", "render_heatmap", "tile_side"]
+
+
+def find_attention(source: str | os.PathLike[str], slide_id: str) -> Path:
+    """The attention file of ``slide_id``: ``source`` itself if it is an ``.h5``, else
+    ``<source>/attention/<slide_id>.h5`` (a run folder) or ``<source>/<slide_id>.h5``.
+
+    Raises:
+        ConfigError: No attention file found.
+    """
+    src = Path(source)
+    if src.is_file():
+        return src
+    for candidate in (src / "attention" / f"{slide_id}.h5", src / f"{slide_id}.h5"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"no attention for slide {slide_id!r} under {src} (looked for attention/{slide_id}.h5); "
+        "give a run folder of `wsi-mil train`/`predict` or an attention .h5"
+    )
+
+
+def tile_side(att: SlideAttention) -> int:
+    """Tile side in level-0 px: the file's ``tile_level0``, else the grid spacing."""
+    if att.attrs.get("tile_level0"):
+        return int(att.attrs["tile_level0"])
+    steps = [np.diff(np.unique(att.coords[:, k])) for k in (0, 1)]
+    positive = np.concatenate([s[s > 0] for s in steps])
+    if positive.size == 0:
+        raise ConfigError("cannot infer the tile size from a single tile; re-run prediction")
+    return int(positive.min())
+
+
+def percentiles(values: np.ndarray) -> np.ndarray:
+    """Rank of each value in [0, 1] (ties share the mean rank)."""
+    if len(values) <= 1:
+        return np.ones(len(values))
+    from scipy.stats import rankdata
+
+    return (rankdata(values) - 1) / (len(values) - 1)
+
+
+def attention_geojson(att: SlideAttention, side: int) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection of tile squares with attention measurements."""
+    pct = percentiles(att.attention)
+    features = []
+    for (x, y), value, rank in zip(
+        att.coords.tolist(), att.attention.tolist(), pct.tolist(), strict=True
+    ):
+        ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "tile",
+                    "name": "attention",
+                    "measurements": {"attention": value, "attention_percentile": rank},
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def _overlay(
+    thumb: np.ndarray, att: SlideAttention, side: int, scale: float, alpha: float
+) -> np.ndarray:
+    """Blend attention percentiles (colour-mapped) over the thumbnail (h, w, 3) uint8."""
+    from matplotlib import colormaps
+
+    h, w = thumb.shape[:2]
+    value = np.full((h, w), np.nan, np.float32)
+    pct = percentiles(att.attention)
+    for (x, y), p in zip(att.coords, pct, strict=True):
+        c0, r0 = int(x / scale), int(y / scale)
+        c1, r1 = (
+            max(c0 + 1, int(np.ceil((x + side) / scale))),
+            max(r0 + 1, int(np.ceil((y + side) / scale))),
+        )
+        value[r0:r1, c0:c1] = p
+    covered = ~np.isnan(value)
+    colour = colormaps["inferno"](np.nan_to_num(value))[..., :3] * 255
+    out = thumb.astype(np.float32)
+    out[covered] = (1 - alpha) * out[covered] + alpha * colour[covered]
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def render_heatmap(
+    attention: str | os.PathLike[str],
+    slide: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    max_size: int = 2048,
+    alpha: float = 0.55,
+    mpp: float | None = None,
+) -> dict[str, Path]:
+    """Write the PNG overlay and the GeoJSON of one slide.
+
+    Args:
+        attention: An attention ``.h5`` (see :mod:`wsi_mil.mil.attention`).
+        slide: The whole-slide image the attention belongs to.
+        out_dir: Output folder.
+        max_size: Longest side of the thumbnail in px.
+        alpha: Opacity of the attention colours.
+        mpp: Level-0 µm/px override for slides without one.
+
+    Returns:
+        ``{"png": path, "geojson": path}``.
+    """
+    from PIL import Image
+
+    from wsi_mil.wsi import open_slide
+
+    att = read_attention(attention)
+    side = tile_side(att)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_slide(slide, mpp=mpp) as s:
+        width = s.dimensions[0]
+        thumb = s.get_thumbnail(size=(max_size, max_size))
+        slide_id = str(att.attrs.get("slide_id") or s.slide_id)
+    scale = width / thumb.shape[1]
+    png = out / f"{slide_id}_heatmap.png"
+    with atomic_path(png) as tmp:
+        Image.fromarray(_overlay(thumb, att, side, scale, alpha)).save(tmp, format="PNG")
+    geojson = out / f"{slide_id}_attention.geojson"
+    with atomic_path(geojson) as tmp:
+        tmp.write_text(json.dumps(attention_geojson(att, side)))
+    return {"png": png, "geojson": geojson}

@@ -1,0 +1,92 @@
+"""Inference with the fold ensemble and the weight soup."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.features.bags import BagError
+from wsi_mil.mil.attention import read_attention
+from wsi_mil.mil.predict import load_ensemble, predict_cohort, uniform_soup
+
+
+def test_ensemble_predicts_new_bags_with_attention(classification_run: Any, tmp_path: Path) -> None:
+    run, syn = classification_run.result.out, classification_run.syn
+    out = tmp_path / "preds.csv"
+    table = predict_cohort(run, syn.features_dirs, out=out, n_boot=20)
+    assert len(table) == len(syn.planted)  # one patient per bag without a cohort
+    assert {"patient_id", "prob_0", "prob_1", "pred"} <= set(table.columns)
+    assert "label" not in table.columns
+    np.testing.assert_allclose(table[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-6)
+    sid = next(s for s, m in syn.planted.items() if m.any())
+    att = read_attention(tmp_path / "attention" / f"{sid}.h5")
+    assert att.attrs["source"] == "ensemble" and att.attention.shape == syn.planted[sid].shape
+    options = yaml.safe_load(out.with_suffix(".yaml").read_text())
+    assert options["folds"] == [0, 1, 2] and options["soup"] is False
+
+
+def test_ensemble_is_the_mean_of_fold_outputs(classification_run: Any, tmp_path: Path) -> None:
+    run, syn = classification_run.result.out, classification_run.syn
+    table = predict_cohort(
+        run, syn.features_dirs, cohort=syn.cohort_csv, out=tmp_path / "p.csv", n_boot=20
+    )
+    assert "label" in table.columns
+    oof = classification_run.result.predictions
+    # each fold's own predictions of its training patients are in predictions.csv
+    train_rows = oof[oof["split"] == "train"].groupby("patient_id")["prob_1"].agg(["mean", "count"])
+    test_rows = oof[oof["split"] == "test"].set_index("patient_id")["prob_1"]
+    expected = (train_rows["mean"] * train_rows["count"] + test_rows) / (train_rows["count"] + 1)
+    got = table.set_index("patient_id")["prob_1"]
+    np.testing.assert_allclose(got.loc[expected.index], expected, atol=1e-5)
+    metrics = json.loads((tmp_path / "p.metrics.json").read_text())
+    assert metrics["auc"]["value"] > 0.9
+
+
+def test_uniform_soup(classification_run: Any, tmp_path: Path) -> None:
+    ens = load_ensemble(classification_run.result.out)
+    soup = uniform_soup(ens.folds)
+    for name, tensor in soup.model.state_dict().items():
+        mean = sum(fm.model.state_dict()[name].float() for fm in ens.folds) / len(ens.folds)
+        np.testing.assert_allclose(tensor.float().numpy(), mean.numpy(), rtol=1e-5, atol=1e-6)
+    table = predict_cohort(
+        classification_run.result.out,
+        classification_run.syn.features_dirs,
+        out=tmp_path / "soup.csv",
+        soup=True,
+    )
+    assert table["prob_1"].between(0, 1).all()
+
+
+def test_predict_refuses_mismatched_features(classification_run: Any, tmp_path: Path) -> None:
+    run, syn = classification_run.result.out, classification_run.syn
+    with pytest.raises(ConfigError, match="trained on 1 feature folder"):
+        predict_cohort(run, [*syn.features_dirs, *syn.features_dirs], out=tmp_path / "x.csv")
+    from wsi_mil.mil.synthetic import make_synthetic_cohort
+
+    other = make_synthetic_cohort(tmp_path / "o", n_patients=2, n_tiles=(5, 5), dims=(16,))
+    with pytest.raises(BagError, match="dim 16 differs from dim 32 of the trained model"):
+        predict_cohort(run, other.features_dirs, out=tmp_path / "y.csv")
+    with pytest.raises(ConfigError, match="not a wsi-mil run folder"):
+        predict_cohort(tmp_path, other.features_dirs, out=tmp_path / "z.csv")
+
+
+def test_survival_predictions_are_standardised_per_fold(survival_run: Any, tmp_path: Path) -> None:
+    preds = survival_run.result.predictions
+    train = preds[preds["split"] == "train"]
+    np.testing.assert_allclose(train.groupby("fold")["risk"].mean(), 0.0, atol=1e-6)
+    table = predict_cohort(
+        survival_run.result.out,
+        survival_run.syn.features_dirs,
+        cohort=survival_run.syn.cohort_csv,
+        out=tmp_path / "s.csv",
+        n_boot=10,
+    )
+    assert {"time", "event", "risk"} <= set(table.columns)
+    assert isinstance(table, pd.DataFrame) and table["risk"].notna().all()
