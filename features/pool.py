@@ -6,7 +6,8 @@ workers reads whole chunks of tiles from the zarr store (or from the slide when 
 store has no pixels) as uint8, in pinned memory on CUDA; the device process moves them
 as uint8, normalises on the device, and runs the encoder under ``inference_mode``
 (bf16/fp16 autocast on CUDA). The next slide's loader is started before the current
-slide is finished, so its decode workers are already reading when the device frees up.
+slide is finished, so its decode workers are already reading when the device frees up,
+and each bag is written by a background thread while the device embeds the next slide.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import math
 import os
 import queue
 import time
-import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ def parse_devices(devices: str | list[str] | None) -> list[str]:
     items = devices.split(",") if isinstance(devices, str) else list(devices)
     out = []
     for item in (s.strip() for s in items):
+        if not item:
+            continue
         try:
             dev = torch.device(item)
         except RuntimeError:
@@ -259,25 +262,52 @@ def run_device(device: str, job: ExtractJob, tasks: Iterator[SlideTask], emit: E
             return task, exc, t0
 
     current = start(next(tasks, None))
-    while current is not None:
-        upcoming = start(next(tasks, None))  # its decode workers read while we compute
-        task, batches, t0 = current
-        emit(("row", _process(task, batches, t0, job, encoder, dev, emit)))
-        current = upcoming
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bag-writer") as writer:
+        pending: Future[dict[str, Any]] | None = None
+        while current is not None:
+            upcoming = start(next(tasks, None))  # its decode workers read while we compute
+            task, batches, t0 = current
+            row, feats = _embed_slide(task, batches, encoder, dev, emit)
+            if pending is not None:  # at most one slide's features wait to be written
+                emit(("row", pending.result()))
+            pending = writer.submit(_finish, task, row, feats, t0, job, encoder)
+            current = upcoming
+        if pending is not None:
+            emit(("row", pending.result()))
 
 
-def _process(
-    task: SlideTask, batches: Any, t0: float, job: ExtractJob, encoder: Any, dev: Any, emit: Emit
-) -> dict[str, Any]:
+_SLIDE_ERRORS = (WsiMilError, OSError, ValueError, RuntimeError)
+
+
+def _embed_slide(
+    task: SlideTask, batches: Any, encoder: Any, dev: torch.device, emit: Emit
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Embed one slide; a failure becomes a ``failed`` row (features ``None``)."""
     row: dict[str, Any] = {"slide_id": task.slide_id, "path": task.bag, "n_tiles": task.n_tiles}
     try:
         if isinstance(batches, Exception):
             raise batches
-        feats = _embed(encoder, batches, task.n_tiles, dev, emit)
-        _write(task, feats, job, encoder)
-        row.update(status="ok", error="")
-    except (WsiMilError, OSError, ValueError, RuntimeError) as exc:
+        return row, _embed(encoder, batches, task.n_tiles, dev, emit)
+    except _SLIDE_ERRORS as exc:
         row.update(status="failed", error=_one_line(exc))
+        return row, None
+
+
+def _finish(
+    task: SlideTask,
+    row: dict[str, Any],
+    feats: torch.Tensor | None,
+    t0: float,
+    job: ExtractJob,
+    encoder: Any,
+) -> dict[str, Any]:
+    """Write the bag (in the writer thread, while the device embeds the next slide)."""
+    if feats is not None:
+        try:
+            _write(task, feats, job, encoder)
+            row.update(status="ok", error="")
+        except _SLIDE_ERRORS as exc:
+            row.update(status="failed", error=_one_line(exc))
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
 
@@ -303,7 +333,7 @@ def _process_main(device: str, job: ExtractJob, tasks: Any, results: Any) -> Non
     try:
         run_device(device, job, _queue_iter(tasks), results.put)
     except BaseException as exc:
-        results.put(("fatal", f"{device}: {_one_line(exc)}\n{traceback.format_exc(limit=3)}"))
+        results.put(("fatal", f"{device}: {_one_line(exc)}"))
     finally:
         results.put(("done", device))
 

@@ -199,6 +199,9 @@ class Encoder(torch.nn.Module):
             random weights), recorded in every bag.
     """
 
+    _mean: torch.Tensor
+    _scale: torch.Tensor
+
     def __init__(self, spec: EncoderSpec, backbone: Any, weights_sha256: str) -> None:
         super().__init__()
         self.spec = spec

@@ -244,7 +244,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _adapt_pos_embed(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _adapt_pos_embed(model: Any, state: dict[str, torch.Tensor]) -> None:
     """Resample ``pos_embed`` of another input size (e.g. DINOv2's 518 px) to the model's."""
     target = getattr(model, "pos_embed", None)
     pos = state.get("pos_embed")

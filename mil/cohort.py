@@ -110,14 +110,6 @@ class Cohort:
             return all(p.label is not None for p in self.patients.values())
         return all(p.time is not None and p.event is not None for p in self.patients.values())
 
-    def subset(self, patient_ids: Sequence[str]) -> Cohort:
-        """A cohort restricted to ``patient_ids`` (same classes and tables)."""
-        keep = {pid: self.patients[pid] for pid in patient_ids}
-        slides = {s: self.slides[s] for p in keep.values() for s in p.slide_ids}
-        return Cohort(
-            self.path, self.task, keep, slides, self.classes, self.clinical_columns, self.omics
-        )
-
 
 @dataclass
 class Omics:
@@ -470,6 +462,7 @@ def load_omics(
     if pid_col is None:
         errors.add(path, 1, "patient_id", "missing column keying the omics table by patient")
         errors.raise_if_any(str(path))
+        pid_col = "patient_id"  # not reached: raise_if_any raised
     columns = [c for c in header if c != pid_col]
     if not columns:
         errors.add(path, 1, "(header)", "no omics columns besides the patient id")

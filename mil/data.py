@@ -326,10 +326,10 @@ def event_batches(
     Returns:
         Lists of indices; every list contains an index with event 1 (when any exists).
     """
-    events = np.asarray(events)
-    pos = rng.permutation(np.flatnonzero(events == 1)).tolist()
-    neg = rng.permutation(np.flatnonzero(events != 1)).tolist()
-    n = len(events)
+    ev = np.asarray(events)
+    pos = rng.permutation(np.flatnonzero(ev == 1)).tolist()
+    neg = rng.permutation(np.flatnonzero(ev != 1)).tolist()
+    n = len(ev)
     n_batches = max(1, min(math.ceil(n / max(1, batch_size)), len(pos) or 1))
     batches: list[list[int]] = [[] for _ in range(n_batches)]
     for i, idx in enumerate(pos + neg):

@@ -83,22 +83,22 @@ def classification_metrics(
     Returns:
         ``{"auc": {...}, "balanced_accuracy": {...}, "n_patients"}``.
     """
-    y = np.asarray(y, int)
+    truth = np.asarray(y, int)
     probs = np.asarray(probs, float)
     n_classes = probs.shape[1]
     pred = probs.argmax(axis=1)
 
     def bacc(idx: np.ndarray) -> float | None:
-        if len(np.unique(y[idx])) < 2:
+        if len(np.unique(truth[idx])) < 2:
             return None
-        return float(balanced_accuracy_score(y[idx], pred[idx]))
+        return float(balanced_accuracy_score(truth[idx], pred[idx]))
 
     return {
         "auc": bootstrap_ci(
-            lambda i: _auc(y[i], probs[i], n_classes), len(y), n_boot=n_boot, seed=seed
+            lambda i: _auc(truth[i], probs[i], n_classes), len(truth), n_boot=n_boot, seed=seed
         ),
-        "balanced_accuracy": bootstrap_ci(bacc, len(y), n_boot=n_boot, seed=seed),
-        "n_patients": len(y),
+        "balanced_accuracy": bootstrap_ci(bacc, len(truth), n_boot=n_boot, seed=seed),
+        "n_patients": len(truth),
     }
 
 

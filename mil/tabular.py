@@ -28,6 +28,17 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def _column_stats(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """NaN-ignoring mean and s.d. per column of (P, G); 0 / 1 where undefined or constant."""
+    present = ~np.isnan(block)
+    count = present.sum(axis=0)
+    filled = np.where(present, block, 0.0)
+    mean = filled.sum(axis=0) / np.maximum(count, 1)
+    var = (np.where(present, block - mean, 0.0) ** 2).sum(axis=0) / np.maximum(count, 1)
+    std = np.sqrt(var)
+    return mean, np.where(std > 0, std, 1.0)
+
+
 @dataclass
 class TabularPreprocessor:
     """Scaling / one-hot encoding of clinical covariates and omics, fitted on training ids.
@@ -62,13 +73,8 @@ class TabularPreprocessor:
             rows = [
                 cohort.omics.patient_index[p] for p in train_ids if p in cohort.omics.patient_index
             ]
-            block = cohort.omics.values[rows] if rows else cohort.omics.values[:0]
-            with np.errstate(all="ignore"):
-                mean = np.nanmean(block, axis=0) if len(block) else np.zeros(block.shape[1])
-                std = np.nanstd(block, axis=0) if len(block) else np.ones(block.shape[1])
-            mean = np.where(np.isfinite(mean), mean, 0.0)
-            std = np.where(np.isfinite(std) & (std > 0), std, 1.0)
-            out.omics_mean, out.omics_std = mean.tolist(), std.tolist()
+            col_mean, col_std = _column_stats(cohort.omics.values[rows])
+            out.omics_mean, out.omics_std = col_mean.tolist(), col_std.tolist()
             out.omics_groups = [list(g) for g in cohort.omics.groups]
         return out
 

@@ -418,14 +418,14 @@ def train_fold(
         if score < best[0]:
             best = (score, epoch, {k_: v.detach().clone() for k_, v in model.state_dict().items()})
         _emit(ctx, "epoch", fold=k, epoch=epoch, train_loss=history["train"][-1], val_loss=score)
-        log.info("fold %d epoch %d: train %.4f val %.4f", k, epoch, history["train"][-1], score)
+        log.debug("fold %d epoch %d: train %.4f val %.4f", k, epoch, history["train"][-1], score)
         if epoch - best[1] >= cfg.patience:
             break
     model.load_state_dict(best[2])
     model.eval()
     meta = {
         "fold": k,
-        "aggregator": dict(model.aggregator_config),
+        "aggregator": dict(getattr(model, "aggregator_config", {})),
         "head": head.state_dict(),
         "preprocessing": pre.state_dict(),
         "best_epoch": best[1],

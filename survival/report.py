@@ -831,6 +831,8 @@ def _fig_forest(data: dict) -> Any | None:
     rows = [r for r in data["hazard_ratios"]["rows"] if r["hr"] is not None]
     if not rows:
         return None
+    from matplotlib import ticker
+
     fig = _new_figure(6.5, 0.38 * len(rows) + 1.3)
     ax = fig.add_subplot()
     y = np.arange(len(rows))[::-1]
@@ -846,6 +848,9 @@ def _fig_forest(data: dict) -> Any | None:
         )
     ax.axvline(1.0, color="grey", ls="--", lw=1)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.FixedLocator([0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 10, 20, 100]))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_yticks(y, [_text(f"{r['label']} ({r['model'][:4]}.)") for r in rows], fontsize=8)
     ax.set_xlabel("hazard ratio (95% CI, log scale)")
     ax.legend(loc="best", fontsize=8)

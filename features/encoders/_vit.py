@@ -26,7 +26,7 @@ class TimmBackbone(nn.Module):
         super().__init__()
         if pooling not in ("cls", "cls+mean", "timm"):
             raise ValueError(f"unknown pooling {pooling!r}")
-        self.model = model
+        self.model: Any = model
         self.pooling = pooling
         width = int(getattr(model, "num_features", 0))
         self.dim = 2 * width if pooling == "cls+mean" else width

@@ -81,6 +81,11 @@ BUILTIN_DIM = 159
 class HandcraftedFeatures(nn.Module):
     """Hand-crafted H&E features: (B, 3, H, W) RGB in [0, 1] → (B, 159) float32."""
 
+    unmix: torch.Tensor
+    sobel: torch.Tensor
+    laplace: torch.Tensor
+    riu2: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("unmix", _stain_unmixing(), persistent=False)

@@ -38,8 +38,8 @@ def timm_spec(name: str) -> EncoderSpec:
         name=name,
         dim=None,
         input_px=int(input_size[-1]),
-        mean=tuple(cfg_dict.get("mean") or (0.485, 0.456, 0.406)),  # type: ignore[arg-type]
-        std=tuple(cfg_dict.get("std") or (0.229, 0.224, 0.225)),  # type: ignore[arg-type]
+        mean=tuple(cfg_dict.get("mean") or (0.485, 0.456, 0.406)),
+        std=tuple(cfg_dict.get("std") or (0.229, 0.224, 0.225)),
         mpp=None,
         pooling="timm",
         licence=str(cfg_dict.get("license") or "see model card"),

@@ -131,6 +131,18 @@ def test_two_cpu_processes_match_one(tiles, tmp_path):
         np.testing.assert_array_equal(a.coords, b.coords)
 
 
+def test_device_process_failure_is_reported(tiles, tmp_path):
+    from safetensors.torch import save_file
+
+    from wsi_mil.features import create_encoder
+
+    tiny = create_encoder("timm:vit_tiny_patch16_224", weights="random")
+    save_file(tiny.backbone.model.state_dict(), tmp_path / "tiny.safetensors")
+    with pytest.raises(EncoderError, match=r"device process failed: cpu: .*do not fit"):
+        _run(tiles, tmp_path / "f", encoder="timm:vit_small_patch16_224", devices="cpu,cpu",
+             weights=str(tmp_path / "tiny.safetensors"))  # fmt: skip
+
+
 def test_pixels_none_store_reads_from_slide(tile_dirs, tmp_path):
     rows = _rows(_run(tile_dirs["none"], tmp_path / "none"))
     assert rows["slide_b"]["status"] == "ok", rows
@@ -207,3 +219,14 @@ def test_cli_extract_and_encoders(tiles, tmp_path, capsys, monkeypatch):
                  "--no-progress"])  # fmt: skip
     assert code == 0  # skipped stores are reported, not failures
     assert "slide_b: skipped: tile store incomplete" in capsys.readouterr().out
+
+
+def test_parse_devices():
+    from wsi_mil.features.pool import parse_devices
+
+    expected = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    assert parse_devices(None) == expected
+    assert parse_devices("cpu, cpu") == ["cpu", "cpu"]
+    assert parse_devices(["cpu"]) == ["cpu"]
+    with pytest.raises(ConfigError, match="empty"):
+        parse_devices(" , ")

@@ -236,3 +236,33 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     assert meta["head"]["kind"] == "discrete"
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
     assert result.predictions["n_slides"].max() >= 2
+
+
+def test_test_bags_are_not_read_before_the_model_is_chosen(
+    tiny_cohort: Any, make_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_mil.mil.train as train_module
+    from wsi_mil.mil.data import BagStore
+
+    log: list[tuple[str, Any]] = []
+
+    class RecordingStore(BagStore):
+        def slide(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+            log.append(("read", slide_id))
+            return super().slide(slide_id)
+
+    monkeypatch.setattr(train_module, "BagStore", RecordingStore)
+    config = make_config(tiny_cohort, "classification", folds=3, epochs=3, n_boot=0)
+    train_cv(config, tmp_path / "run", callback=lambda e, i: log.append((e, i)))
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    start = 0
+    for fold in splits["folds"]:
+        test_slides = {s for s, p in tiny_cohort.patients.items() if p in set(fold["test"])}
+        end = next(
+            n
+            for n, (e, i) in enumerate(log)
+            if e == "predict" and i["fold"] == fold["fold"] and i["split"] == "test"
+        )
+        read = {i for e, i in log[start:end] if e == "read"}
+        assert read and not read & test_slides  # training + selection never touch test bags
+        start = end
