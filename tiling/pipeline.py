@@ -31,7 +31,7 @@ from PIL import Image
 from wsi_mil import __version__
 from wsi_mil.errors import ConfigError
 from wsi_mil.io import atomic_path
-from wsi_mil.tiling.export import export_coords_h5
+from wsi_mil.tiling.export import export_coords_h5, matching_level
 from wsi_mil.tiling.grid import TileGrid, tile_grid
 from wsi_mil.tiling.qc import qc_overlay, save_qc_png, save_tissue_geojson
 from wsi_mil.tiling.reader import RegionReader
@@ -131,7 +131,21 @@ def tile_slide(
     """Detect tissue, tile one slide and write ``<out_dir>/<slide_id>.zarr``.
 
     A picklable top-level function: it is what ``wsi-mil tile`` runs per slide in
-    worker processes or on a Dask cluster.
+    worker processes or on a Dask cluster. The store (read it with
+    :func:`~wsi_mil.tiling.open_tile_store`) holds, for the N kept tiles in row-major
+    order:
+
+    - ``coords``: int64 (N, 2), level-0 (x, y) of each tile's top-left corner;
+    - ``tissue``: float32 (N,), tissue fraction of each tile;
+    - ``tiles``: uint8 (N, tile_px, tile_px, 3) RGB at ``target_mpp`` (absent with
+      ``pixels="none"``);
+    - ``mask``: uint8 (h, w) tissue mask and ``thumbnail`` uint8 (h, w, 3), both at
+      ``mask_mpp`` (mask pixel (r, c) covers level-0 ``[c·s, (c+1)·s) × [r·s, (r+1)·s)``,
+      ``s = mask_mpp / mpp``);
+    - attributes as in ``DESIGN.md``, ``complete: true`` written last.
+
+    Tissue detection and the tile grid depend only on the slide and the parameters,
+    never on ``read_threads``, the number of worker processes or free memory.
 
     Args:
         slide_path: The slide file.
@@ -154,9 +168,14 @@ def tile_slide(
         raise_errors: Raise instead of returning a ``failed`` row.
 
     Returns:
-        Manifest row: ``slide_id``, ``path``, ``status`` (ok | skipped | failed),
-        ``n_tiles``, ``seconds``, ``error``, ``message`` (warnings such as "no tissue" or
-        why a store was rebuilt), ``store``.
+        Manifest row (a dict, no arrays): ``slide_id``, ``path``, ``status`` (ok |
+        skipped | failed), ``n_tiles``, ``seconds``, ``error`` (type and message of the
+        failure, naming the file and the fix), ``message`` (warnings such as "no tissue",
+        and why a store was rebuilt), ``store`` (path of the store).
+
+    Raises:
+        Only with ``raise_errors=True``: whatever failed (``SlideOpenError``,
+        ``MissingMPPError``, ``ConfigError``, ``OSError``...).
     """
     start = time.perf_counter()
     slide_path = Path(slide_path)
@@ -189,8 +208,10 @@ def tile_slide(
 
 
 def _slide_id(path: Path) -> str:
-    """Slide identifier: the file stem (as ``Slide.slide_id``)."""
-    return path.stem
+    """Slide identifier, as ``Slide.slide_id`` (file name without its extension)."""
+    from wsi_mil.wsi.slide import slide_id_from_path
+
+    return slide_id_from_path(path)
 
 
 def _tile(
@@ -213,10 +234,12 @@ def _tile(
         reason = _reuse_reason(final, params, source)
         if reason is None:
             store = open_tile_store(final)
-            _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=True)
+            extra = _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=True)
+            notes = ["complete store with the same parameters", *store.attrs.get("warnings", [])]
+            notes += extra
             return {
                 "slide_id": slide_id, "status": "skipped", "n_tiles": store.n_tiles,
-                "message": "complete store with the same parameters", "store": str(final),
+                "message": "; ".join(notes), "store": str(final),
             }  # fmt: skip
         _ensure_writable(out_dir)
         _remove_stale_temporaries(final)
@@ -224,7 +247,7 @@ def _tile(
         n_tiles, extra = _build_store(slide, final, params, source, read_threads)
         messages += extra
         store = open_tile_store(final)
-        _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=False)
+        messages += _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=False)
     return {
         "slide_id": slide_id, "status": "ok", "n_tiles": n_tiles,
         "message": "; ".join(messages), "store": str(final),
@@ -317,6 +340,7 @@ def _build_store(
         "tissue_params": params["tissue_params"],
         "tissue_fraction": float(mask.mean()) if mask.size else 0.0,
         "params": params,
+        "warnings": messages,
         "wsi_mil_version": __version__,
     }
     with atomic_path(final) as tmp:
@@ -446,8 +470,12 @@ def _read_block(
 
 def _side_outputs(
     store: Any, out_dir: Path, slide: Any, export_coords: bool, qc: bool, *, missing_only: bool
-) -> None:
-    """QC PNG + GeoJSON and the coordinates h5, from a finished store."""
+) -> list[str]:
+    """QC PNG + GeoJSON and the coordinates h5, from a finished store.
+
+    Returns:
+        Notes for the manifest (e.g. how CLAM must read an exported coords file).
+    """
     sid = store.slide_id
     scale = tuple(store.attrs["mask_scale"])
     png, geo = out_dir / "qc" / f"{sid}.png", out_dir / "qc" / f"{sid}.geojson"
@@ -458,11 +486,24 @@ def _side_outputs(
         save_qc_png(png, image)
     if qc and not (missing_only and geo.exists()):
         save_tissue_geojson(geo, store.mask, scale)
+    if not export_coords:
+        return []
     h5 = out_dir / "coords" / f"{sid}.h5"
-    if export_coords and not (missing_only and h5.exists()):
+    downsamples = [float(d) for d in slide.level_downsamples]
+    mpp = float(store.attrs["mpp"])
+    if not (missing_only and h5.exists()):
         export_coords_h5(
             h5, store.coords, slide_id=sid, tile_px=store.tile_px,
-            target_mpp=store.target_mpp, mpp=float(store.attrs["mpp"]),
-            level_downsamples=[float(d) for d in slide.level_downsamples],
+            target_mpp=store.target_mpp, mpp=mpp, level_downsamples=downsamples,
             level0_dimensions=tuple(store.attrs["dimensions"]),
+            level_dimensions=[tuple(d) for d in slide.level_dimensions],
+            stride_px=int(store.attrs["stride_px"]),
         )  # fmt: skip
+    if matching_level(mpp, store.target_mpp, downsamples) is None:
+        size0 = round(store.tile_px * store.target_mpp / mpp)
+        return [
+            f"coords h5: no pyramid level is at {store.target_mpp:g} µm/px, so patch_level "
+            f"is 0; TRIDENT reads it as is, CLAM must read patch_size_level0 ({size0}) px "
+            f"at level 0 and resize to {store.tile_px}"
+        ]
+    return []

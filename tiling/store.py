@@ -459,12 +459,22 @@ class TileStore:
 def open_tile_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> TileStore:
     """Open ``<slide_id>.zarr`` for reading.
 
+    Arrays are read lazily from the returned :class:`TileStore`:
+
+    - ``.coords``: int64 (N, 2), level-0 (x, y) of each tile's top-left corner;
+    - ``.tissue``: float32 (N,), tissue fraction of each tile;
+    - ``.read_pixels(start, stop)``: uint8 (stop - start, tile_px, tile_px, 3) RGB at
+      ``.target_mpp`` (read in multiples of ``.chunk_tiles`` for speed; raises when
+      ``.has_pixels`` is False);
+    - ``.mask``: bool (h, w) and ``.thumbnail``: uint8 (h, w, 3) at ``mask_mpp``;
+    - ``.attrs``: dict of the group attributes (``mpp``, ``tile_level0``, ...).
+
     Args:
         path: The store directory.
         allow_incomplete: Also open a store whose ``complete`` attribute is not true.
 
     Returns:
-        The reader.
+        The reader (picklable: worker processes reopen it by path).
 
     Raises:
         IncompleteStoreError: Not a tile store, or not complete.

@@ -1,7 +1,8 @@
 """Generated demo data: synthetic slides and a cohort table with a planted signal.
 
-Each patient gets one or two synthetic H&E-like slides. A patient's outcome is driven
-by the tumour share of their tissue (read from the generator's ground-truth masks),
+Each patient gets one or two synthetic H&E-like slides drawn with a patient-specific
+tumour burden. A patient's outcome is driven by the tumour share of their tissue (read
+from the generator's ground-truth masks),
 so a model that learns to see tumour from the pixels predicts it: survival times
 follow an exponential model with ``log hazard ∝ standardised tumour share`` and
 administrative censoring, and ``label`` is ``high`` or ``low`` tumour burden.
@@ -61,12 +62,18 @@ def make_demo_data(
     rows: list[dict[str, object]] = []
     for p in range(n_patients):
         patient = f"P{p:03d}"
+        burden = float(rng.uniform(0.05, 0.6))  # the patient's tumour share of tissue
         shares = []
         for s in range(1 + (p % 3 == 0)):
             slide_id = f"{patient}-S{s}"
             path = slides_dir / f"{slide_id}.svs"
             synth = make_synthetic_slide(
-                path, slide_px, slide_px, mpp=mpp, seed=seed * 1000 + p * 10 + s
+                path,
+                slide_px,
+                slide_px,
+                mpp=mpp,
+                seed=seed * 1000 + p * 10 + s,
+                tumour_fraction=float(np.clip(burden + rng.normal(0, 0.03), 0.0, 1.0)),
             )
             tissue = max(int(synth.tissue_mask.sum()), 1)
             shares.append(float(synth.tumour_mask.sum()) / tissue)

@@ -166,6 +166,7 @@ def resolve_mpp(
     )
     raise MissingMPPError(
         f"{path}: no physical resolution (µm/px) in the slide metadata{detail}. "
-        "Pass it explicitly with --mpp (or an mpp column in the cohort table), "
+        "Pass it explicitly with --mpp (for several slides: `wsi-mil tile --mpp-csv` "
+        "with columns slide_id,mpp, or an mpp column in the cohort table), "
         "e.g. --mpp 0.25 for a 40x scan or --mpp 0.5 for 20x."
     )

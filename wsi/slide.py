@@ -30,7 +30,17 @@ from wsi_mil.wsi.backends import BACKENDS, Backend, open_backend
 from wsi_mil.wsi.mpp import resolve_mpp
 from wsi_mil.wsi.tiff import inspect_tiff
 
-__all__ = ["Slide", "open_slide"]
+__all__ = ["OPENSLIDE_ONLY", "Slide", "open_slide", "slide_id_from_path"]
+
+#: Formats that only OpenSlide reads (file suffix -> format name). ``backend="auto"``
+#: opens them with OpenSlide alone, and ``backend="tiffslide"`` refuses them.
+OPENSLIDE_ONLY = {
+    ".ndpi": "Hamamatsu NDPI",
+    ".vms": "Hamamatsu VMS",
+    ".vmu": "Hamamatsu VMU",
+    ".mrxs": "3DHISTECH MRXS",
+    ".dcm": "DICOM WSI",
+}
 
 #: Relative tolerance when comparing a level's µm/px with a target.
 MPP_RTOL = 1e-3
@@ -88,8 +98,8 @@ class Slide:
         self.path = Path(path)
         self._backend_arg = backend
         self._mpp_arg = mpp
-        names = _backend_names(backend)
         _check_file(self.path)
+        names = _backend_names(backend, self.path)
         tiff = inspect_tiff(self.path)
         self._b: Backend = _open_any(self.path, names, tiff.problem)
         try:
@@ -110,11 +120,7 @@ class Slide:
 
     @property
     def slide_id(self) -> str:
-        name = self.path.name
-        for suffix in (".ome.tiff", ".ome.tif"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return self.path.stem
+        return slide_id_from_path(self.path)
 
     @property
     def backend(self) -> str:
@@ -336,10 +342,12 @@ class Slide:
         return np.asarray(img)
 
     def _read_error(self, what: str, exc: BaseException) -> SlideOpenError:
+        other = "openslide" if self.backend == "tiffslide" else "tiffslide"
+        hint = "" if self.path.suffix.lower() in OPENSLIDE_ONLY else f", or try --backend {other}"
         return SlideOpenError(
             f"{self.path}: cannot read {what} with {self.backend} "
             f"({type(exc).__name__}: {exc}); the file is probably truncated or corrupt: "
-            "copy it again, or try --backend tiffslide / openslide"
+            f"copy it again{hint}"
         )
 
     # --------------------------------------------------------------- lifecycle
@@ -401,21 +409,44 @@ def _check_file(path: Path) -> None:
         )
 
 
-def _backend_names(backend: str) -> tuple[str, ...]:
-    if backend == "auto":
-        return BACKENDS
-    if backend in BACKENDS:
-        return (backend,)
-    raise ConfigError(f"--backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
+def slide_id_from_path(path: str | os.PathLike[str]) -> str:
+    """Slide identifier of a file: its name without the extension (``.ome.tif(f)`` counts
+    as one extension)."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def _backend_names(backend: str, path: Path) -> tuple[str, ...]:
+    """Backends to try for ``path``, in order."""
+    if backend not in ("auto", *BACKENDS):
+        raise ConfigError(f"--backend {backend!r}: choose one of auto, {', '.join(BACKENDS)}")
+    only = OPENSLIDE_ONLY.get(path.suffix.lower())
+    if only is None:
+        return BACKENDS if backend == "auto" else (backend,)
+    if backend == "tiffslide":
+        raise SlideOpenError(
+            f"{path}: {only} slides are read only by OpenSlide, not tiffslide; "
+            "use --backend openslide (or auto)"
+        )
+    return ("openslide",)
 
 
 def _open_any(path: Path, names: tuple[str, ...], tiff_problem: str | None) -> Backend:
     """Open with the first backend in ``names`` that can read the file."""
     failures = [f"tifffile: {tiff_problem}"] if tiff_problem else []
+    only = OPENSLIDE_ONLY.get(path.suffix.lower())
     for name in names:
         try:
             opened = open_backend(str(path), name)
         except ImportError as exc:
+            if only:
+                raise SlideOpenError(
+                    f"{path}: {only} slides need OpenSlide, which is not installed ({exc}); "
+                    "install it with: pip install openslide-python openslide-bin"
+                ) from exc
             failures.append(f"{name}: not installed ({exc})")
             continue
         except Exception as exc:
@@ -425,11 +456,27 @@ def _open_any(path: Path, names: tuple[str, ...], tiff_problem: str | None) -> B
             return opened
         opened.close()
         failures.append(f"{name}: no image levels")
+    if only:
+        raise SlideOpenError(
+            f"{path}: OpenSlide cannot read this {only} file ({'; '.join(failures)}); "
+            f"{_OPENSLIDE_ONLY_HINT.get(path.suffix.lower(), '')}check that the copy is "
+            "complete and copy it again if needed"
+        )
     raise SlideOpenError(
         f"{path}: not a readable whole-slide image ({'; '.join(failures)}); check that it "
         "is a complete SVS/NDPI/MRXS/SCN/tiled-TIFF/DICOM file (a partial copy also "
         "gives this error) and copy it again if needed"
     )
+
+
+_OPENSLIDE_ONLY_HINT = {
+    ".mrxs": "an MRXS slide is the .mrxs file plus a folder of the same name (Slidedat.ini, "
+    "Data*.dat) beside it: copy both; ",
+    ".dcm": "a DICOM slide is a folder of .dcm files (one per pyramid level and associated "
+    "image): keep them together and pass any one of them; ",
+    ".vms": "a VMS slide needs the image files it lists beside it; ",
+    ".vmu": "a VMU slide needs the image files it lists beside it; ",
+}
 
 
 def _to_rgb(arr: NDArray[np.uint8], background: tuple[int, int, int]) -> NDArray[np.uint8]:

@@ -86,6 +86,7 @@ def make_synthetic_slide(
     resolution: Literal["mpp", "72dpi", "none"] = "mpp",
     flavour: Literal["aperio", "generic"] = "aperio",
     associated: bool = True,
+    tumour_fraction: float = 0.3,
 ) -> SyntheticSlide:
     """Write a synthetic pyramidal whole-slide image and return its ground truth.
 
@@ -110,6 +111,7 @@ def make_synthetic_slide(
         flavour: ``"aperio"`` writes an SVS-like file (OpenSlide vendor ``aperio``);
             ``"generic"`` a plain pyramidal tiled TIFF (vendor ``generic-tiff``).
         associated: Also write small ``label`` and ``macro`` images (Aperio only).
+        tumour_fraction: Share of the tissue area drawn as tumour (0–1).
 
     Returns:
         The path and the tissue / tumour masks at ``mask_mpp``.
@@ -121,7 +123,9 @@ def make_synthetic_slide(
     draw_mpp = 0.5 if mpp is None else float(mpp)
     if mpp is None:
         resolution = "none"
-    scene = _make_scene(width, height, draw_mpp, seed, mask_mpp)
+    if not 0.0 <= tumour_fraction <= 1.0:
+        raise ConfigError(f"tumour_fraction must lie in [0, 1], got {tumour_fraction}")
+    scene = _make_scene(width, height, draw_mpp, seed, mask_mpp, tumour_fraction)
     n_levels = levels if levels is not None else _auto_levels(width, height, level_factor)
     out = Path(path)
     with atomic_path(out) as tmp:
@@ -181,7 +185,9 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float
     return out
 
 
-def _make_scene(width: int, height: int, mpp: float, seed: int, field_mpp: float) -> _Scene:
+def _make_scene(
+    width: int, height: int, mpp: float, seed: int, field_mpp: float, tumour_fraction: float = 0.3
+) -> _Scene:
     rng = np.random.default_rng(seed)
     rows = max(2, math.ceil(height * mpp / field_mpp))
     cols = max(2, math.ceil(width * mpp / field_mpp))
@@ -206,7 +212,9 @@ def _make_scene(width: int, height: int, mpp: float, seed: int, field_mpp: float
     fields[1] = _smooth_noise(rng, (rows, cols), span / 4)
     fields[2] = _smooth_noise(rng, (rows, cols), 3.0)
     inside = tissue > 0
-    tumour_thr = float(np.quantile(fields[1][inside], 0.7)) if inside.any() else 0.0
+    tumour_thr = (
+        float(np.quantile(fields[1][inside], 1.0 - tumour_fraction)) if inside.any() else 0.0
+    )
     debris = _place_debris(rng, tissue, field_mpp)
     return _Scene(fields, 0.0, tumour_thr, field_mpp, debris, seed)
 

@@ -8,6 +8,9 @@ copy at open time instead of halfway through a batch.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,7 +56,7 @@ def inspect_tiff(path: Path) -> TiffInfo:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tif:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             tags = _first_tags(tif)
             end = _data_end(tif)
     except Exception as exc:  # any parse failure: let the backends have a go
@@ -65,6 +68,24 @@ def inspect_tiff(path: Path) -> TiffInfo:
             f"has only {size:,} bytes; copy the slide again from its source"
         )
     return TiffInfo(tags, None)
+
+
+class _DropRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+@contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's log warnings ("invalid page offset"...) while inspecting: a
+    damaged file is reported once, by the error raised, not by log lines on stderr."""
+    logger = logging.getLogger("tifffile")
+    drop = _DropRecords()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _first_tags(tif: object) -> dict[str, str]:

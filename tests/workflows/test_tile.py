@@ -123,3 +123,115 @@ def test_find_slides_extensions_and_dicom_folders(tmp_path: Path) -> None:
     assert found == {"a/x.svs", "a/deep/y.NDPI", "b/z.mrxs", "c/1.dcm", "d/e.tiff"}
     explicit = find_slides([tmp_path / "d" / "notes.txt", tmp_path / "a" / "x.svs"])
     assert [p.name for p in explicit] == ["notes.txt", "x.svs"]  # files are taken as given
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of one good slide and every kind of bad input ``wsi-mil tile`` meets."""
+    import numpy as np
+    import tifffile
+
+    from wsi_mil.wsi.synthetic import make_synthetic_slide
+
+    root = tmp_path_factory.mktemp("mixed")
+    good = make_synthetic_slide(root / "good.svs", 1200, 900, mpp=0.5, seed=3).path
+    (root / "empty.svs").write_bytes(b"")
+    (root / "text.svs").write_text("not a slide, just a note\n")
+    data = good.read_bytes()
+    (root / "truncated.svs").write_bytes(data[: len(data) // 2])
+    make_synthetic_slide(root / "nompp.svs", 800, 600, mpp=None, seed=4)
+    make_synthetic_slide(root / "dpi72.tif", 800, 600, resolution="72dpi", flavour="generic")
+    make_synthetic_slide(root / "tiny.svs", 100, 90, mpp=0.5, seed=5)
+    tifffile.imwrite(
+        root / "blank.tif", np.full((600, 800, 3), 238, np.uint8), tile=(256, 256),
+        photometric="rgb", compression="jpeg", resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )  # fmt: skip
+    return root
+
+
+def test_bad_slides_are_listed_with_the_fix(
+    mixed: Path, tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "tiles"
+    args = ["tile", str(mixed), "--out", str(out), "--workers", "1", "--pixels", "none"]
+    assert main(args) == 1
+    rows = {r["slide_id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert set(rows) == {"good", "empty", "text", "truncated", "nompp", "dpi72", "tiny", "blank"}
+    expect = {
+        "empty": ("SlideOpenError", "empty (0 bytes)", "copy the slide again"),
+        "text": ("SlideOpenError", "not a readable whole-slide image", "copy it again"),
+        "truncated": ("SlideOpenError", "truncated", "copy the slide again"),
+        "nompp": ("MissingMPPError", "no physical resolution", "--mpp-csv"),
+        "dpi72": ("MissingMPPError", "72 dpi", "--mpp"),
+    }
+    for sid, phrases in expect.items():
+        row = rows[sid]
+        assert row["status"] == "failed" and row["n_tiles"] == "", row
+        assert str(mixed / Path(row["path"]).name) in row["error"]
+        assert all(p in row["error"] for p in phrases), row["error"]
+    assert rows["good"]["status"] == "ok" and int(rows["good"]["n_tiles"]) > 0
+    for sid, phrase in (("tiny", "smaller than one tile"), ("blank", "no tissue found")):
+        assert rows[sid]["status"] == "ok" and rows[sid]["n_tiles"] == "0"
+        assert phrase in rows[sid]["message"]
+        assert open_tile_store(out / f"{sid}.zarr").n_tiles == 0
+    printed = capsys.readouterr().out
+    assert "5 failed" in printed and "failed truncated: SlideOpenError" in printed
+    assert "note tiny: slide" in printed
+    assert not [r for r in caplog.records if r.name.startswith("tifffile")]  # no log noise
+    # the same run with resolutions for the two slides without one: only those are redone
+    table = tmp_path / "mpp.csv"
+    table.write_text("slide_id,mpp\nnompp,0.5\ndpi72,0.25\nelsewhere,0.5\n")
+    assert main([*args, "--mpp-csv", str(table)]) == 1
+    rows = {r["slide_id"]: r for r in read_manifest(out / "manifest.csv")}
+    assert rows["nompp"]["status"] == rows["dpi72"]["status"] == "ok"
+    assert open_tile_store(out / "dpi72.zarr").attrs["mpp"] == 0.25
+    assert rows["good"]["status"] == "skipped"
+    assert rows["tiny"]["status"] == "skipped" and "smaller than one tile" in rows["tiny"]["message"]
+    assert {r["status"] for r in rows.values()} == {"ok", "skipped", "failed"}
+    assert "match no slide of this run: elsewhere" in capsys.readouterr().out
+
+
+def test_other_tile_px_rebuilds_and_says_so(slides: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "tiles"
+    base = ["tile", str(slides / "a.svs"), "--out", str(out), "--workers", "1"]
+    assert main([*base, "--tile-px", "128"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--tile-px", "256"]) == 0
+    printed = capsys.readouterr().out
+    assert "note a: rebuilt: parameters changed" in printed and "tile_px 128→256" in printed
+    row = read_manifest(out / "manifest.csv")[0]
+    assert row["status"] == "ok" and "tile_px 128→256" in row["message"]
+    store = open_tile_store(out / "a.zarr")
+    assert store.tile_px == 256 and store.read_pixels(0, 1).shape == (1, 256, 256, 3)
+
+
+def _store_arrays(path: Path) -> dict:
+    store = open_tile_store(path)
+    return {
+        "coords": store.coords, "tissue": store.tissue, "mask": store.mask,
+        "thumbnail": store.thumbnail, "pixels": store.read_pixels(),
+    }  # fmt: skip
+
+
+def test_results_do_not_depend_on_workers_or_backend(slides: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    runs = {
+        "w1": ["--workers", "1"],
+        "w2": ["--workers", "2"],
+        "tiffslide": ["--workers", "1", "--backend", "tiffslide"],
+    }
+    for name, extra in runs.items():
+        args = ["tile", str(slides), "--out", str(tmp_path / name), "--tile-px", "96", *extra]
+        assert main(args) == 0
+    assert yaml.safe_load((tmp_path / "tiffslide" / "config.yaml").read_text())["backend"] == (
+        "tiffslide"
+    )
+    for sid in ("a", "b"):
+        ref = _store_arrays(tmp_path / "w1" / f"{sid}.zarr")
+        assert len(ref["coords"]) > 0
+        for name in ("w2", "tiffslide"):
+            other = _store_arrays(tmp_path / name / f"{sid}.zarr")
+            for key, value in ref.items():
+                assert np.array_equal(value, other[key]), (sid, name, key)

@@ -17,7 +17,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Generate synthetic H&E-like slides and a cohort whose outcome depends on the "
             "tumour burden, then run info, tile, extract (built-in encoder), train "
-            "(survival, cross-validated) with its report, and predict. No download."
+            "(survival, cross-validated) with its report, predict and an attention heatmap. No download."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
@@ -46,11 +46,16 @@ def run(args: argparse.Namespace) -> int:
          "--folds", str(args.folds), "--epochs", str(args.epochs), "--seed", str(args.seed)],
         ["predict", str(out / "runs" / "abmil-survival"), "--features",
          str(out / "features" / "builtin"), "--out", str(out / "predictions-new.csv")],
+        ["heatmap", str(out / "runs" / "abmil-survival"), "--slide", str(first),
+         "--out", str(out / "heatmaps")],
     ]  # fmt: skip
     for argv in steps:
         print(f"\n$ wsi-mil {' '.join(argv)}", flush=True)
         status = cli_main(argv)
         if status != 0:
             return status
-    print(f"\ndemo done: open {out / 'runs' / 'abmil-survival' / 'report.html'}")
+    print(
+        f"\ndemo done: open {out / 'runs' / 'abmil-survival' / 'report.html'} and "
+        f"{out / 'heatmaps'} (attention), {out / 'tiles' / 'qc'} (tissue QC)"
+    )
     return 0

@@ -10,11 +10,14 @@ from typing import Any
 
 from wsi_mil import __version__
 from wsi_mil.errors import ConfigError
+from wsi_mil.wsi.slide import slide_id_from_path
 
 __all__ = ["SLIDE_EXTENSIONS", "add_parser", "find_slides", "read_mpp_csv", "run"]
 
 #: File extensions searched for in input folders (case-insensitive).
-SLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".bif", ".vms", ".dcm")
+SLIDE_EXTENSIONS = (
+    ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".bif", ".vms", ".vmu", ".dcm",
+)  # fmt: skip
 
 _DESCRIPTION = """\
 Detect tissue on a thumbnail, lay a grid of tiles (TILE_PX pixels at TARGET_MPP µm/px)
@@ -26,13 +29,17 @@ OUT/coords/<slide_id>.h5 with --export-coords (CLAM/TRIDENT layout),
 OUT/manifest.csv (one row per slide: status ok/skipped/failed and why) and
 OUT/config.yaml (the resolved configuration).
 
-Folders are searched recursively for .svs .ndpi .mrxs .tif .tiff .scn .bif .vms .dcm
-(one .dcm file per folder). Re-running skips complete stores with the same parameters
-and rebuilds the others (the manifest says so).
+Folders are searched recursively for .svs .ndpi .mrxs .tif .tiff .scn .bif .vms .vmu
+.dcm (one .dcm file per folder); NDPI, MRXS, VMS/VMU and DICOM are read by OpenSlide.
+Re-running skips complete stores with the same parameters and rebuilds the others
+(the manifest and the console say why). A slide without a resolution needs --mpp or a
+row in --mpp-csv; a slide with no tissue, or smaller than one tile, gets an empty store
+(status ok, with a warning).
 
-Exit status: 0 when every slide is ok or skipped; 1 when any slide failed (see
-manifest.csv); 2 on invalid arguments (bad input path, duplicate slide ids, unwritable
-output folder, bad --mpp-csv)."""
+Exit status: 0 when every slide is ok or skipped; 1 when any slide failed (listed
+on the console and in manifest.csv with the reason and the fix); 2 on invalid
+arguments, before any work (bad input path, duplicate slide ids, unwritable output
+folder, bad --mpp-csv)."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -69,6 +76,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for every slide")
     p.add_argument(
         "--mpp-csv", type=Path, default=None, help="CSV with columns slide_id,mpp (overrides)"
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "openslide", "tiffslide"),
+        default="auto",
+        help="slide library (default auto: OpenSlide, then tiffslide)",
     )
     p.add_argument("--export-coords", action="store_true", help="also write CLAM/TRIDENT coords h5")
     p.add_argument("--no-qc", action="store_true", help="skip the QC PNG and GeoJSON")
@@ -111,7 +124,7 @@ def find_slides(inputs: list[str | os.PathLike[str]]) -> list[Path]:
 def _check_duplicates(slides: list[Path]) -> None:
     by_id: dict[str, list[Path]] = {}
     for s in slides:
-        by_id.setdefault(s.stem, []).append(s)
+        by_id.setdefault(slide_id_from_path(s), []).append(s)
     dups = {k: v for k, v in by_id.items() if len(v) > 1}
     if dups:
         lines = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in sorted(dups.items()))
@@ -188,20 +201,25 @@ def run(args: argparse.Namespace) -> int:
         "min_tissue": args.min_tissue, "pixels": args.pixels, "mask_mpp": args.mask_mpp,
         "export_coords": args.export_coords, "qc": not args.no_qc,
     }  # fmt: skip
+    ids = {s: slide_id_from_path(s) for s in slides}
     jobs = [
         Job(
-            slide_id=s.stem,
+            slide_id=ids[s],
             path=str(s),
             fn=tile_slide,
             kwargs={
                 **common,
                 "slide_path": str(s),
                 "out_dir": str(out),
-                "mpp": mpp_map.get(s.stem, args.mpp),
+                "mpp": mpp_map.get(ids[s], args.mpp),
+                "backend": args.backend,
             },
         )
         for s in slides
     ]
+    unused = sorted(set(mpp_map) - set(ids.values()))
+    if unused:
+        print(f"note: --mpp-csv rows match no slide of this run: {', '.join(unused)}")
     config = {
         "command": "tile",
         "wsi_mil_version": __version__,
@@ -213,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
         "mpp": args.mpp,
         "mpp_csv": str(args.mpp_csv) if args.mpp_csv else None,
         "mpp_overrides": mpp_map,
+        "backend": args.backend,
         "export_coords": bool(args.export_coords),
         "qc": not args.no_qc,
         **params,
@@ -230,4 +249,6 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r.get("status") == "failed":
             print(f"  failed {r.get('slide_id')}: {r.get('error')}")
+        elif r.get("status") == "ok" and r.get("message"):
+            print(f"  note {r.get('slide_id')}: {r.get('message')}")
     return 1 if counts["failed"] else 0
