@@ -38,9 +38,10 @@ def test_atomic_replaces_directory(tmp_path):
 def test_atomic_refuses_overwrite(tmp_path):
     final = tmp_path / "a.txt"
     final.write_text("keep")
-    with pytest.raises(FileExistsError, match="refusing"), atomic_path(
-        final, overwrite=False
-    ) as tmp:
+    with (
+        pytest.raises(FileExistsError, match="refusing"),
+        atomic_path(final, overwrite=False) as tmp,
+    ):
         tmp.write_text("new")
     assert final.read_text() == "keep"
     assert list(tmp_path.iterdir()) == [final]

@@ -45,7 +45,7 @@ def _execute(job: Job) -> Row:
     start = time.perf_counter()
     try:
         row = dict(job.fn(**job.kwargs))
-    except Exception as exc:  # noqa: BLE001 - a bad slide must not stop the batch
+    except Exception as exc:
         row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         if not isinstance(exc, OSError | ValueError):
             row["traceback"] = traceback.format_exc(limit=6)
@@ -77,7 +77,7 @@ def _local(jobs: Sequence[Job], workers: int) -> Iterator[tuple[int, Row]]:
                 i = futures[fut]
                 try:
                     yield i, fut.result()
-                except Exception as exc:  # noqa: BLE001 - e.g. a worker killed by OOM
+                except Exception as exc:
                     yield i, _failed(jobs[i], exc)
         except BaseException:
             for fut in futures:
@@ -95,7 +95,7 @@ def _dask(jobs: Sequence[Job], scheduler: str) -> Iterator[tuple[int, Row]]:
             i = index[fut.key]
             try:
                 yield i, fut.result()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 yield i, _failed(jobs[i], exc)
 
 

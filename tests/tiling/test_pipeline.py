@@ -227,3 +227,64 @@ def test_changed_source_is_rebuilt(tmp_path: Path) -> None:
     make_synthetic_slide(path, 900, 700, mpp=0.5, seed=2)  # same name, new content
     row = tile_slide(path, tmp_path / "out", pixels="none")
     assert row["status"] == "ok" and "source slide changed" in row["message"]
+
+
+def test_coords_h5_reads_back_as_clam_and_trident_read_it(tmp_path: Path) -> None:
+    """patch_level/patch_size as CLAM reads them and patch_size_level0/magnifications as
+    TRIDENT reads them both give the stored tiles (a level at the target exists)."""
+    import h5py
+    import openslide
+    from PIL import Image
+
+    from wsi_mil.wsi.synthetic import make_synthetic_slide
+
+    syn = make_synthetic_slide(tmp_path / "x2.svs", 2048, 1536, mpp=0.25, seed=9, level_factor=2)
+    row = tile_slide(syn.path, tmp_path / "out", tile_px=128, stride_px=96, export_coords=True)
+    assert row["status"] == "ok" and "CLAM" not in row["message"]
+    store = open_tile_store(tmp_path / "out" / "x2.zarr")
+    with h5py.File(tmp_path / "out" / "coords" / "x2.h5", "r") as fh:
+        coords, a = fh["coords"][:], dict(fh["coords"].attrs)
+    assert np.array_equal(coords, store.coords)
+    assert a["patch_level"] == 1 and a["patch_size"] == 128 and a["patch_size_level0"] == 256
+    assert list(a["downsample"]) == [2.0, 2.0] and list(a["level_dim"]) == [1024, 768]
+    assert a["level0_magnification"] == 40 and a["target_magnification"] == 20
+    assert a["overlap"] == 32 and a["name"] == "x2"
+    assert (a["level0_width"], a["level0_height"]) == (2048, 1536)
+    pixels = store.read_pixels()
+    with openslide.OpenSlide(str(syn.path)) as osr:
+        for i in np.linspace(0, len(coords) - 1, 6).astype(int):
+            loc = tuple(int(v) for v in coords[i])
+            size = int(a["patch_size"])
+            clam = np.asarray(osr.read_region(loc, int(a["patch_level"]), (size, size)))[..., :3]
+            assert np.array_equal(clam, pixels[i])  # same level, same pixels
+            src = round(size * a["level0_magnification"] / a["target_magnification"])
+            big = osr.read_region(loc, 0, (src, src)).convert("RGB")
+            trident = np.asarray(big.resize((size, size), Image.Resampling.BOX)).astype(int)
+            assert np.abs(trident - pixels[i]).mean() < 4.0  # level 1 vs resized level 0
+
+
+def test_coords_h5_without_a_matching_level_says_how_clam_reads_it(
+    slide_025, tmp_path: Path
+) -> None:
+    import h5py
+
+    row = tile_slide(slide_025.path, tmp_path, pixels="none", export_coords=True, qc=False)
+    assert row["status"] == "ok"
+    assert "CLAM must read patch_size_level0 (448) px at level 0" in row["message"]
+    with h5py.File(tmp_path / "coords" / "syn025.h5", "r") as fh:
+        a = dict(fh["coords"].attrs)
+    assert a["patch_level"] == 0 and list(a["level_dim"]) == [4096, 3072]
+    again = tile_slide(slide_025.path, tmp_path, pixels="none", export_coords=True, qc=False)
+    assert again["status"] == "skipped" and "CLAM must read" in again["message"]
+
+
+def test_skipped_store_repeats_its_warnings(blank_slide: Path, tmp_path: Path) -> None:
+    first = tile_slide(blank_slide, tmp_path, pixels="none")
+    again = tile_slide(blank_slide, tmp_path, pixels="none")
+    assert "no tissue" in first["message"]
+    assert again["status"] == "skipped" and "no tissue found" in again["message"]
+
+
+def test_slide_id_of_ome_tiff_and_failed_rows(tmp_path: Path) -> None:
+    row = tile_slide(tmp_path / "case7.ome.tiff", tmp_path / "out")
+    assert row["status"] == "failed" and row["slide_id"] == "case7"

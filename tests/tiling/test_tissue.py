@@ -201,3 +201,9 @@ def test_real_slide_green_ink_is_not_tissue(real_slide) -> None:
             assert (green & right_or_top).sum() >= 10  # the marks are there
             assert not (mask & green).any()
             assert 0.25 < mask.mean() < 0.6  # and the tissue is found
+            # the thin strand reaching out to the left is kept along its whole length
+            band = (slice(int(0.3 * h), int(0.45 * h)), slice(0, w // 5))
+            sat = (rgb.max(-1) - rgb.min(-1)) / np.maximum(rgb.max(-1), 1)
+            stained = (sat[band] > 0.2).any(axis=0)
+            assert stained.sum() >= 15
+            assert mask[band].any(axis=0)[stained].mean() > 0.9

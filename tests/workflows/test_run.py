@@ -15,9 +15,7 @@ from wsi_mil.workflows.demo import make_demo_data
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    return make_demo_data(
-        tmp_path_factory.mktemp("demo"), n_patients=8, slide_px=1536, seed=1
-    )
+    return make_demo_data(tmp_path_factory.mktemp("demo"), n_patients=8, slide_px=1536, seed=1)
 
 
 def test_demo_data_is_a_valid_cohort(demo):

@@ -17,7 +17,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Generate synthetic H&E-like slides and a cohort whose outcome depends on the "
             "tumour burden, then run info, tile, extract (built-in encoder), train "
-            "(survival, cross-validated) with its report, predict and an attention heatmap. No download."
+            "(survival, cross-validated) with its report, predict and an attention heatmap. "
+            "No download."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
@@ -36,9 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     print(f"generating {args.patients} synthetic patients in {out} ...", flush=True)
-    data = make_demo_data(
-        out, n_patients=args.patients, slide_px=args.slide_px, seed=args.seed
-    )
+    data = make_demo_data(out, n_patients=args.patients, slide_px=args.slide_px, seed=args.seed)
     first = sorted(data.slides.glob("*.svs"))[0]
     steps = [
         ["info", str(first)],
