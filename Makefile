@@ -21,7 +21,9 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy .
+	# mypy needs the package under its import name: point it at a link named wsi_mil
+	d=$$(mktemp -d) && ln -s "$(CURDIR)" $$d/wsi_mil && MYPYPATH=$$d $(BIN)/mypy -p wsi_mil; \
+	  s=$$?; rm -rf $$d; exit $$s
 
 bench: $(BIN)/.installed
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = [
 TASKS = ("classification", "survival")
 _PATIENT_COLUMNS = ("patient_id", "case_id")
 _MAX_ERRORS_SHOWN = 50
+_LOCATION = re.compile(r"^(.*?):(\d+): ")
 
 
 @dataclass(frozen=True)
@@ -141,11 +143,23 @@ class _Errors:
     def add(self, path: Path, line: int, column: str, message: str) -> None:
         self.items.append(f"{path}:{line}: {column}: {message}")
 
+    def sorted_items(self) -> list[str]:
+        """Problems ordered by file (first mentioned first), then line."""
+        files: dict[str, int] = {}
+        keyed = []
+        for item in self.items:
+            match = _LOCATION.match(item)
+            name, line = (match.group(1), int(match.group(2))) if match else (item, 0)
+            keyed.append((files.setdefault(name, len(files)), line))
+        order = sorted(range(len(self.items)), key=lambda i: keyed[i])
+        return [self.items[i] for i in order]
+
     def raise_if_any(self, what: str) -> None:
         if not self.items:
             return
-        shown = self.items[:_MAX_ERRORS_SHOWN]
-        more = len(self.items) - len(shown)
+        items = self.sorted_items()
+        shown = items[:_MAX_ERRORS_SHOWN]
+        more = len(items) - len(shown)
         tail = [f"... and {more} more"] if more > 0 else []
         raise CohortError(
             f"{len(self.items)} problem(s) in {what}; fix them and re-run:\n"

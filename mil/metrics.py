@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import roc_auc_score
 
 __all__ = ["bootstrap_ci", "classification_metrics", "survival_metrics"]
 
@@ -69,6 +69,23 @@ def _auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float | None:
     return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
 
 
+def _balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float | None:
+    """Mean recall over the classes present in ``truth`` (scikit-learn's definition,
+    without its warning when ``pred`` holds a class absent from ``truth``).
+
+    Args:
+        truth: (P,) true class indices.
+        pred: (P,) predicted class indices.
+
+    Returns:
+        The balanced accuracy, or None with fewer than two classes in ``truth``.
+    """
+    present = np.unique(truth)
+    if len(present) < 2:
+        return None
+    return float(np.mean([np.mean(pred[truth == c] == c) for c in present]))
+
+
 def classification_metrics(
     y: Sequence[int], probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0
 ) -> dict[str, Any]:
@@ -89,9 +106,7 @@ def classification_metrics(
     pred = probs.argmax(axis=1)
 
     def bacc(idx: np.ndarray) -> float | None:
-        if len(np.unique(truth[idx])) < 2:
-            return None
-        return float(balanced_accuracy_score(truth[idx], pred[idx]))
+        return _balanced_accuracy(truth[idx], pred[idx])
 
     return {
         "auc": bootstrap_ci(

@@ -178,7 +178,7 @@ def predict_cohort(
     members = [uniform_soup(ens.folds)] if soup else ens.folds
     store = BagStore(feature_dirs, int(float(cfg.get("cache_gb", 4.0)) * 2**30))
     outputs, attention = _ensemble_outputs(members, table, units, store, dev, batch_size)
-    result = pd.DataFrame(patient_rows(table, units, outputs, members[0].head))
+    result = pd.DataFrame(patient_rows(table, units, outputs, members[0].head, details=True))
     out = Path(out)
     att_dir = Path(attention_dir) if attention_dir is not None else out.parent / "attention"
     write_unit_attention(

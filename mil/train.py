@@ -448,6 +448,8 @@ def patient_rows(
     outputs: np.ndarray,
     head: Head,
     base: dict[str, Any] | None = None,
+    *,
+    details: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per patient: the mean of its units' outputs, with its targets if known.
 
@@ -457,10 +459,13 @@ def patient_rows(
         outputs: (U, C) probabilities or (U,) risks.
         head: The head that produced them (names the classes).
         base: Extra leading columns (e.g. ``fold``, ``split``).
+        details: Add ``n_slides`` (slides with tiles) and, for classification, ``pred``
+            (the most probable class); off for the run folder's ``predictions.csv``,
+            whose columns are fixed by DESIGN.md.
 
     Returns:
-        Rows with ``patient_id``, ``base``, ``n_slides``, then ``label`` +
-        ``prob_<class>`` + ``pred`` or ``time`` + ``event`` + ``risk``.
+        Rows with ``patient_id``, ``base``, then ``label`` + ``prob_<class>`` or
+        ``time`` + ``event`` + ``risk`` (plus the ``details`` columns).
     """
     by_patient: dict[str, list[int]] = {}
     for i, u in enumerate(units):
@@ -468,14 +473,17 @@ def patient_rows(
     rows = []
     for pid, idx in by_patient.items():
         p = cohort.patients[pid]
-        row: dict[str, Any] = {"patient_id": pid, **(base or {}), "n_slides": len(idx)}
+        row: dict[str, Any] = {"patient_id": pid, **(base or {})}
+        if details:
+            row["n_slides"] = sum(len(units[i].slide_ids) for i in idx)
         value = outputs[idx].mean(axis=0)
         if isinstance(head, ClassificationHead):
             if p.label is not None:
                 row["label"] = p.label
             for c, prob in zip(head.classes, value, strict=True):
                 row[f"prob_{c}"] = float(prob)
-            row["pred"] = head.classes[int(np.argmax(value))]
+            if details:
+                row["pred"] = head.classes[int(np.argmax(value))]
         else:
             if p.time is not None:
                 row["time"], row["event"] = p.time, p.event
@@ -544,9 +552,6 @@ def _finish_fold(ctx: _Context, fm: FoldModel, fold_spec: dict[str, Any]) -> pd.
             fm.meta["head"] = fm.head.state_dict()
         outputs = fm.head.predict(preds.logits)
         rows = patient_rows(cohort, data.units, outputs, fm.head, {"fold": k, "split": split})
-        val_ids = set(fold_spec["val"])
-        for row in rows:
-            row["inner_val"] = int(row["patient_id"] in val_ids)
         frames.append(pd.DataFrame(rows))
         if split == "test":
             write_unit_attention(
@@ -647,10 +652,11 @@ def train_cv(
     )
     with _progress(ctx) as ctx.callback:
         frames, done = _run_folds(ctx, splits["folds"])
-    predictions = pd.concat(frames, ignore_index=True)
+    predictions = _contract_columns(pd.concat(frames, ignore_index=True), cohort)
     _write_table(out / "predictions.csv", predictions)
     metrics = compute_metrics(predictions, cohort, n_boot=config.n_boot, seed=config.seed)
     metrics["excluded_empty_slides"] = list(scan.empty)
+    metrics["n_excluded_empty_slides"] = len(scan.empty)
     metrics["n_patients"] = len(usable)
     with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(metrics, indent=1))
@@ -701,6 +707,17 @@ def _progress(ctx: _Context) -> Iterator[Callback]:
                 bar.update(task, completed=(info["fold"] + 1) * epochs)
 
         yield callback
+
+
+def _contract_columns(table: pd.DataFrame, cohort: Cohort) -> pd.DataFrame:
+    """Keep the ``predictions.csv`` columns of DESIGN.md, in order: ``patient_id``,
+    ``fold``, ``split``, then ``label`` + ``prob_<class>`` or ``time`` + ``event`` +
+    ``risk``."""
+    if cohort.task == "classification":
+        tail = ["label", *(f"prob_{c}" for c in cohort.classes)]
+    else:
+        tail = ["time", "event", "risk"]
+    return table[["patient_id", "fold", "split", *tail]]
 
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:

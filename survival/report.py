@@ -848,7 +848,9 @@ def _fig_forest(data: dict) -> Any | None:
         )
     ax.axvline(1.0, color="grey", ls="--", lw=1)
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(ticker.FixedLocator([0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 10, 20, 100]))
+    ax.xaxis.set_major_locator(
+        ticker.FixedLocator([0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 10, 20, 100])
+    )
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_yticks(y, [_text(f"{r['label']} ({r['model'][:4]}.)") for r in rows], fontsize=8)

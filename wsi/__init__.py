@@ -24,16 +24,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wsi_mil.wsi.mpp import MPP_RANGE, resolve_mpp
-    from wsi_mil.wsi.slide import Slide, open_slide
+    from wsi_mil.wsi.slide import OPENSLIDE_ONLY, Slide, open_slide, slide_id_from_path
     from wsi_mil.wsi.synthetic import SyntheticSlide, make_synthetic_slide
 
 __all__ = [
     "MPP_RANGE",
+    "OPENSLIDE_ONLY",
     "Slide",
     "SyntheticSlide",
     "make_synthetic_slide",
     "open_slide",
     "resolve_mpp",
+    "slide_id_from_path",
 ]
 
 _WHERE = {
@@ -41,6 +43,8 @@ _WHERE = {
     "resolve_mpp": "mpp",
     "Slide": "slide",
     "open_slide": "slide",
+    "OPENSLIDE_ONLY": "slide",
+    "slide_id_from_path": "slide",
     "SyntheticSlide": "synthetic",
     "make_synthetic_slide": "synthetic",
 }

@@ -78,7 +78,7 @@ class Slide:
 
     Attributes:
         path: The slide file.
-        slide_id: The file name without its extension (``.ome.tif(f)`` counts as one).
+        slide_id: The file name without its extension (see :func:`slide_id_from_path`).
         backend: ``"openslide"`` or ``"tiffslide"``.
         dimensions: Level-0 ``(width, height)``.
         level_count: Number of pyramid levels.
@@ -411,7 +411,10 @@ def _check_file(path: Path) -> None:
 
 def slide_id_from_path(path: str | os.PathLike[str]) -> str:
     """Slide identifier of a file: its name without the extension (``.ome.tif(f)`` counts
-    as one extension)."""
+    as one extension); for a DICOM file, the name of its folder (a DICOM slide is a folder
+    of ``.dcm`` files named by UIDs, one per pyramid level)."""
+    if Path(path).suffix.lower() == ".dcm" and Path(path).parent.name:
+        return Path(path).parent.name
     name = Path(path).name
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):

@@ -67,7 +67,9 @@ def test_real_slide_geojson_is_valid_and_matches(real_slide: Path, tmp_path: Pat
     assert geo["features"]
     for feature in geo["features"]:
         _check_qupath_feature(feature)
-    xy = np.concatenate([np.asarray(r) for f in geo["features"] for r in f["geometry"]["coordinates"]])
+    xy = np.concatenate(
+        [np.asarray(r) for f in geo["features"] for r in f["geometry"]["coordinates"]]
+    )
     assert xy.min() >= 0 and xy[:, 0].max() <= 2220 + s and xy[:, 1].max() <= 2967 + s  # level 0
     assert np.array_equal(_rasterize(geo, mask.shape, (s, s)), mask)
 

@@ -79,6 +79,13 @@ def test_mpp_csv_overrides(slides: Path, tmp_path: Path, capsys) -> None:
     table.write_text("slide_id,mpp\na,zero\n")
     assert main(["tile", str(slides / "a.svs"), "--out", str(out), "--mpp-csv", str(table)]) == 2
     assert "row 2" in capsys.readouterr().err
+    table.write_text("slide_id,mpp\na,0.25\nb,0.5\na,0.3\n")
+    assert main(["tile", str(slides / "a.svs"), "--out", str(out), "--mpp-csv", str(table)]) == 2
+    assert "row 4" in capsys.readouterr().err
+    table.write_bytes("slide_id,mpp\na,0.3\n".encode("utf-8-sig"))  # as Excel saves it
+    assert main(["tile", str(slides / "a.svs"), "--out", str(out), "--pixels", "none",
+                 "--mpp-csv", str(table), "--workers", "1"]) == 0  # fmt: skip
+    assert open_tile_store(out / "a.zarr").attrs["mpp"] == 0.3
 
 
 def test_bad_arguments_exit_2(slides: Path, tmp_path: Path, capsys) -> None:
@@ -187,7 +194,9 @@ def test_bad_slides_are_listed_with_the_fix(
     assert rows["nompp"]["status"] == rows["dpi72"]["status"] == "ok"
     assert open_tile_store(out / "dpi72.zarr").attrs["mpp"] == 0.25
     assert rows["good"]["status"] == "skipped"
-    assert rows["tiny"]["status"] == "skipped" and "smaller than one tile" in rows["tiny"]["message"]
+    assert (
+        rows["tiny"]["status"] == "skipped" and "smaller than one tile" in rows["tiny"]["message"]
+    )
     assert {r["status"] for r in rows.values()} == {"ok", "skipped", "failed"}
     assert "match no slide of this run: elsewhere" in capsys.readouterr().out
 

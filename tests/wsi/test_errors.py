@@ -119,3 +119,60 @@ def test_read_error_on_corrupt_tile_data(
     with open_slide(path, backend=backend) as slide, pytest.raises(SlideOpenError) as info:
         slide.read_region((0, 0), 0, (64, 64))
     assert str(path) in str(info.value) and "corrupt" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "hint"),
+    [
+        ("scan.ndpi", "Hamamatsu NDPI", "copy it again"),
+        ("scan.NDPI", "Hamamatsu NDPI", "copy it again"),
+        ("scan.mrxs", "3DHISTECH MRXS", "folder of the same name"),
+        ("scan.dcm", "DICOM WSI", "folder of .dcm files"),
+        ("scan.vms", "Hamamatsu VMS", "image files it lists"),
+    ],
+)
+def test_openslide_only_formats_go_to_openslide_alone(
+    tmp_path: Path, name: str, fmt: str, hint: str
+) -> None:
+    """NDPI, MRXS, VMS and DICOM are opened by OpenSlide only; a failure says so."""
+    path = tmp_path / name
+    path.write_text("not really a scan\n" * 20)
+    with pytest.raises(SlideOpenError) as info:
+        open_slide(path)
+    message = str(info.value)
+    assert f"OpenSlide cannot read this {fmt} file" in message and hint in message
+    assert str(path) in message and "tiffslide" not in message  # never tried
+    with pytest.raises(SlideOpenError, match=r"read only by OpenSlide.*--backend openslide"):
+        open_slide(path, backend="tiffslide")
+
+
+def test_openslide_only_format_without_openslide_names_the_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_mil.wsi.slide as slide_module
+
+    def no_openslide(path: str, name: str):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(slide_module, "open_backend", no_openslide)
+    path = tmp_path / "scan.mrxs"
+    path.write_bytes(b"x" * 100)
+    with pytest.raises(SlideOpenError, match="pip install openslide-python openslide-bin"):
+        open_slide(path)
+
+
+def test_other_formats_still_fall_back_to_tiffslide(
+    small_slide: SyntheticSlide, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wsi_mil.wsi.slide as slide_module
+
+    real = slide_module.open_backend
+
+    def openslide_fails(path: str, name: str):
+        if name == "openslide":
+            raise RuntimeError("pretend OpenSlide cannot read it")
+        return real(path, name)
+
+    monkeypatch.setattr(slide_module, "open_backend", openslide_fails)
+    with open_slide(small_slide.path) as slide:
+        assert slide.backend == "tiffslide"

@@ -279,3 +279,13 @@ def test_non_integer_downsample(tmp_path) -> None:
         )
         ta, tb = a.read_tile(301, 203, 64, 1.0), b.read_tile(301, 203, 64, 1.0)
         assert np.abs(ta.astype(int) - tb).mean() < 4.0
+
+
+def test_slide_id_from_path() -> None:
+    from wsi_mil.wsi import slide_id_from_path
+
+    assert slide_id_from_path("/data/TCGA-01.svs") == "TCGA-01"
+    assert slide_id_from_path("/data/case.7.OME.TIFF") == "case.7"
+    assert slide_id_from_path("/data/case.ome.tif") == "case"
+    assert slide_id_from_path("/data/case.tiff") == "case"
+    assert slide_id_from_path("/dicom/case-12/1.2.840.10008.5.dcm") == "case-12"

@@ -31,6 +31,8 @@ OUT/config.yaml (the resolved configuration).
 
 Folders are searched recursively for .svs .ndpi .mrxs .tif .tiff .scn .bif .vms .vmu
 .dcm (one .dcm file per folder); NDPI, MRXS, VMS/VMU and DICOM are read by OpenSlide.
+A slide's id is its file name without the extension (for DICOM, its folder name); ids
+must be unique within a run.
 Re-running skips complete stores with the same parameters and rebuilds the others
 (the manifest and the console say why). A slide without a resolution needs --mpp or a
 row in --mpp-csv; a slide with no tissue, or smaller than one tile, gets an empty store
@@ -142,7 +144,7 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
     """
     if not path.is_file():
         raise ConfigError(f"--mpp-csv {path} does not exist")
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's BOM
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
         if not {"slide_id", "mpp"} <= cols:
@@ -158,7 +160,12 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
                     f"--mpp-csv {path} row {i}: mpp {row['mpp']!r} for slide "
                     f"{row['slide_id']!r} is not a positive number (µm/px)"
                 )
-            out[str(row["slide_id"])] = value
+            sid = str(row["slide_id"]).strip()
+            if sid in out:
+                raise ConfigError(
+                    f"--mpp-csv {path} row {i}: slide {sid!r} is listed twice; keep one row"
+                )
+            out[sid] = value
     return out
 
 

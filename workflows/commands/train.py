@@ -120,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
         ci = f" (95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f})" if m["ci_low"] is not None else ""
         value = "undefined" if m["value"] is None else f"{m['value']:.3f}"
         print(f"out-of-fold {name}: {value}{ci}")
+    n_empty = result.metrics.get("n_excluded_empty_slides", 0)
+    if n_empty:
+        listed = ", ".join(result.metrics["excluded_empty_slides"][:10])
+        more = " ..." if n_empty > 10 else ""
+        print(f"excluded {n_empty} slide(s) with empty bags: {listed}{more}")
     if result.resumed_folds:
         print(f"resumed folds {result.resumed_folds} from {result.out}")
     print(f"run folder: {result.out}")
