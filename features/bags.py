@@ -5,12 +5,24 @@ Layout (see ``DESIGN.md``):
 * ``features`` — float16 (default) or float32, shape (N, D), chunked by many rows.
 * ``coords`` — int64, shape (N, 2), level-0 top-left (x, y) of each tile, same order as
   ``features``. Its attributes follow CLAM (``patch_size``, ``patch_level``) and TRIDENT
-  (``patch_size_level0``, ``level0_magnification``, ``target_magnification``). Because
-  tiles are read at a physical resolution rather than at a pyramid level,
-  ``patch_level`` is 0 and ``patch_size`` is the tile's side in level-0 pixels (what
-  CLAM needs to draw a tile); ``patch_size_level0`` holds the same value. The tile side
-  at the target resolution is the file attribute ``tile_px``. Magnifications use the
-  usual convention 10 µm / mpp (0.25 µm/px ≈ 40x).
+  (``patch_size_level0``, ``level0_magnification``, ``target_magnification``), checked
+  against how those tools read them:
+
+  - CLAM reads a tile as ``read_region(coord, patch_level, (patch_size, patch_size))``,
+    so ``patch_size`` is the tile side *at* ``patch_level``. Tiles here are read at a
+    physical resolution, not at a pyramid level, so ``patch_level`` is 0 and
+    ``patch_size`` is the tile side in level-0 pixels (``tile_level0``); CLAM then sees
+    exactly the tissue that was embedded (and resizes it to its model's input).
+  - TRIDENT's consumers of feature files (slide encoders such as TITAN and
+    Prov-GigaPath, heatmaps) read only ``patch_size_level0``: the same level-0 side.
+    Magnifications use TRIDENT's convention 10 µm / mpp (0.25 µm/px ≈ 40x), as integers.
+  - The two tools disagree on ``patch_size``: TRIDENT's own *coordinate* files store it
+    at the target magnification and its re-patching readers compute
+    ``patch_size × level0_magnification / target_magnification``. A bag therefore
+    serves CLAM and TRIDENT's feature consumers exactly, but must not be handed to
+    TRIDENT as a coordinate file for re-extraction (it would read tiles too large by
+    that ratio); the tile side at the target resolution is the file attribute
+    ``tile_px``.
 * File attributes: ``format`` (``"wsi-mil.bag/1"``), ``encoder``, ``dim``,
   ``weights_sha256``, ``target_mpp``, ``tile_px``, ``slide_id``, ``wsi_mil_version`` and
   any extra attributes the writer passes (e.g. the tile-store fingerprint).

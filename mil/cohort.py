@@ -30,6 +30,7 @@ from wsi_mil.errors import CohortError
 __all__ = [
     "TASKS",
     "Cohort",
+    "Omics",
     "Patient",
     "Slide",
     "load_cohort",

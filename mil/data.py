@@ -195,7 +195,7 @@ class BagStore:
             bag = join_bags(bags, names=[d.name for d in self.features_dirs])
         tile = bag.attrs.get("coords_attrs", {}).get("patch_size_level0")
         if tile:
-            self.tile_level0[slide_id] = int(tile)
+            self.tile_level0[slide_id] = round(float(tile))
         return bag.features.astype(np.float16, copy=False), bag.coords
 
     def _put(self, slide_id: str, item: tuple[np.ndarray, np.ndarray]) -> None:

@@ -21,6 +21,8 @@ from wsi_mil.errors import ConfigError
 from wsi_mil.io import atomic_path
 from wsi_mil.mil.attention import SlideAttention, read_attention
 
+_CMAP = "inferno"
+
 __all__ = ["attention_geojson", "find_attention", "percentiles", "render_heatmap", "tile_side"]
 
 
@@ -46,7 +48,7 @@ def find_attention(source: str | os.PathLike[str], slide_id: str) -> Path:
 def tile_side(att: SlideAttention) -> int:
     """Tile side in level-0 px: the file's ``tile_level0``, else the grid spacing."""
     if att.attrs.get("tile_level0"):
-        return int(att.attrs["tile_level0"])
+        return round(float(att.attrs["tile_level0"]))
     steps = [np.diff(np.unique(att.coords[:, k])) for k in (0, 1)]
     positive = np.concatenate([s[s > 0] for s in steps])
     if positive.size == 0:
@@ -64,11 +66,27 @@ def percentiles(values: np.ndarray) -> np.ndarray:
 
 
 def attention_geojson(att: SlideAttention, side: int) -> dict[str, Any]:
-    """A GeoJSON FeatureCollection of tile squares with attention measurements."""
+    """A GeoJSON FeatureCollection of tile squares with attention measurements.
+
+    Each feature is a QuPath tile object (``objectType: "tile"``) whose polygon is in
+    level-0 pixels, with ``measurements`` ``attention`` and ``attention_percentile`` and
+    a ``color`` (the heatmap's colour of its percentile), so QuPath shows the heatmap on
+    import and can re-colour it by either measurement.
+
+    Args:
+        att: One slide's attention (N tiles).
+        side: Tile side in level-0 px.
+
+    Returns:
+        ``{"type": "FeatureCollection", "features": [...]}`` with N features.
+    """
+    from matplotlib import colormaps
+
     pct = percentiles(att.attention)
+    colours = (colormaps[_CMAP](pct)[:, :3] * 255).round().astype(int).tolist()
     features = []
-    for (x, y), value, rank in zip(
-        att.coords.tolist(), att.attention.tolist(), pct.tolist(), strict=True
+    for (x, y), value, rank, rgb in zip(
+        att.coords.tolist(), att.attention.tolist(), pct.tolist(), colours, strict=True
     ):
         ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
         features.append(
@@ -78,6 +96,7 @@ def attention_geojson(att: SlideAttention, side: int) -> dict[str, Any]:
                 "properties": {
                     "objectType": "tile",
                     "name": "attention",
+                    "color": rgb,
                     "measurements": {"attention": value, "attention_percentile": rank},
                 },
             }
@@ -102,10 +121,25 @@ def _overlay(
         )
         value[r0:r1, c0:c1] = p
     covered = ~np.isnan(value)
-    colour = colormaps["inferno"](np.nan_to_num(value))[..., :3] * 255
+    colour = colormaps[_CMAP](np.nan_to_num(value))[..., :3] * 255
     out = thumb.astype(np.float32)
     out[covered] = (1 - alpha) * out[covered] + alpha * colour[covered]
     return out.clip(0, 255).astype(np.uint8)
+
+
+def _check_fits(
+    att: SlideAttention, side: int, size: tuple[int, int], attention: Path, slide: Path
+) -> None:
+    """Refuse attention whose tiles lie outside the slide (a file of another slide)."""
+    if not len(att.coords):
+        raise ConfigError(f"{attention} has no tiles; nothing to draw")
+    far = att.coords.max(axis=0)
+    if far[0] >= size[0] or far[1] >= size[1] or att.coords.min() < 0:
+        raise ConfigError(
+            f"{attention}: tiles reach ({int(far[0])}, {int(far[1])}) but {slide} is "
+            f"{size[0]} x {size[1]} px; the attention belongs to another slide - pass the "
+            "slide it was computed on"
+        )
 
 
 def render_heatmap(
@@ -129,6 +163,9 @@ def render_heatmap(
 
     Returns:
         ``{"png": path, "geojson": path}``.
+
+    Raises:
+        ConfigError: The attention file has no tiles or its tiles lie outside the slide.
     """
     from PIL import Image
 
@@ -139,7 +176,8 @@ def render_heatmap(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(slide, mpp=mpp) as s:
-        width = s.dimensions[0]
+        width, height = s.dimensions
+        _check_fits(att, side, (width, height), Path(attention), Path(slide))
         thumb = s.get_thumbnail(size=(max_size, max_size))
         slide_id = str(att.attrs.get("slide_id") or s.slide_id)
     scale = width / thumb.shape[1]

@@ -145,7 +145,8 @@ def predict_cohort(
         n_boot: Bootstrap resamples for the metrics (labelled cohorts).
 
     Returns:
-        The predictions table.
+        The predictions table; ``attrs["excluded_empty_slides"]`` lists the slides left
+        out because their bags have no tiles.
 
     Raises:
         ConfigError / CohortError / BagError: Bad run folder, cohort or bags.
@@ -191,6 +192,7 @@ def predict_cohort(
     )
     with atomic_path(out) as tmp:
         result.to_csv(tmp, index=False)
+    result.attrs["excluded_empty_slides"] = list(scan.empty)
     options = {
         "run_dir": str(Path(run_dir).resolve()),
         "features": [str(f.resolve()) for f in feature_dirs],

@@ -60,6 +60,7 @@ from wsi_mil.mil.tabular import TabularPreprocessor
 __all__ = [
     "Callback",
     "FoldModel",
+    "Predictions",
     "RunResult",
     "UnitSet",
     "build_model",
@@ -383,6 +384,21 @@ def _validation_loss(
     return loss
 
 
+def _informative(val: UnitSet, config: TrainConfig, fold: int) -> bool:
+    """Whether the inner validation set can rank epochs (a Cox loss needs an event)."""
+    if not len(val):
+        return False
+    if config.task == "survival" and config.survival_loss == "cox":
+        if not int(val.targets["event"].sum()):
+            log.warning(
+                "fold %d: the inner validation patients have no event; early stopping is "
+                "off and the last epoch is kept (use a larger --val-fraction)",
+                fold,
+            )
+            return False
+    return True
+
+
 def train_fold(
     ctx: _Context, fold_spec: dict[str, Any]
 ) -> tuple[FoldModel, dict[str, list[float]]]:
@@ -407,10 +423,11 @@ def train_fold(
     opt, sched = _make_optimizer(model, cfg, n_steps)
     history: dict[str, list[float]] = {"train": [], "val": []}
     best = (math.inf, -1, {k_: v.detach().clone() for k_, v in model.state_dict().items()})
+    use_val = _informative(val, cfg, k)
     for epoch in range(cfg.epochs):
         seed = cfg.seed * 1_000_003 + k * 10_007 + epoch
         history["train"].append(_train_epoch(ctx, model, head, fit, opt, sched, seed))
-        if len(val):
+        if use_val:
             history["val"].append(_validation_loss(ctx, model, head, val, k, epoch))
             score = history["val"][-1]
         else:
@@ -438,6 +455,7 @@ def train_fold(
         "dims": ctx.scan.dims,
         "features": [Path(f).name for f in cfg.features],
         "level": cfg.level,
+        "device": str(ctx.device),
     }
     return FoldModel(k, model, head, pre, meta), history
 
@@ -631,9 +649,15 @@ def train_cv(
     config.validate()
     cohort, scan, usable = _prepare(config)
     check_cv_cohort(cohort, usable, config.folds)  # before anything is written
+    _check_model(config, cohort, usable, scan.dim)
+    device = resolve_device(config.device)
     out = Path(out)
     splits_path = out / "splits.json"
-    resumed = prepare_run_dir(out, config.resolved())
+    resolved = config.resolved()
+    resolved["device"] = str(device)  # "auto" resolved (a runtime option: may change on resume)
+    resumed = prepare_run_dir(out, resolved)
+    if resumed:
+        _remove_stale_temps(out)
     if resumed and splits_path.is_file():
         splits = load_splits(splits_path, usable)
     else:
@@ -646,7 +670,7 @@ def train_cv(
         config,
         BagStore(config.features, int(config.cache_gb * 2**30)),
         scan,
-        resolve_device(config.device),
+        device,
         out,
         callback or (lambda event, info: None),
     )
@@ -663,6 +687,33 @@ def train_cv(
     if config.task == "survival":
         _survival_report(out, config.seed, config.n_boot)
     return RunResult(out, predictions, metrics, done)
+
+
+def _check_model(config: TrainConfig, cohort: Cohort, patient_ids: list[str], dim: int) -> None:
+    """Build the model once on the whole cohort's shapes, so an unknown aggregator or
+    option is reported before the run folder is created.
+
+    Raises:
+        ConfigError: Unknown aggregator, bad ``model_kwargs``, or tables given to a
+            histology-only aggregator.
+    """
+    head = create_head(
+        cohort, patient_ids, survival_loss=config.survival_loss, n_bins=config.n_bins
+    )
+    build_model(config, dim, head, TabularPreprocessor.fit(cohort, patient_ids))
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Delete temporaries (``.<name>.<random>.tmp``) that a killed run left behind."""
+    import shutil
+
+    for folder in (out, out / "attention"):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+            log.info("removing %s left by an interrupted run", tmp)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _run_folds(ctx: _Context, folds: list[dict[str, Any]]) -> tuple[list[pd.DataFrame], list[int]]:

@@ -1,5 +1,7 @@
 """Paige Virchow2: ViT-H/14 with SwiGLU MLP and 4 registers.
 
+As published (timm config of ``paige-ai/Virchow2``) the position embedding also covers
+the class and register tokens (timm's default ``no_embed_class=False``): (1, 261, 1280).
 The embedding is the class token concatenated with the mean of the patch tokens
 (register tokens excluded), 2 × 1280 = 2560 dims, as in the model card.
 """
@@ -39,6 +41,5 @@ def build_virchow2(spec: EncoderSpec) -> TimmBackbone:
         mlp_layer=SwiGLUPacked,
         act_layer=torch.nn.SiLU,
         reg_tokens=4,
-        no_embed_class=True,
         dynamic_img_size=True,
     )

@@ -51,6 +51,37 @@ def test_builtin_bags_manifest_and_config(tiles, tmp_path):
 
     cfg = yaml.safe_load((out / "builtin" / "config.yaml").read_text())
     assert cfg["encoder"]["name"] == "builtin" and cfg["devices"] == ["cpu"]
+    _check_clam_and_trident_reading(tiles, out)
+
+
+def _clam_read(slide, h5_path, index):
+    """Read tile ``index`` the way CLAM's Whole_Slide_Bag_FP does (from the attributes)."""
+    import h5py
+
+    with h5py.File(h5_path) as h5:
+        level = int(h5["coords"].attrs["patch_level"])
+        size = int(h5["coords"].attrs["patch_size"])
+        x, y = (int(v) for v in h5["coords"][index])
+    return slide.read_region((x, y), level, (size, size))
+
+
+def _check_clam_and_trident_reading(tiles, out):
+    """CLAM's read of a bag's tiles covers the embedded tissue; TRIDENT's sizes agree."""
+    from wsi_mil.wsi import open_slide
+
+    store = open_tile_store(tiles / "slide_b.zarr")
+    h5_path = out / "builtin" / "slide_b.h5"
+    ca = read_bag(h5_path).attrs["coords_attrs"]
+    assert ca["patch_level"] == 0 and ca["patch_size"] == ca["patch_size_level0"] == 128
+    # TRIDENT's relation between the level-0 size and the magnifications (10 µm / mpp)
+    assert ca["level0_magnification"] == 20 and ca["target_magnification"] == 10
+    assert ca["patch_size_level0"] == store.tile_px * ca["level0_magnification"] // 10
+    with open_slide(store.source_path) as slide:
+        for i in (0, store.n_tiles // 2, store.n_tiles - 1):
+            region = torch.from_numpy(_clam_read(slide, h5_path, i)).permute(2, 0, 1)[None]
+            clam = torch.nn.functional.interpolate(region.float(), size=64, mode="area")
+            ours = torch.from_numpy(store.read_pixels(i, i + 1)).permute(0, 3, 1, 2).float()
+            assert (clam - ours).abs().mean() < 3, i  # same tissue, same field of view
 
 
 def test_rerun_skips_and_resumes_after_kill(tiles, tmp_path, monkeypatch):
@@ -230,3 +261,35 @@ def test_parse_devices():
     assert parse_devices(["cpu"]) == ["cpu"]
     with pytest.raises(ConfigError, match="empty"):
         parse_devices(" , ")
+
+
+def test_next_slide_is_read_before_the_current_one_ends(tiles, monkeypatch):
+    """Largest slide first, and the next slide's loader starts before the current ends."""
+    import wsi_mil.features.pool as pool
+    from wsi_mil.features.extract import find_stores, plan_extraction
+
+    events = []
+    real_loader, real_embed = pool._loader, pool._embed
+
+    def loader(task, *args):
+        events.append(("start", task.slide_id))
+        return real_loader(task, *args)
+
+    def embed(encoder, batches, n, device, emit):
+        out = real_embed(encoder, batches, n, device, emit)
+        events.append(("embedded", next(s for s, t in sizes.items() if t == n)))
+        return out
+
+    monkeypatch.setattr(pool, "_loader", loader)
+    monkeypatch.setattr(pool, "_embed", embed)
+    tasks, _ = plan_extraction(find_stores(tiles), "builtin", tiles.parent / "f", "none",
+                               overwrite=False)  # fmt: skip
+    sizes = {t.slide_id: t.n_tiles for t in tasks}
+    assert sizes["slide_a"] > sizes["slide_b"]
+    assert [t.slide_id for t in tasks] == ["slide_a", "slide_b"]  # largest first
+    job = pool.ExtractJob("builtin", None, "none", batch_size=32, workers=0)
+    rows = []
+    pool.run_pool(["cpu"], job, tasks, lambda m: rows.append(m[1]) if m[0] == "row" else None)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert events == [("start", "slide_a"), ("start", "slide_b"),
+                      ("embedded", "slide_a"), ("embedded", "slide_b")]  # fmt: skip

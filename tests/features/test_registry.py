@@ -14,7 +14,7 @@ from wsi_mil.features.registry import Encoder
 
 # ViT-L and larger (0.3-1.1 B parameters) are built with their exact architecture on
 # the meta device, materialised on the CPU with `to_empty` and filled by a seeded uniform
-# init (timm's truncated-normal init takes minutes for these), one model per test.
+# init (much cheaper than timm's truncated-normal init), one model per test, freed after.
 HUGE = {
     "dinov2-g", "dinov2-g-reg", "uni2-h", "h-optimus-0", "virchow2",
     "dinov2-l", "dinov2-l-reg", "phikon-v2", "uni",
@@ -22,6 +22,9 @@ HUGE = {
 PUBLISHED_PARAMS_M = {
     "h-optimus-0": 1134.8, "uni2-h": 681.4, "virchow2": 631.2, "uni": 303.4, "dinov2-l": 303.2,
 }  # fmt: skip
+# Tokens covered by `pos_embed` in the published checkpoints (224 px): the class token
+# (and Virchow2's 4 registers) are included; UNI2-h and H-optimus-0 exclude all prefix tokens.
+PUBLISHED_POS_TOKENS = {"virchow2": 261, "uni": 197, "uni2-h": 256, "h-optimus-0": 256}
 NAMES = [s.name for s in list_encoders()]
 
 
@@ -79,12 +82,14 @@ def test_huge_encoder_builds_and_is_deterministic(name):
     """
     torch.set_num_threads(2)
     meta = create_encoder(name, weights="random", device="meta")
+    assert not any(m.training for m in meta.modules())  # create_encoder returns eval mode
+    if name in PUBLISHED_POS_TOKENS:
+        assert meta.backbone.model.pos_embed.shape[1] == PUBLISHED_POS_TOKENS[name]
     backbone = meta.backbone.to_empty(device="cpu")
     assert not list(backbone.buffers())  # nothing left uninitialised by to_empty
     _fast_random_init(backbone)
     enc = Encoder(meta.spec, backbone, meta.weights_sha256).eval()
     del meta
-    assert not any(m.training for m in enc.modules())
     n_params = sum(p.numel() for p in enc.parameters()) / 1e6
     if name in PUBLISHED_PARAMS_M:
         assert n_params == pytest.approx(PUBLISHED_PARAMS_M[name], rel=2e-3)

@@ -61,24 +61,31 @@ def _parity(hf_model, encoder: Encoder) -> None:
     assert torch.allclose(ours, ref, atol=1e-4, rtol=0), (ours - ref).abs().max()
 
 
+@pytest.fixture
+def shallow_builders(monkeypatch):
+    """Make the registered Owkin builders build DEPTH blocks (all other settings as is)."""
+    import wsi_mil.features.encoders.owkin as owkin
+
+    def shallow(*args, **kwargs):
+        return build_timm(*args, **{**kwargs, "depth": DEPTH})
+
+    monkeypatch.setattr(owkin, "build_timm", shallow)
+
+
 @pytest.mark.parametrize("bin_file", [False, True])
-def test_phikon_parity_with_transformers_vitmodel(tmp_path, bin_file):
+def test_phikon_parity_with_transformers_vitmodel(tmp_path, bin_file, shallow_builders):
     torch.manual_seed(1)
     cfg = transformers.ViTConfig(**{**PHIKON, "num_hidden_layers": DEPTH})
     hf = transformers.ViTModel(cfg).eval()
     folder = _save_hf(hf, tmp_path / "phikon", bin_file=bin_file)
-    spec = get_encoder_spec("phikon")
-    backbone = build_timm(
-        "vit_base_patch16_224", "cls", img_size=224, depth=DEPTH,
-        norm_layer=partial(nn.LayerNorm, eps=1e-12),
-    )  # fmt: skip
-    sha = load_weights(backbone, spec, folder)
+    encoder = create_encoder("phikon", weights=str(folder))  # the registered builder
+    assert len(encoder.backbone.model.blocks) == DEPTH
     weights_file = "pytorch_model.bin" if bin_file else "model.safetensors"
-    assert sha == file_sha256(folder / weights_file)
-    _parity(hf, Encoder(spec, backbone, sha).eval())
+    assert encoder.weights_sha256 == file_sha256(folder / weights_file)
+    _parity(hf, encoder)
 
 
-def test_phikon_v2_parity_with_transformers_dinov2model(tmp_path):
+def test_phikon_v2_parity_with_transformers_dinov2model(tmp_path, shallow_builders):
     torch.manual_seed(2)
     cfg = transformers.Dinov2Config(**{**PHIKON_V2, "num_hidden_layers": DEPTH})
     hf = transformers.Dinov2Model(cfg).eval()
@@ -87,11 +94,23 @@ def test_phikon_v2_parity_with_transformers_dinov2model(tmp_path):
             if "lambda1" in name:
                 p.copy_(torch.rand_like(p))
     folder = _save_hf(hf, tmp_path / "phikon-v2")
-    spec = get_encoder_spec("phikon-v2")
-    backbone = build_timm("vit_large_patch16_224", "cls", img_size=224, init_values=1e-5,
-                          depth=DEPTH)  # fmt: skip
-    sha = load_weights(backbone, spec, folder)
-    _parity(hf, Encoder(spec, backbone, sha).eval())
+    encoder = create_encoder("phikon-v2", weights=str(folder))
+    assert len(encoder.backbone.model.blocks) == DEPTH
+    _parity(hf, encoder)
+
+
+def test_load_weights_into_a_built_backbone(tmp_path):
+    """The lower-level API: load_weights(backbone, spec, path) returns the sha256."""
+    torch.manual_seed(3)
+    cfg = transformers.ViTConfig(**{**PHIKON, "num_hidden_layers": DEPTH})
+    folder = _save_hf(transformers.ViTModel(cfg).eval(), tmp_path / "phikon")
+    backbone = build_timm(
+        "vit_base_patch16_224", "cls", img_size=224, depth=DEPTH,
+        norm_layer=partial(nn.LayerNorm, eps=1e-12),
+    )  # fmt: skip
+    spec = get_encoder_spec("phikon")
+    assert load_weights(backbone, spec, folder) == file_sha256(folder / "model.safetensors")
+    assert isinstance(Encoder(spec, backbone, "x").eval()(_tiles(1)), torch.Tensor)
 
 
 @pytest.mark.parametrize(

@@ -68,6 +68,10 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     ]
     for line in expected:
         assert line in text, line
+    # listed in line order, one per line, after a one-line summary
+    lines = text.splitlines()[1:]
+    assert len(lines) == len(expected)
+    assert all(got.startswith(want) for got, want in zip(lines, expected, strict=True))
     assert text.startswith(f"{len(expected)} problem(s)")
 
 

@@ -97,6 +97,15 @@ def test_classification_metrics_match_sklearn() -> None:
     )
 
 
+def test_balanced_accuracy_when_a_predicted_class_is_absent() -> None:
+    # 3 classes, class 2 never true but predicted (sklearn warns here; pytest -W error)
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1]])
+    m = classification_metrics(y, probs, n_boot=20)
+    assert m["balanced_accuracy"]["value"] == pytest.approx(0.5)  # recalls 1/2 and 1/2
+    assert m["auc"]["value"] is None  # one-vs-rest AUC needs every class
+
+
 def test_bootstrap_is_seeded() -> None:
     data = np.arange(50.0)
     a = bootstrap_ci(lambda i: float(data[i].mean()), 50, n_boot=100, seed=3)

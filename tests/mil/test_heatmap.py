@@ -43,6 +43,19 @@ def test_render_heatmap(slide_and_attention: tuple[Path, Path], tmp_path: Path) 
     first = geo["features"][0]
     assert first["geometry"]["coordinates"][0][2] == [256, 256]
     assert first["properties"]["measurements"]["attention_percentile"] == 0.0
+    assert first["properties"]["objectType"] == "tile"  # QuPath's tile object type
+    last = geo["features"][-1]["properties"]
+    assert sum(last["color"]) > sum(first["properties"]["color"])  # hot = bright
+
+
+def test_heatmap_refuses_attention_of_another_slide(
+    slide_and_attention: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, att = slide_and_attention
+    small = make_synthetic_slide(tmp_path / "small.svs", 512, 512).path
+    with pytest.raises(ConfigError, match=r"tiles reach \(768, 512\) but .*small.svs is 512 x 512"):
+        render_heatmap(att, small, tmp_path / "out")
+    assert not (tmp_path / "out" / "slide1_heatmap.png").exists()
 
 
 def test_heatmap_command(slide_and_attention: tuple[Path, Path], tmp_path: Path) -> None:

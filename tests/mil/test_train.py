@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from wsi_mil.errors import CohortError, ConfigError, OutputExistsError
 from wsi_mil.features.bags import BagError, write_bag
 from wsi_mil.mil.attention import read_attention
+from wsi_mil.mil.run import TrainConfig
 from wsi_mil.mil.synthetic import make_synthetic_cohort
 from wsi_mil.mil.train import train_cv
 
@@ -64,7 +66,8 @@ def test_run_folder_contents(classification_run: Any) -> None:
     assert config["task"] == "classification" and config["folds"] == 3
     assert Path(config["cohort"]).is_absolute()
     preds = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str, "label": str})
-    assert {"patient_id", "fold", "split", "label", "prob_0", "prob_1"} <= set(preds.columns)
+    # exactly the columns of DESIGN.md's run-folder contract
+    assert list(preds.columns) == ["patient_id", "fold", "split", "label", "prob_0", "prob_1"]
     assert set(preds["split"]) == {"train", "test"}
     assert len(preds) == 3 * 30  # one row per fold and patient
     assert preds.groupby("patient_id")["split"].apply(lambda s: (s == "test").sum()).eq(1).all()
@@ -74,6 +77,12 @@ def test_run_folder_contents(classification_run: Any) -> None:
         assert state and json.loads((out / f"fold_{k}" / "fold.json").read_text())["fold"] == k
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["excluded_empty_slides"] == [] and metrics["n_patients"] == 30
+    assert metrics["n_excluded_empty_slides"] == 0
+    splits = json.loads((out / "splits.json").read_text())
+    for fold in splits["folds"]:  # outer test fold and inner validation ids, disjoint
+        assert fold["val"] and fold["test"] and fold["train"]
+        assert not set(fold["val"]) & set(fold["test"])
+        assert not set(fold["train"]) & (set(fold["val"]) | set(fold["test"]))
     assert not list(out.rglob("*.tmp"))
 
 
@@ -142,6 +151,7 @@ def test_empty_bags_are_excluded_and_counted(tmp_path: Path, make_config: Any) -
         make_config(syn, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r"
     )
     assert len(result.metrics["excluded_empty_slides"]) == 2
+    assert result.metrics["n_excluded_empty_slides"] == 2
     assert not any(
         (result.out / "attention" / f"{s}.h5").exists()
         for s in result.metrics["excluded_empty_slides"]
@@ -235,7 +245,15 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     assert meta["aggregator"]["n_clinical"] == 1 and meta["in_dim"] == 8
     assert meta["head"]["kind"] == "discrete"
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
-    assert result.predictions["n_slides"].max() >= 2
+    assert list(result.predictions.columns) == [
+        "patient_id",
+        "fold",
+        "split",
+        "time",
+        "event",
+        "risk",
+    ]
+    assert not result.predictions.duplicated(["patient_id", "fold", "split"]).any()
 
 
 def test_test_bags_are_not_read_before_the_model_is_chosen(
@@ -266,3 +284,100 @@ def test_test_bags_are_not_read_before_the_model_is_chosen(
         read = {i for e, i in log[start:end] if e == "read"}
         assert read and not read & test_slides  # training + selection never touch test bags
         start = end
+
+
+def test_small_classes_and_few_events_are_refused(tmp_path: Path, make_config: Any) -> None:
+    three = make_synthetic_cohort(
+        tmp_path / "c3", n_patients=8, n_classes=3, n_tiles=(5, 5), dims=(4,)
+    )  # classes 0, 1, 2 with 3, 3, 2 patients
+    with pytest.raises(CohortError, match=r"fewer patients than --folds 3 \('2' has 2\)"):
+        train_cv(make_config(three, "classification", folds=3), tmp_path / "r1")
+    assert not (tmp_path / "r1").exists()  # refused before anything is written
+    surv = make_synthetic_cohort(
+        tmp_path / "s", task="survival", n_patients=6, n_tiles=(5, 5), dims=(4,)
+    )
+    lines = surv.cohort_csv.read_text().splitlines()
+    ev = lines[0].split(",").index("event")
+    rows = [r.split(",") for r in lines[1:]]
+    for i, r in enumerate(rows):
+        r[ev] = "1" if i == 0 else "0"
+    surv.cohort_csv.write_text("\n".join([lines[0], *(",".join(r) for r in rows)]) + "\n")
+    with pytest.raises(CohortError, match=r"1 event\(s\) but --folds 2"):
+        train_cv(make_config(surv, "survival", folds=2), tmp_path / "r2")
+
+
+@pytest.mark.parametrize(
+    ("task", "n_patients", "n_classes", "folds", "level", "model"),
+    [
+        ("classification", 6, 2, 2, "patient", "abmil"),
+        ("classification", 9, 3, 3, "slide", "transmil"),
+        ("survival", 7, 2, 2, "patient", "abmil"),
+        ("survival", 8, 2, 3, "slide", "clam_sb"),
+    ],
+)
+def test_tiny_cohorts_train_end_to_end(
+    tmp_path: Path,
+    make_config: Any,
+    task: str,
+    n_patients: int,
+    n_classes: int,
+    folds: int,
+    level: str,
+    model: str,
+) -> None:
+    syn = make_synthetic_cohort(
+        tmp_path / "d",
+        task=task,
+        n_patients=n_patients,
+        n_classes=n_classes,
+        slides_per_patient=(1, 2),
+        n_tiles=(4, 9),
+        dims=(4,),
+        seed=n_patients,
+    )
+    config = make_config(
+        syn, task, folds=folds, epochs=1, n_boot=5, level=level, model=model, max_tiles=4
+    )
+    if model == "transmil":
+        config.model_kwargs = {"hidden_dim": 16, "n_heads": 2}
+    result = train_cv(config, tmp_path / "run")
+    test = result.predictions[result.predictions["split"] == "test"]
+    assert sorted(test["patient_id"]) == sorted(set(syn.patients.values()))
+    assert set(result.metrics["folds"]) == {str(k) for k in range(folds)}
+
+
+def test_resume_removes_temporaries_of_a_killed_run(
+    tiny_cohort: Any, make_config: Any, tmp_path: Path
+) -> None:
+    config = make_config(tiny_cohort, "classification", folds=2, epochs=1, n_boot=0)
+    out = tmp_path / "run"
+
+    def interrupt(event: str, info: dict[str, Any]) -> None:
+        if event == "fold_done":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cv(config, out, callback=interrupt)
+    stale = out / ".fold_1.deadbeef.tmp"  # what a SIGKILL during the fold save leaves
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    (out / "attention" / ".x.h5.0badf00d.tmp").write_bytes(b"half")
+    result = train_cv(config, out)
+    assert result.resumed_folds == [0]
+    assert not list(out.rglob("*.tmp"))
+    assert load_file(out / "fold_1" / "model.safetensors")
+
+
+def test_inner_validation_without_events_does_not_pick_the_epoch() -> None:
+    from wsi_mil.mil.data import Unit
+    from wsi_mil.mil.train import UnitSet, _informative
+
+    units = [Unit(f"P{i}", f"P{i}", (f"S{i}",)) for i in range(3)]
+    cox = TrainConfig(task="survival", cohort="c.csv", features=["f"])
+    censored = UnitSet(units, {"time": torch.ones(3), "event": torch.zeros(3)})
+    assert not _informative(censored, cox, 0)  # a Cox loss of 0 cannot rank epochs
+    one_event = UnitSet(units, {"time": torch.ones(3), "event": torch.tensor([0.0, 1.0, 0.0])})
+    assert _informative(one_event, cox, 0)
+    assert not _informative(UnitSet([], {}), cox, 0)
+    cls = TrainConfig(task="classification", cohort="c.csv", features=["f"])
+    assert _informative(UnitSet(units, {"label": torch.zeros(3, dtype=torch.long)}), cls, 0)

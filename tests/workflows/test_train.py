@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from wsi_mil.mil.synthetic import make_synthetic_cohort
 from wsi_mil.workflows.cli import main
@@ -107,3 +113,81 @@ def test_user_errors_exit_2(cohort, tmp_path: Path, capsys: pytest.CaptureFixtur
     args[1] = str(bad)
     assert main(args) == 2
     assert f"{bad}:2: slide_id: no feature bag" in capsys.readouterr().err
+    # a bad model option is refused before the run folder exists, so fixing it just works
+    fresh = tmp_path / "r3"
+    assert main(_train_args(cohort, fresh, "--model-kwargs", '{"bogus": 1}')) == 2
+    assert "has no option(s) ['bogus']" in capsys.readouterr().err and not fresh.exists()
+    assert main(_train_args(cohort, fresh, "--model", "nope")) == 2
+    assert "unknown aggregator 'nope'" in capsys.readouterr().err and not fresh.exists()
+    assert main(_train_args(cohort, fresh, "--epochs", "1")) == 0
+    assert yaml.safe_load((fresh / "config.yaml").read_text())["device"] == "cpu"
+
+
+def _fold_complete(fold: Path) -> bool:
+    return all((fold / n).is_file() for n in ("model.safetensors", "fold.json", "predictions.csv"))
+
+
+def test_sigkill_mid_fold_then_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    syn = make_synthetic_cohort(tmp_path / "d", n_patients=8, n_tiles=(10, 20), dims=(8,))
+    run = tmp_path / "run"
+    args = _train_args(syn, run, "--epochs", "100", "--patience", "100")
+    code = "import sys; from wsi_mil.workflows.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "fold_0").is_dir():
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "fold 0 never finished"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)  # mid fold 1: no clean-up handler can run
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+    assert _fold_complete(run / "fold_0") and load_file(run / "fold_0" / "model.safetensors")
+    assert not (run / "fold_1").exists()  # nothing half-written at a final path
+    assert not (run / "predictions.csv").exists() and not (run / "metrics.json").exists()
+    splits = (run / "splits.json").read_text()
+    assert main(args) == 0  # the same command resumes
+    assert "resumed folds [0]" in capsys.readouterr().out
+    assert _fold_complete(run / "fold_1") and (run / "splits.json").read_text() == splits
+    assert not list(run.rglob("*.tmp"))
+    preds = pd.read_csv(run / "predictions.csv")
+    assert list(preds.columns) == ["patient_id", "fold", "split", "label", "prob_0", "prob_1"]
+
+
+def test_empty_bags_counted_predict_soup_and_without_cohort(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    syn = make_synthetic_cohort(
+        tmp_path / "d", n_patients=8, n_tiles=(10, 20), dims=(8, 4), empty_slides=1
+    )
+    run = tmp_path / "run"
+    assert main(_train_args(syn, run, "--level", "slide")) == 0
+    out = capsys.readouterr().out
+    empty = next(s for s in syn.planted if "_E" in s)
+    assert f"excluded 1 slide(s) with empty bags: {empty}" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_excluded_empty_slides"] == 1
+    assert set(metrics["folds"]) == {"0", "1"} and metrics["pooled"]["auc"]["ci_low"] is not None
+    feats = [a for d in syn.features_dirs for a in ("--features", str(d))]
+    for extra, name in (([], "bags"), (["--soup", "--cohort", str(syn.cohort_csv)], "soup")):
+        dest = tmp_path / name / "p.csv"
+        assert main(["predict", str(run), *feats, "--out", str(dest), *extra]) == 0
+        printed = capsys.readouterr().out
+        assert f"excluded 1 slide(s) with empty bags: {empty}" in printed
+        table = pd.read_csv(dest, dtype={"patient_id": str})
+        options = yaml.safe_load(dest.with_suffix(".yaml").read_text())
+        assert options["soup"] is (name == "soup")
+        atts = {p.stem for p in (tmp_path / name / "attention").glob("*.h5")}
+        assert atts == {s for s in syn.planted if s != empty}
+        if name == "bags":  # one row per non-empty bag, no targets
+            assert len(table) == len(syn.planted) - 1 and "label" not in table.columns
+        else:
+            assert len(table) == 8 and "label" in table.columns

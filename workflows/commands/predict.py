@@ -16,7 +16,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Average the fold models of RUN_DIR over every bag (or the patients of "
             "--cohort; targets optional) and write a predictions CSV, per-slide attention "
-            "(attention/<slide_id>.h5 beside the CSV) and the resolved options (.yaml)."
+            "(attention/<slide_id>.h5 beside the CSV) and the resolved options (.yaml). "
+            "With --soup a single model whose weights are the mean of the folds' is used "
+            "instead (all folds start from the same initial weights)."
         ),
     )
     p.add_argument("run_dir", help="run folder written by `wsi-mil train`")
@@ -31,7 +33,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--omics", help="omics table for fusion models")
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--attention-dir", help="default: <folder of --out>/attention")
-    p.add_argument("--soup", action="store_true", help="use a uniform weight soup of the folds")
+    p.add_argument(
+        "--soup",
+        action="store_true",
+        help=(
+            "use a uniform weight soup (the fold models' weights averaged into one model) "
+            "instead of the fold ensemble; refused for runs with clinical/omics inputs or "
+            "the discrete-time survival loss, whose folds are not interchangeable"
+        ),
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     return p
@@ -53,4 +63,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     print(f"{len(table)} patient(s) predicted -> {args.out}")
+    empty = table.attrs.get("excluded_empty_slides", [])
+    if empty:
+        more = " ..." if len(empty) > 10 else ""
+        print(f"excluded {len(empty)} slide(s) with empty bags: {', '.join(empty[:10])}{more}")
     return 0
