@@ -30,10 +30,11 @@ import torch
 
 from wsi_mil.features.bags import read_bag
 from wsi_mil.mil.data import collate_bags
+from wsi_mil.mil.inference import resolve_device
 from wsi_mil.mil.models import create_aggregator
 from wsi_mil.mil.run import TrainConfig
 from wsi_mil.mil.synthetic import make_synthetic_cohort
-from wsi_mil.mil.train import resolve_device, train_cv
+from wsi_mil.mil.train import train_cv
 
 
 def _peak_rss_mb() -> float:

@@ -8,7 +8,9 @@ Public API (imported lazily, so ``import wsi_mil.mil`` stays cheap):
 * aggregators — :func:`create_aggregator`, :func:`list_aggregators` (``mil/models/``);
 * heads — :func:`create_head` (``mil/heads.py``);
 * splits — :func:`make_splits` (``mil/splits.py``);
-* training — :class:`TrainConfig`, :func:`train_cv` (``mil/train.py``);
+* training — :class:`TrainConfig`, :func:`train_cv` (``mil/train.py``; fold folders in
+  ``mil/fold.py``, running a model on bags in ``mil/inference.py``, run metrics in
+  ``mil/evaluate.py``);
 * inference — :func:`predict_cohort`, :func:`load_ensemble`, :func:`uniform_soup`
   (``mil/predict.py``);
 * attention files — :func:`read_attention`, :func:`write_attention`; heatmaps —

@@ -6,20 +6,19 @@ the epoch on the inner validation patients only, then predict the training and t
 patients. The test fold is never evaluated before the model is fixed; every evaluation
 is reported to an optional ``callback`` so this can be checked.
 
-Each finished fold is a folder ``fold_<k>/`` (``model.safetensors``, ``fold.json``,
-``predictions.csv``) renamed into place when complete; an interrupted run resumes from
-its finished folds. At the end the run folder gets ``predictions.csv``,
-``metrics.json`` and, for survival, the report.
+Each finished fold is a folder ``fold_<k>/`` (see :mod:`wsi_mil.mil.fold`) renamed into
+place when complete; an interrupted run resumes from its finished folds. At the end the
+run folder gets ``predictions.csv``, ``metrics.json`` and, for survival, the report
+(:mod:`wsi_mil.mil.evaluate`). Running a model on bags is :mod:`wsi_mil.mil.inference`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 
-from wsi_mil.errors import ConfigError
 from wsi_mil.io import atomic_path
-from wsi_mil.mil.attention import write_attention
 from wsi_mil.mil.cohort import Cohort, load_cohort
 from wsi_mil.mil.data import (
     BagBatch,
     BagScan,
     BagStore,
-    Unit,
     event_batches,
     load_batch,
     make_units,
@@ -45,17 +40,21 @@ from wsi_mil.mil.data import (
     random_batches,
     scan_bags,
 )
-from wsi_mil.mil.heads import (
-    ClassificationHead,
-    Head,
-    SurvivalHead,
-    create_head,
-    head_from_state,
+from wsi_mil.mil.evaluate import compute_metrics, write_run_outputs
+from wsi_mil.mil.fold import FoldModel, build_model, fold_complete, fold_dir
+from wsi_mil.mil.heads import Head, SurvivalHead, create_head
+from wsi_mil.mil.inference import (
+    Predictions,
+    UnitSet,
+    forward_batch,
+    patient_rows,
+    predict_units,
+    resolve_device,
 )
-from wsi_mil.mil.metrics import classification_metrics, survival_metrics
 from wsi_mil.mil.run import TrainConfig, prepare_run_dir
 from wsi_mil.mil.splits import check_cv_cohort, load_splits, make_splits, save_splits
 from wsi_mil.mil.tabular import TabularPreprocessor
+from wsi_mil.mil.unit_attention import write_unit_attention
 
 __all__ = [
     "Callback",
@@ -79,206 +78,6 @@ log = logging.getLogger(__name__)
 #: for early stopping / selection), ``"predict"`` (final predictions of a split),
 #: ``"epoch"`` and ``"fold_done"``. ``info`` holds ``fold`` and ``patient_ids`` etc.
 Callback = Callable[[str, dict[str, Any]], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU.
-
-    Raises:
-        ConfigError: CUDA requested but unavailable.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
-    return device
-
-
-def _as_tensors(
-    pair: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return None if pair is None else (torch.from_numpy(pair[0]), torch.from_numpy(pair[1]))
-
-
-@dataclass
-class UnitSet:
-    """Bags with their targets and tabular inputs, aligned by position.
-
-    Attributes:
-        units: The bags.
-        targets: Head targets, each (U,).
-        omics: (U, G) float32 and (U,) bool mask, or None.
-        clinical: (U, C) float32 and (U,) bool mask, or None.
-    """
-
-    units: list[Unit]
-    targets: dict[str, torch.Tensor]
-    omics: tuple[torch.Tensor, torch.Tensor] | None = None
-    clinical: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @classmethod
-    def build(
-        cls, cohort: Cohort, units: list[Unit], head: Head | None, pre: TabularPreprocessor
-    ) -> UnitSet:
-        """Gather targets (when ``head`` is given and the cohort is labelled) and tables."""
-        pids = [u.patient_id for u in units]
-        targets = head.targets(cohort, pids) if head is not None else {}
-        omics = pre.transform_omics(cohort, pids)
-        clinical = pre.transform_clinical(cohort, pids)
-        return cls(units, targets, _as_tensors(omics), _as_tensors(clinical))
-
-    def __len__(self) -> int:
-        return len(self.units)
-
-    def extras(self, idx: Sequence[int], device: torch.device) -> dict[str, torch.Tensor | None]:
-        """Keyword inputs of the aggregator for the units ``idx``."""
-        ix = torch.as_tensor(list(idx), dtype=torch.long)
-        out: dict[str, torch.Tensor | None] = {
-            "omics": None,
-            "omics_mask": None,
-            "clinical": None,
-            "clinical_mask": None,
-        }
-        if self.omics is not None:
-            out["omics"] = self.omics[0][ix].to(device)
-            out["omics_mask"] = self.omics[1][ix].to(device)
-        if self.clinical is not None:
-            out["clinical"] = self.clinical[0][ix].to(device)
-            out["clinical_mask"] = self.clinical[1][ix].to(device)
-        return out
-
-    def target_batch(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Targets of the units ``idx``."""
-        ix = torch.as_tensor(list(idx), dtype=torch.long)
-        return {k: v[ix] for k, v in self.targets.items()}
-
-
-def build_model(
-    config: TrainConfig, in_dim: int, head: Head, pre: TabularPreprocessor
-) -> torch.nn.Module:
-    """Create the aggregator for this config, passing omics groups / clinical width to
-    aggregators that use those modalities.
-
-    Raises:
-        ConfigError: Omics or clinical inputs given to a histology-only aggregator.
-    """
-    from wsi_mil.mil.models import aggregator_info, create_aggregator
-
-    info = aggregator_info(config.model)
-    kwargs = dict(config.model_kwargs)
-    uses_tables = bool(pre.n_omics or pre.clinical)
-    if uses_tables:
-        if not {"omics", "clinical"} & set(info.modalities):
-            raise ConfigError(
-                f"--model {config.model} uses histology only; --omics/--clinical need a fusion "
-                "aggregator such as dual_xattn"
-            )
-        if "omics" in info.modalities:
-            kwargs.setdefault("omics_groups", pre.omics_groups)
-        if "clinical" in info.modalities:
-            kwargs.setdefault("n_clinical", pre.n_clinical)
-    return create_aggregator(config.model, in_dim, head.n_outputs, **kwargs)
-
-
-def _forward(
-    model: torch.nn.Module,
-    batch: BagBatch,
-    extras: dict[str, torch.Tensor | None],
-    device: torch.device,
-    labels: torch.Tensor | None = None,
-) -> Any:
-    features = batch.features.to(device, non_blocking=True).float()
-    mask = batch.mask.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return model(features, mask, labels=labels, **extras)
-
-
-@dataclass
-class Predictions:
-    """Outputs of a model on a :class:`UnitSet`.
-
-    Attributes:
-        logits: (U, n_outputs) float32.
-        attention: Per unit, (N_u,) attention over all its tiles, or None.
-    """
-
-    logits: torch.Tensor
-    attention: list[np.ndarray | None]
-
-
-@torch.no_grad()
-def predict_units(
-    model: torch.nn.Module,
-    data: UnitSet,
-    store: BagStore,
-    device: torch.device,
-    *,
-    batch_size: int = 8,
-    prefetch_depth: int = 2,
-) -> Predictions:
-    """Logits and attention of every unit, using all tiles (no subsampling).
-
-    Returns:
-        :class:`Predictions` aligned with ``data.units``.
-    """
-    model.eval()
-    jobs = [list(range(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)]
-    logits: list[torch.Tensor] = []
-    attention: list[np.ndarray | None] = []
-    loader = prefetch(
-        jobs, lambda idx: load_batch(store, [data.units[i] for i in idx]), prefetch_depth
-    )
-    for idx, batch in zip(jobs, loader, strict=True):
-        out = _forward(model, batch, data.extras(idx, device), device)
-        logits.append(out.logits.float().cpu())
-        for b in range(len(idx)):
-            n = int(batch.mask[b].sum())
-            att = out.attention
-            attention.append(None if att is None else att[b, :n].float().cpu().numpy())
-    n_out = logits[0].shape[1] if logits else 1
-    return Predictions(torch.cat(logits) if logits else torch.zeros(0, n_out), attention)
-
-
-@dataclass
-class FoldModel:
-    """A trained fold: model, head and preprocessing.
-
-    Attributes:
-        fold: Fold index.
-        model: The aggregator (eval mode).
-        head: Its head.
-        pre: Clinical/omics preprocessing fitted on the fold's training patients.
-        meta: Contents of ``fold.json``.
-    """
-
-    fold: int
-    model: torch.nn.Module
-    head: Head
-    pre: TabularPreprocessor
-    meta: dict[str, Any]
-
-    @classmethod
-    def load(cls, fold_dir: str | Path, device: torch.device | str = "cpu") -> FoldModel:
-        """Load ``fold_<k>/`` (safetensors weights, no pickle).
-
-        Raises:
-            ConfigError: Missing or damaged fold files.
-        """
-        from wsi_mil.mil.models import create_aggregator
-
-        fold_dir = Path(fold_dir)
-        try:
-            meta = json.loads((fold_dir / "fold.json").read_text())
-            state = load_file(str(fold_dir / "model.safetensors"), device=str(device))
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"{fold_dir}: cannot load the fold ({exc}); retrain it") from exc
-        cfg = dict(meta["aggregator"])
-        model = create_aggregator(cfg.pop("name"), cfg.pop("in_dim"), cfg.pop("n_outputs"), **cfg)
-        model.load_state_dict(state)
-        model.to(device).eval()
-        pre = TabularPreprocessor.from_state(meta["preprocessing"])
-        return cls(int(meta["fold"]), model, head_from_state(meta["head"]), pre, meta)
 
 
 @dataclass
@@ -311,6 +110,31 @@ class _Context:
 
 def _emit(ctx: _Context, event: str, **info: Any) -> None:
     ctx.callback(event, info)
+
+
+def _unit_set(
+    ctx: _Context, patient_ids: list[str], head: Head, pre: TabularPreprocessor
+) -> UnitSet:
+    """The non-empty bags of ``patient_ids`` with their targets and tables."""
+    units = make_units(ctx.cohort, patient_ids, ctx.config.level, set(ctx.scan.empty))
+    return UnitSet.build(ctx.cohort, units, head, pre)
+
+
+def _predict(ctx: _Context, model: torch.nn.Module, data: UnitSet) -> Predictions:
+    """:func:`predict_units` with the run's device, batch size and prefetch depth."""
+    return predict_units(
+        model,
+        data,
+        ctx.store,
+        ctx.device,
+        batch_size=ctx.config.batch_size,
+        prefetch_depth=ctx.config.prefetch,
+    )
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's weights."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _make_optimizer(
@@ -351,7 +175,7 @@ def _train_epoch(
     for idx, batch in zip(batches, prefetch(batches, load, cfg.prefetch), strict=True):
         targets = data.target_batch(idx)
         labels = targets["label"].to(ctx.device) if "label" in targets else None
-        out = _forward(model, batch, data.extras(idx, ctx.device), ctx.device, labels)
+        out = forward_batch(model, batch, data.extras(idx, ctx.device), ctx.device, labels)
         loss = head.loss(out.logits, targets)
         if out.aux_loss is not None:
             loss = loss + out.aux_loss.float()
@@ -369,18 +193,10 @@ def _validation_loss(
     ctx: _Context, model: torch.nn.Module, head: Head, data: UnitSet, fold: int, epoch: int
 ) -> float:
     """Loss on the inner validation units (reported as a ``select`` event)."""
-    preds = predict_units(
-        model,
-        data,
-        ctx.store,
-        ctx.device,
-        batch_size=ctx.config.batch_size,
-        prefetch_depth=ctx.config.prefetch,
-    )
+    preds = _predict(ctx, model, data)
     with torch.no_grad():
         loss = float(head.loss(preds.logits, data.targets))
-    pids = sorted({u.patient_id for u in data.units})
-    _emit(ctx, "select", fold=fold, epoch=epoch, patient_ids=pids, loss=loss)
+    _emit(ctx, "select", fold=fold, epoch=epoch, patient_ids=data.patient_ids(), loss=loss)
     return loss
 
 
@@ -408,21 +224,20 @@ def train_fold(
         The selected :class:`FoldModel` and the loss history
         (``{"train": [...], "val": [...]}``).
     """
-    cfg, cohort, k = ctx.config, ctx.cohort, int(fold_spec["fold"])
-    skip = set(ctx.scan.empty)
-    pre = TabularPreprocessor.fit(cohort, fold_spec["train"])
+    cfg, k = ctx.config, int(fold_spec["fold"])
+    pre = TabularPreprocessor.fit(ctx.cohort, fold_spec["train"])
     head = create_head(
-        cohort, fold_spec["train"], survival_loss=cfg.survival_loss, n_bins=cfg.n_bins
+        ctx.cohort, fold_spec["train"], survival_loss=cfg.survival_loss, n_bins=cfg.n_bins
     )
-    fit = UnitSet.build(cohort, make_units(cohort, fold_spec["train"], cfg.level, skip), head, pre)
-    val = UnitSet.build(cohort, make_units(cohort, fold_spec["val"], cfg.level, skip), head, pre)
+    fit = _unit_set(ctx, fold_spec["train"], head, pre)
+    val = _unit_set(ctx, fold_spec["val"], head, pre)
     torch.manual_seed(cfg.seed)  # same initial weights in every fold (weight soup)
     model = build_model(cfg, ctx.scan.dim, head, pre).to(ctx.device)
     torch.manual_seed(cfg.seed * 1009 + k + 1)
     n_steps = cfg.epochs * max(1, math.ceil(len(fit) / cfg.batch_size))
     opt, sched = _make_optimizer(model, cfg, n_steps)
     history: dict[str, list[float]] = {"train": [], "val": []}
-    best = (math.inf, -1, {k_: v.detach().clone() for k_, v in model.state_dict().items()})
+    best = (math.inf, -1, _snapshot(model))
     use_val = _informative(val, cfg, k)
     for epoch in range(cfg.epochs):
         seed = cfg.seed * 1_000_003 + k * 10_007 + epoch
@@ -433,7 +248,7 @@ def train_fold(
         else:
             score = -epoch  # no inner validation: keep the last epoch
         if score < best[0]:
-            best = (score, epoch, {k_: v.detach().clone() for k_, v in model.state_dict().items()})
+            best = (score, epoch, _snapshot(model))
         _emit(ctx, "epoch", fold=k, epoch=epoch, train_loss=history["train"][-1], val_loss=score)
         log.debug("fold %d epoch %d: train %.4f val %.4f", k, epoch, history["train"][-1], score)
         if epoch - best[1] >= cfg.patience:
@@ -460,116 +275,22 @@ def train_fold(
     return FoldModel(k, model, head, pre, meta), history
 
 
-def patient_rows(
-    cohort: Cohort,
-    units: list[Unit],
-    outputs: np.ndarray,
-    head: Head,
-    base: dict[str, Any] | None = None,
-    *,
-    details: bool = False,
-) -> list[dict[str, Any]]:
-    """One row per patient: the mean of its units' outputs, with its targets if known.
-
-    Args:
-        cohort: Gives the targets.
-        units: Bags, aligned with ``outputs``.
-        outputs: (U, C) probabilities or (U,) risks.
-        head: The head that produced them (names the classes).
-        base: Extra leading columns (e.g. ``fold``, ``split``).
-        details: Add ``n_slides`` (slides with tiles) and, for classification, ``pred``
-            (the most probable class); off for the run folder's ``predictions.csv``,
-            whose columns are fixed by DESIGN.md.
-
-    Returns:
-        Rows with ``patient_id``, ``base``, then ``label`` + ``prob_<class>`` or
-        ``time`` + ``event`` + ``risk`` (plus the ``details`` columns).
-    """
-    by_patient: dict[str, list[int]] = {}
-    for i, u in enumerate(units):
-        by_patient.setdefault(u.patient_id, []).append(i)
-    rows = []
-    for pid, idx in by_patient.items():
-        p = cohort.patients[pid]
-        row: dict[str, Any] = {"patient_id": pid, **(base or {})}
-        if details:
-            row["n_slides"] = sum(len(units[i].slide_ids) for i in idx)
-        value = outputs[idx].mean(axis=0)
-        if isinstance(head, ClassificationHead):
-            if p.label is not None:
-                row["label"] = p.label
-            for c, prob in zip(head.classes, value, strict=True):
-                row[f"prob_{c}"] = float(prob)
-            if details:
-                row["pred"] = head.classes[int(np.argmax(value))]
-        else:
-            if p.time is not None:
-                row["time"], row["event"] = p.time, p.event
-            row["risk"] = float(value)
-        rows.append(row)
-    return rows
-
-
-def write_unit_attention(
-    att_dir: Path,
-    store: BagStore,
-    units: Sequence[Unit],
-    attention: Sequence[np.ndarray | None],
-    *,
-    source: str,
-    model_name: str,
-) -> None:
-    """Split each unit's attention by slide into ``<att_dir>/<slide_id>.h5``."""
-    for unit, att in zip(units, attention, strict=True):
-        if att is None:
-            continue
-        _, coords, which = store.unit(unit)
-        for j, slide_id in enumerate(unit.slide_ids):
-            sel = which == j
-            write_attention(
-                att_dir / f"{slide_id}.h5",
-                att[sel],
-                coords[sel],
-                attrs={
-                    "tile_level0": store.tile_level0.get(slide_id),
-                    "slide_id": slide_id,
-                    "patient_id": unit.patient_id,
-                    "model": model_name,
-                    "source": source,
-                },
-            )
-
-
 def _finish_fold(ctx: _Context, fm: FoldModel, fold_spec: dict[str, Any]) -> pd.DataFrame:
     """Predict train and test patients, write attention of the test slides, save the fold."""
-    cfg, cohort, k = ctx.config, ctx.cohort, fm.fold
-    skip = set(ctx.scan.empty)
+    k = fm.fold
     frames = []
     for split, pids in (
         ("train", fold_spec["train"] + fold_spec["val"]),
         ("test", fold_spec["test"]),
     ):
-        data = UnitSet.build(cohort, make_units(cohort, pids, cfg.level, skip), fm.head, fm.pre)
-        _emit(
-            ctx,
-            "predict",
-            fold=k,
-            split=split,
-            patient_ids=sorted({u.patient_id for u in data.units}),
-        )
-        preds = predict_units(
-            fm.model,
-            data,
-            ctx.store,
-            ctx.device,
-            batch_size=cfg.batch_size,
-            prefetch_depth=cfg.prefetch,
-        )
+        data = _unit_set(ctx, pids, fm.head, fm.pre)
+        _emit(ctx, "predict", fold=k, split=split, patient_ids=data.patient_ids())
+        preds = _predict(ctx, fm.model, data)
         if split == "train" and isinstance(fm.head, SurvivalHead):
             fm.head.calibrate(preds.logits)
             fm.meta["head"] = fm.head.state_dict()
         outputs = fm.head.predict(preds.logits)
-        rows = patient_rows(cohort, data.units, outputs, fm.head, {"fold": k, "split": split})
+        rows = patient_rows(ctx.cohort, data.units, outputs, fm.head, {"fold": k, "split": split})
         frames.append(pd.DataFrame(rows))
         if split == "test":
             write_unit_attention(
@@ -578,23 +299,14 @@ def _finish_fold(ctx: _Context, fm: FoldModel, fold_spec: dict[str, Any]) -> pd.
                 data.units,
                 preds.attention,
                 source=f"fold_{k}",
-                model_name=cfg.model,
+                model_name=ctx.config.model,
             )
     table = pd.concat(frames, ignore_index=True)
-    with atomic_path(ctx.out / f"fold_{k}") as tmp:
+    with atomic_path(fold_dir(ctx.out, k)) as tmp:
         tmp.mkdir()
-        save_file(
-            {n: t.contiguous() for n, t in fm.model.state_dict().items()},
-            str(tmp / "model.safetensors"),
-        )
+        fm.save(tmp)
         table.to_csv(tmp / "predictions.csv", index=False)
-        (tmp / "fold.json").write_text(json.dumps(fm.meta, indent=1))
     return table
-
-
-def _fold_done(out: Path, k: int) -> bool:
-    d = out / f"fold_{k}"
-    return all((d / n).is_file() for n in ("fold.json", "model.safetensors", "predictions.csv"))
 
 
 def _prepare(config: TrainConfig) -> tuple[Cohort, BagScan, list[str]]:
@@ -652,19 +364,7 @@ def train_cv(
     _check_model(config, cohort, usable, scan.dim)
     device = resolve_device(config.device)
     out = Path(out)
-    splits_path = out / "splits.json"
-    resolved = config.resolved()
-    resolved["device"] = str(device)  # "auto" resolved (a runtime option: may change on resume)
-    resumed = prepare_run_dir(out, resolved)
-    if resumed:
-        _remove_stale_temps(out)
-    if resumed and splits_path.is_file():
-        splits = load_splits(splits_path, usable)
-    else:
-        splits = make_splits(
-            cohort, usable, n_folds=config.folds, seed=config.seed, val_fraction=config.val_fraction
-        )
-        save_splits(splits_path, splits)
+    splits = _start_run(config, cohort, usable, device, out)
     ctx = _Context(
         cohort,
         config,
@@ -676,16 +376,9 @@ def train_cv(
     )
     with _progress(ctx) as ctx.callback:
         frames, done = _run_folds(ctx, splits["folds"])
-    predictions = _contract_columns(pd.concat(frames, ignore_index=True), cohort)
-    _write_table(out / "predictions.csv", predictions)
-    metrics = compute_metrics(predictions, cohort, n_boot=config.n_boot, seed=config.seed)
-    metrics["excluded_empty_slides"] = list(scan.empty)
-    metrics["n_excluded_empty_slides"] = len(scan.empty)
-    metrics["n_patients"] = len(usable)
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(metrics, indent=1))
-    if config.task == "survival":
-        _survival_report(out, config.seed, config.n_boot)
+    predictions, metrics = write_run_outputs(
+        out, frames, cohort, config, excluded=scan.empty, n_patients=len(usable)
+    )
     return RunResult(out, predictions, metrics, done)
 
 
@@ -701,6 +394,29 @@ def _check_model(config: TrainConfig, cohort: Cohort, patient_ids: list[str], di
         cohort, patient_ids, survival_loss=config.survival_loss, n_bins=config.n_bins
     )
     build_model(config, dim, head, TabularPreprocessor.fit(cohort, patient_ids))
+
+
+def _start_run(
+    config: TrainConfig, cohort: Cohort, usable: list[str], device: torch.device, out: Path
+) -> dict[str, Any]:
+    """Create or resume the run folder (``config.yaml``, ``splits.json``); returns the splits.
+
+    Raises:
+        OutputExistsError: ``out`` holds a different configuration.
+    """
+    splits_path = out / "splits.json"
+    resolved = config.resolved()
+    resolved["device"] = str(device)  # "auto" resolved (a runtime option: may change on resume)
+    resumed = prepare_run_dir(out, resolved)
+    if resumed:
+        _remove_stale_temps(out)
+    if resumed and splits_path.is_file():
+        return load_splits(splits_path, usable)
+    splits = make_splits(
+        cohort, usable, n_folds=config.folds, seed=config.seed, val_fraction=config.val_fraction
+    )
+    save_splits(splits_path, splits)
+    return splits
 
 
 def _remove_stale_temps(out: Path) -> None:
@@ -721,9 +437,9 @@ def _run_folds(ctx: _Context, folds: list[dict[str, Any]]) -> tuple[list[pd.Data
     frames, done = [], []
     for spec in folds:
         k = int(spec["fold"])
-        fold_csv = ctx.out / f"fold_{k}" / "predictions.csv"
-        if _fold_done(ctx.out, k):
+        if fold_complete(ctx.out, k):
             done.append(k)
+            fold_csv = fold_dir(ctx.out, k) / "predictions.csv"
             frames.append(pd.read_csv(fold_csv, dtype={"patient_id": str, "label": str}))
             _emit(ctx, "fold_done", fold=k, resumed=True)
             continue
@@ -758,62 +474,3 @@ def _progress(ctx: _Context) -> Iterator[Callback]:
                 bar.update(task, completed=(info["fold"] + 1) * epochs)
 
         yield callback
-
-
-def _contract_columns(table: pd.DataFrame, cohort: Cohort) -> pd.DataFrame:
-    """Keep the ``predictions.csv`` columns of DESIGN.md, in order: ``patient_id``,
-    ``fold``, ``split``, then ``label`` + ``prob_<class>`` or ``time`` + ``event`` +
-    ``risk``."""
-    if cohort.task == "classification":
-        tail = ["label", *(f"prob_{c}" for c in cohort.classes)]
-    else:
-        tail = ["time", "event", "risk"]
-    return table[["patient_id", "fold", "split", *tail]]
-
-
-def _write_table(path: Path, table: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-
-
-def compute_metrics(
-    predictions: pd.DataFrame, cohort: Cohort, *, n_boot: int = 1000, seed: int = 0
-) -> dict[str, Any]:
-    """Per-fold and pooled out-of-fold metrics from the test rows of ``predictions``.
-
-    Classification: AUC and balanced accuracy; survival: Harrell's and Uno's C (Uno's
-    censoring weights from each fold's training rows). All with bootstrap CIs.
-    """
-    test = predictions[predictions["split"] == "test"]
-    per_fold = {}
-    for k, rows in test.groupby("fold", sort=True):
-        train = predictions[(predictions["fold"] == k) & (predictions["split"] == "train")]
-        per_fold[str(k)] = _metrics_of(rows, train, cohort, n_boot, seed)
-    pooled = _metrics_of(test, predictions[predictions["split"] == "train"], cohort, n_boot, seed)
-    return {"task": cohort.task, "pooled": pooled, "folds": per_fold, "n_boot": n_boot}
-
-
-def _metrics_of(
-    rows: pd.DataFrame, train: pd.DataFrame, cohort: Cohort, n_boot: int, seed: int
-) -> dict[str, Any]:
-    if cohort.task == "classification":
-        index = {c: i for i, c in enumerate(cohort.classes)}
-        y = [index[str(v)] for v in rows["label"]]
-        probs = rows[[f"prob_{c}" for c in cohort.classes]].to_numpy()
-        return classification_metrics(y, probs, n_boot=n_boot, seed=seed)
-    return survival_metrics(
-        rows["time"].to_numpy(float),
-        rows["event"].to_numpy(int),
-        rows["risk"].to_numpy(float),
-        train_time=train["time"].to_numpy(float),
-        train_event=train["event"].to_numpy(int),
-        n_boot=n_boot,
-        seed=seed,
-    )
-
-
-def _survival_report(out: Path, seed: int, n_boot: int) -> None:
-    """Write ``report.html``/``report.json`` with :func:`wsi_mil.survival.report.make_report`."""
-    from wsi_mil.survival.report import make_report
-
-    make_report(out, out, n_bootstrap=n_boot, seed=seed, force=True)

@@ -12,7 +12,11 @@ Modules (imported lazily, so ``import wsi_mil.survival`` is cheap):
   integrated Brier score, each with bootstrap CIs (scikit-survival).
 * :mod:`~wsi_mil.survival.stratify` — risk groups from training cut-offs, Kaplan–Meier,
   log-rank, hazard ratios (lifelines).
-* :mod:`~wsi_mil.survival.report` — the HTML / JSON survival report.
+* :mod:`~wsi_mil.survival.report` — the HTML / JSON survival report: ``make_report``
+  reads a predictions table and writes the outputs, with the numbers from
+  :mod:`~wsi_mil.survival.analysis` (``analyse_predictions``), the plain-language
+  summary from :mod:`~wsi_mil.survival.summary`, the figures from
+  :mod:`~wsi_mil.survival.figures` and the page from :mod:`~wsi_mil.survival.render`.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ _EXPORTS = {
         "numbers_at_risk",
         "stratify_risk",
     ),
-    "report": ("ReportResult", "analyse_predictions", "load_predictions", "make_report"),
+    "analysis": ("analyse_predictions",),
+    "report": ("ReportResult", "load_predictions", "make_report"),
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 

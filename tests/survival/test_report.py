@@ -173,6 +173,8 @@ def test_missing_columns_and_inconsistent_rows(tmp_path, make_preds):
     dup = pd.concat([df, df.iloc[[3]]], ignore_index=True)
     with pytest.raises(SurvivalDataError, match=f"line {len(df) + 2} .* repeats fold"):
         load_predictions(_write(tmp_path, dup))
+    with pytest.raises(SurvivalDataError, match="no row has split 'test'"):
+        load_predictions(_write(tmp_path, df[df["split"] == "train"]))
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     with pytest.raises(SurvivalDataError, match=r"without predictions\.csv"):

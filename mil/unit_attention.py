@@ -1,0 +1,56 @@
+"""Writing a model's attention over bags as per-slide attention files.
+
+A bag (unit) may hold several slides of a patient; its attention is split by slide and
+written with :func:`wsi_mil.mil.attention.write_attention` (file format there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wsi_mil.mil.attention import write_attention
+from wsi_mil.mil.data import BagStore, Unit
+
+__all__ = ["write_unit_attention"]
+
+
+def write_unit_attention(
+    att_dir: Path,
+    store: BagStore,
+    units: Sequence[Unit],
+    attention: Sequence[np.ndarray | None],
+    *,
+    source: str,
+    model_name: str,
+) -> None:
+    """Split each unit's attention by slide into ``<att_dir>/<slide_id>.h5``.
+
+    Args:
+        att_dir: Output folder.
+        store: The bags (gives each unit's tile coordinates and slide of each tile).
+        units: The bags, aligned with ``attention``.
+        attention: Per unit, (N_u,) attention over all its tiles, or None (skipped).
+        source: ``fold_<k>``, ``ensemble`` or ``soup``.
+        model_name: The aggregator's name.
+    """
+    for unit, att in zip(units, attention, strict=True):
+        if att is None:
+            continue
+        _, coords, which = store.unit(unit)
+        for j, slide_id in enumerate(unit.slide_ids):
+            sel = which == j
+            write_attention(
+                att_dir / f"{slide_id}.h5",
+                att[sel],
+                coords[sel],
+                attrs={
+                    "tile_level0": store.tile_level0.get(slide_id),
+                    "slide_id": slide_id,
+                    "patient_id": unit.patient_id,
+                    "model": model_name,
+                    "source": source,
+                },
+            )

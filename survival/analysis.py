@@ -1,0 +1,475 @@
+"""The numbers of the survival report: every statistic of ``report.json``.
+
+Out-of-fold statistics use the **test** rows of a validated predictions table; risk-group
+cut-offs and the Breslow baseline of the Brier score are learnt on each fold's **train**
+rows. A statistic that is not defined for the data becomes ``{"note": why}`` and the
+reason is listed in ``notes``, so one undefined number never stops the report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from wsi_mil.survival.summary import fmt_num, summarise
+from wsi_mil.survival.validate import SurvivalDataError, UndefinedStatisticError
+
+__all__ = ["analyse_predictions"]
+
+_ALPHA = 0.05
+
+
+# ---- JSON-safe values -----------------------------------------------------------------
+
+
+def _num(x: Any) -> float | None:
+    """A JSON-safe float: NaN and infinities become None."""
+    if x is None:
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, bool | np.bool_):
+        return bool(obj)
+    if isinstance(obj, int | np.integer):
+        return int(obj)
+    if isinstance(obj, float | np.floating):
+        return _num(obj)
+    return obj
+
+
+def _ci(res: Any) -> dict[str, Any]:
+    return {
+        "estimate": _num(res.estimate),
+        "lower": _num(res.lower),
+        "upper": _num(res.upper),
+        "n_bootstrap": int(res.n_bootstrap),
+    }
+
+
+# ---- undefined statistics -------------------------------------------------------------
+
+
+def _undefined(what: str, why: Any, notes: list[str]) -> str:
+    """Record in ``notes`` that ``what`` is not defined because ``why``; return the note."""
+    msg = f"{what}: not defined — {why}"
+    notes.append(msg)
+    return msg
+
+
+def _attempt(fn: Callable[[], dict[str, Any]], what: str, notes: list[str]) -> dict[str, Any]:
+    """Run a statistic; when it is undefined return ``{"note": why}`` and record it."""
+    try:
+        return fn()
+    except UndefinedStatisticError as exc:
+        return {"note": _undefined(what, exc, notes)}
+
+
+# ---- table helpers --------------------------------------------------------------------
+
+
+class _Params(NamedTuple):
+    covariates: list[str]
+    n_groups: int
+    times: list[float] | None
+    tau: float | None
+    n_bootstrap: int
+    seed: int
+
+    @property
+    def boot(self) -> dict[str, int]:
+        """Bootstrap keyword arguments of the metrics."""
+        return {"n_bootstrap": self.n_bootstrap, "seed": self.seed}
+
+
+def _patients(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop_duplicates("patient_id", keep="first")
+
+
+def _folds(df: pd.DataFrame) -> list[Any]:
+    return sorted(df["fold"].unique().tolist(), key=lambda f: (str(type(f)), f))
+
+
+def _fold_rows(df: pd.DataFrame, fold: Any, split: str) -> pd.DataFrame:
+    """The ``split`` (``train``/``test``) rows of one fold."""
+    return df[(df["fold"] == fold) & (df["split"] == split)]
+
+
+# ---- cohort ---------------------------------------------------------------------------
+
+
+def _cohort(df: pd.DataFrame, p: _Params, notes: list[str]) -> dict[str, Any]:
+    from wsi_mil.survival.stratify import median_follow_up
+
+    pts = _patients(df)
+    test = df[df["split"] == "test"]
+    out: dict[str, Any] = {
+        "patients": len(pts),
+        "events": int(pts["event"].sum()),
+        "censored": int(len(pts) - pts["event"].sum()),
+        "folds": [_jsonable(f) for f in _folds(df)],
+        "test_rows": len(test),
+        "train_rows": int((df["split"] == "train").sum()),
+        "time_min": _num(pts["time"].min()),
+        "time_max": _num(pts["time"].max()),
+        "median_follow_up": _num(median_follow_up(pts["time"], pts["event"])),
+        "median_follow_up_method": "reverse Kaplan–Meier",
+    }
+    if out["median_follow_up"] is None:
+        notes.append("median follow-up: not reached by the reverse Kaplan–Meier curve")
+    if len(pts) > 1 and pts["time"].nunique() == 1:
+        notes.append(
+            f"all follow-up times are equal ({fmt_num(pts['time'].iloc[0], 2)}): there is no "
+            "ordering in time, so time-to-event statistics only compare event status; "
+            "interpret them with care"
+        )
+    repeats = test["patient_id"].duplicated().sum()
+    out["patients_tested_more_than_once"] = int(repeats)
+    if repeats:
+        notes.append(
+            f"{repeats} test rows repeat a patient already tested in another fold; pooled "
+            "statistics count every test row"
+        )
+    untested = len(pts) - test["patient_id"].nunique()
+    out["patients_never_tested"] = int(untested)
+    out["covariates"] = {c: _describe(pts[c]) for c in p.covariates}
+    return out
+
+
+def _describe(s: pd.Series) -> dict[str, Any]:
+    missing = int(s.isna().sum())
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        q = s.dropna().quantile([0.25, 0.5, 0.75]).to_numpy() if s.notna().any() else [np.nan] * 3
+        return {
+            "kind": "numeric",
+            "median": _num(q[1]),
+            "q1": _num(q[0]),
+            "q3": _num(q[2]),
+            "missing": missing,
+        }
+    counts = s.dropna().astype(str).value_counts().sort_index()
+    return {
+        "kind": "categorical",
+        "counts": {str(k): int(v) for k, v in counts.items()},
+        "missing": missing,
+    }
+
+
+# ---- discrimination and calibration --------------------------------------------------
+
+
+def _fold_concordance(
+    df: pd.DataFrame, fold: Any, tau: float, p: _Params, notes: list[str]
+) -> dict[str, Any]:
+    from wsi_mil.survival.metrics import harrell_c, uno_c
+
+    te = _fold_rows(df, fold, "test")
+    tr = _fold_rows(df, fold, "train")
+    entry: dict[str, Any] = {
+        "fold": _jsonable(fold),
+        "n_test": len(te),
+        "events_test": int(te["event"].sum()),
+        "n_train": len(tr),
+    }
+    entry["harrell"] = _attempt(
+        lambda: _ci(harrell_c(te["time"], te["event"], te["risk"], **p.boot)),
+        f"Harrell's C, fold {fold}",
+        notes,
+    )
+    ref = {"train_time": tr["time"], "train_event": tr["event"]} if tr["event"].any() else {}
+    entry["uno"] = _attempt(
+        lambda: _ci(uno_c(te["time"], te["event"], te["risk"], tau=tau, **ref, **p.boot)),
+        f"Uno's C, fold {fold}",
+        notes,
+    )
+    return entry
+
+
+def _pooled_concordance(test: pd.DataFrame, tau: float, p: _Params, notes: list[str]) -> dict:
+    from wsi_mil.survival.metrics import harrell_c, uno_c
+
+    args = (test["time"], test["event"], test["risk"])
+    return {
+        "n_test": len(test),
+        "events_test": int(test["event"].sum()),
+        "harrell": _attempt(lambda: _ci(harrell_c(*args, **p.boot)), "Harrell's C, pooled", notes),
+        "uno": _attempt(lambda: _ci(uno_c(*args, tau=tau, **p.boot)), "Uno's C, pooled", notes),
+    }
+
+
+def _default_tau(df: pd.DataFrame) -> float:
+    return float(np.percentile(_patients(df)["time"], 80))
+
+
+def _time_auc(test: pd.DataFrame, p: _Params, notes: list[str]) -> dict[str, Any]:
+    from wsi_mil.survival.metrics import time_dependent_auc
+
+    def run() -> dict[str, Any]:
+        res = time_dependent_auc(test["time"], test["event"], test["risk"], p.times, **p.boot)
+        return {
+            "times": _jsonable(res.times),
+            "auc": _jsonable(res.auc),
+            "lower": _jsonable(res.lower),
+            "upper": _jsonable(res.upper),
+            "mean_auc": _num(res.mean_auc),
+            "mean_lower": _num(res.mean_lower),
+            "mean_upper": _num(res.mean_upper),
+            "n_bootstrap": res.n_bootstrap,
+        }
+
+    return _attempt(run, "time-dependent AUC (pooled test rows)", notes)
+
+
+def _curves(base: Any, risk: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Survival curves of ``risk`` under a fold's Breslow baseline, as a function of times."""
+
+    def at(grid: np.ndarray) -> np.ndarray:
+        return np.asarray(base.survival(risk, grid))
+
+    return at
+
+
+def _brier(df: pd.DataFrame, test: pd.DataFrame, p: _Params, notes: list[str]) -> dict:
+    from wsi_mil.survival.metrics import breslow_survival, brier_from_survival
+
+    def run() -> dict[str, Any]:
+        parts: list[Callable[[np.ndarray], np.ndarray]] = []
+        order = []
+        for fold in _folds(df):
+            tr = _fold_rows(df, fold, "train")
+            te_idx = np.flatnonzero((test["fold"] == fold).to_numpy())
+            if te_idx.size == 0:
+                continue
+            if tr.empty:
+                raise UndefinedStatisticError(
+                    f"fold {fold} has no train rows to fit the Breslow baseline on"
+                )
+            base = breslow_survival(tr["time"], tr["event"], tr["risk"])
+            risk = test["risk"].to_numpy()[te_idx]
+            parts.append(_curves(base, risk))
+            order.append(te_idx)
+        idx = np.concatenate(order)
+        t, e = test["time"].to_numpy()[idx], test["event"].to_numpy()[idx]
+        res = brier_from_survival(t, e, lambda grid: np.vstack([f(grid) for f in parts]), **p.boot)
+        return {
+            "times": _jsonable(res.times),
+            "brier": _jsonable(res.brier),
+            "ibs": _num(res.ibs),
+            "lower": _num(res.lower),
+            "upper": _num(res.upper),
+            "n_bootstrap": res.n_bootstrap,
+        }
+
+    return _attempt(run, "integrated Brier score (pooled test rows)", notes)
+
+
+# ---- risk groups ----------------------------------------------------------------------
+
+
+def _risk_groups(df: pd.DataFrame, p: _Params, notes: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Assign held-out risk groups with per-fold training cut-offs."""
+    from wsi_mil.survival.stratify import assign_groups, group_labels, learn_cutoffs
+
+    labels = group_labels(p.n_groups)
+    test = df[df["split"] == "test"].copy()
+    test["risk_group"] = pd.Series(pd.NA, index=test.index, dtype="object")
+    cutoffs: dict[str, Any] = {}
+    for fold in _folds(df):
+        tr = _fold_rows(df, fold, "train")
+        m = test["fold"] == fold
+        if not m.any():
+            continue
+        if tr.empty:
+            _undefined(f"risk groups, fold {fold}", "no train rows to learn cut-offs", notes)
+            cutoffs[str(fold)] = None
+            continue
+        cut = learn_cutoffs(tr["risk"], p.n_groups)
+        cutoffs[str(fold)] = _jsonable(cut)
+        test.loc[m, "risk_group"] = [labels[g] for g in assign_groups(test.loc[m, "risk"], cut)]
+    grouped = test[test["risk_group"].notna()].copy()
+    grouped["risk_group"] = pd.Categorical(grouped["risk_group"], categories=labels)
+    q = np.linspace(0, 100, p.n_groups + 1)[1:-1]
+    method = "median" if p.n_groups == 2 else "percentiles " + ", ".join(f"{v:.0f}" for v in q)
+    info = {
+        "labels": labels,
+        "cutoffs": cutoffs,
+        "method": method,
+        "cutoffs_learnt_on": "train rows of each fold, applied to its test rows",
+    }
+    return grouped, info
+
+
+def _at_risk_times(tmax: float) -> np.ndarray:
+    from matplotlib.ticker import MaxNLocator
+
+    ticks = np.asarray(MaxNLocator(nbins=6).tick_values(0, tmax), dtype=np.float64)
+    return ticks[(ticks >= 0) & (ticks <= tmax)]
+
+
+def _km_curves(
+    grouped: pd.DataFrame, codes: np.ndarray, labels: Sequence[str], curves: list
+) -> dict[str, Any]:
+    """Kaplan–Meier curves by group label, with the censoring times of each group."""
+    censored = (grouped["event"] == 0).to_numpy()
+    cens = {
+        lb: grouped.loc[(codes == k) & censored, "time"].to_numpy() for k, lb in enumerate(labels)
+    }
+    return {
+        c.label: {
+            "censor_times": _jsonable(np.unique(cens[c.label])),
+            "times": _jsonable(c.times),
+            "survival": _jsonable(c.survival),
+            "lower": _jsonable(c.lower),
+            "upper": _jsonable(c.upper),
+        }
+        for c in curves
+    }
+
+
+def _stratification(grouped: pd.DataFrame, info: dict, notes: list[str]) -> dict[str, Any]:
+    from wsi_mil.survival.stratify import kaplan_meier, logrank, numbers_at_risk
+
+    labels = info["labels"]
+    out = dict(info)
+    if grouped.empty:
+        msg = _undefined("risk groups", "no test row could be assigned to a group", notes)
+        out.update(groups=[], km={}, logrank={"note": msg}, at_risk={"times": []})
+        return out
+    codes = grouped["risk_group"].cat.codes.to_numpy()
+    curves = kaplan_meier(grouped["time"], grouped["event"], codes, labels)
+    out["groups"] = [
+        {"label": c.label, "n": c.n, "events": c.events, "median_survival": _num(c.median)}
+        for c in curves
+    ]
+    out["km"] = _km_curves(grouped, codes, labels, curves)
+
+    def run_logrank() -> dict[str, Any]:
+        res = logrank(grouped["time"], grouped["event"], codes)
+        return {
+            "statistic": _num(res.statistic),
+            "p_value": _num(res.p_value),
+            "dof": res.dof,
+            "n_groups": res.n_groups,
+        }
+
+    out["logrank"] = _attempt(run_logrank, "log-rank test", notes)
+    at = _at_risk_times(float(grouped["time"].max()))
+    table = numbers_at_risk(grouped["time"], codes, labels, at)
+    out["at_risk"] = {"times": _jsonable(at), **table}
+    return out
+
+
+def _hazard_ratios(grouped: pd.DataFrame, p: _Params, notes: list[str]) -> dict[str, Any]:
+    from wsi_mil.survival.stratify import hazard_ratios
+
+    def undefined(why: Any) -> dict[str, Any]:
+        return {"rows": [], "notes": {"all": _undefined("hazard ratios", why, notes)}}
+
+    if grouped.empty:
+        return undefined("no risk groups")
+    data = grouped.rename(columns={"risk_group": "risk group"})
+    try:
+        rows, hr_notes = hazard_ratios(
+            data, ["risk group", *p.covariates], multivariable=bool(p.covariates)
+        )
+    except UndefinedStatisticError as exc:
+        return undefined(exc)
+    for key, msg in hr_notes.items():
+        notes.append(f"hazard ratio ({key}): {msg}")
+    return {"rows": [_jsonable(r._asdict()) for r in rows], "notes": hr_notes}
+
+
+def _risk_distribution(test: pd.DataFrame) -> dict[str, Any]:
+    r = test["risk"].to_numpy()
+    if r.size == 0:
+        return {"note": "no test rows"}
+    edges = np.histogram_bin_edges(r, bins=min(30, max(5, r.size // 5)))
+    ev = test["event"].to_numpy().astype(bool)
+    levels = (0, 0.25, 0.5, 0.75, 1)
+    return {
+        "quantiles": {str(q): _num(v) for q, v in zip(levels, np.quantile(r, levels), strict=True)},
+        "edges": _jsonable(edges),
+        "counts_event": _jsonable(np.histogram(r[ev], edges)[0]),
+        "counts_censored": _jsonable(np.histogram(r[~ev], edges)[0]),
+    }
+
+
+# ---- the report data ------------------------------------------------------------------
+
+
+def analyse_predictions(
+    df: pd.DataFrame,
+    *,
+    covariates: Sequence[str] = (),
+    n_groups: int = 2,
+    times: Sequence[float] | None = None,
+    tau: float | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Every statistic of the report, without writing anything.
+
+    Args:
+        df: a validated predictions table (:func:`wsi_mil.survival.report.load_predictions`).
+        covariates: clinical columns for the adjusted hazard ratios.
+        n_groups: risk groups (2 = median split of the train risks, 3 = tertiles).
+        times: evaluation times of the time-dependent AUC (default: 5 percentiles of the
+            event times).
+        tau: truncation time of Uno's C (default: 80th percentile of follow-up).
+        n_bootstrap: bootstrap resamples of every confidence interval.
+        seed: bootstrap seed.
+
+    Returns:
+        (report data, test rows with their ``risk_group``).
+    """
+    if int(n_groups) < 2:
+        raise SurvivalDataError(f"groups must be 2 or more, got {n_groups}")
+    p = _Params(
+        list(covariates),
+        int(n_groups),
+        None if times is None else [float(t) for t in times],
+        tau,
+        int(n_bootstrap),
+        int(seed),
+    )
+    notes: list[str] = []
+    test = df[df["split"] == "test"]
+    tau_used = float(tau) if tau is not None else _default_tau(df)
+    data: dict[str, Any] = {"cohort": _cohort(df, p, notes)}
+    if test.empty:
+        notes.append("no test rows: out-of-fold statistics are not defined")
+    data["concordance"] = {
+        "tau": _num(tau_used),
+        "per_fold": [_fold_concordance(df, f, tau_used, p, notes) for f in _folds(df)],
+        "pooled": _pooled_concordance(test, tau_used, p, notes),
+    }
+    data["time_auc"] = _time_auc(test, p, notes)
+    data["brier"] = _brier(df, test, p, notes)
+    grouped, info = _risk_groups(df, p, notes)
+    data["stratification"] = _stratification(grouped, info, notes)
+    data["hazard_ratios"] = _hazard_ratios(grouped, p, notes)
+    data["risk_distribution"] = _risk_distribution(test)
+    data["notes"] = notes
+    data["parameters"] = {
+        "covariates": p.covariates,
+        "groups": p.n_groups,
+        "times": p.times,
+        "tau": _num(tau_used),
+        "n_bootstrap": p.n_bootstrap,
+        "seed": p.seed,
+        "confidence_level": 1 - _ALPHA,
+    }
+    data["summary"] = summarise(data)
+    return _jsonable(data), grouped
