@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from wsi_mil.errors import WsiMilError
-from wsi_mil.io import atomic_path
+from wsi_mil.outputs import atomic_path
 
 __all__ = [
     "BAG_FORMAT",

@@ -174,7 +174,7 @@ def extract_features(
     from wsi_mil.features.pool import ExtractJob, parse_devices
     from wsi_mil.features.registry import get_encoder_spec
     from wsi_mil.features.weights import RANDOM_WEIGHTS, resolve_weights
-    from wsi_mil.io import write_manifest
+    from wsi_mil.outputs import write_manifest
 
     _check_args(batch_size, workers, dtype)
     spec = get_encoder_spec(encoder)
@@ -234,7 +234,7 @@ def _check_args(batch_size: int, workers: int, dtype: str) -> None:
 def _write_config(path: Path, config: dict[str, Any]) -> None:
     import yaml
 
-    from wsi_mil.io import atomic_path
+    from wsi_mil.outputs import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -14,10 +14,10 @@ from typing import Any
 
 import pandas as pd
 
-from wsi_mil.io import atomic_path
 from wsi_mil.mil.cohort import Cohort
 from wsi_mil.mil.metrics import classification_metrics, survival_metrics
 from wsi_mil.mil.run import TrainConfig
+from wsi_mil.outputs import atomic_path
 
 __all__ = ["compute_metrics", "contract_columns", "write_run_outputs"]
 

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.errors import ConfigError
-from wsi_mil.io import atomic_path
 from wsi_mil.mil.attention import SlideAttention, read_attention
+from wsi_mil.outputs import atomic_path
 
 _CMAP = "inferno"
 

@@ -22,7 +22,6 @@ import pandas as pd
 import torch
 
 from wsi_mil.errors import ConfigError
-from wsi_mil.io import atomic_path
 from wsi_mil.mil.cohort import Cohort, Patient, Slide, load_cohort
 from wsi_mil.mil.data import BagStore, Unit, make_units, scan_bags
 from wsi_mil.mil.fold import FoldModel
@@ -30,6 +29,7 @@ from wsi_mil.mil.inference import UnitSet, patient_rows, predict_units, resolve_
 from wsi_mil.mil.metrics import classification_metrics, survival_metrics
 from wsi_mil.mil.run import load_config, write_config
 from wsi_mil.mil.unit_attention import write_unit_attention
+from wsi_mil.outputs import atomic_path
 
 __all__ = ["Ensemble", "load_ensemble", "predict_cohort", "uniform_soup"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from wsi_mil.errors import ConfigError, OutputExistsError
-from wsi_mil.io import atomic_path
+from wsi_mil.outputs import atomic_path
 
 __all__ = ["RUNTIME_KEYS", "TrainConfig", "load_config", "prepare_run_dir", "write_config"]
 

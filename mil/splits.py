@@ -21,8 +21,8 @@ import numpy as np
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from wsi_mil.errors import CohortError, ConfigError
-from wsi_mil.io import atomic_path
 from wsi_mil.mil.cohort import Cohort
+from wsi_mil.outputs import atomic_path
 
 __all__ = ["SPLITS_FORMAT", "check_cv_cohort", "load_splits", "make_splits", "save_splits"]
 

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_mil.io import atomic_path
 from wsi_mil.mil.cohort import Cohort, load_cohort
 from wsi_mil.mil.data import (
     BagBatch,
@@ -55,6 +54,7 @@ from wsi_mil.mil.run import TrainConfig, prepare_run_dir
 from wsi_mil.mil.splits import check_cv_cohort, load_splits, make_splits, save_splits
 from wsi_mil.mil.tabular import TabularPreprocessor
 from wsi_mil.mil.unit_attention import write_unit_attention
+from wsi_mil.outputs import atomic_path
 
 __all__ = [
     "Callback",

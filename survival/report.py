@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from wsi_mil.errors import OutputExistsError
-from wsi_mil.io import atomic_path
+from wsi_mil.outputs import atomic_path
 from wsi_mil.survival.analysis import analyse_predictions
 from wsi_mil.survival.validate import SurvivalDataError, validate_survival
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_mil.io import atomic_path
+from wsi_mil.outputs import atomic_path
 
 __all__ = ["export_coords_h5", "magnification", "matching_level"]
 

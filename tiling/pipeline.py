@@ -30,7 +30,7 @@ from PIL import Image
 
 from wsi_mil import __version__
 from wsi_mil.errors import ConfigError
-from wsi_mil.io import atomic_path
+from wsi_mil.outputs import atomic_path
 from wsi_mil.tiling.export import export_coords_h5, matching_level
 from wsi_mil.tiling.grid import TileGrid, tile_grid
 from wsi_mil.tiling.qc import qc_overlay, save_qc_png, save_tissue_geojson

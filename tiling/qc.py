@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from wsi_mil.io import atomic_path
+from wsi_mil.outputs import atomic_path
 
 __all__ = ["qc_overlay", "save_qc_png", "save_tissue_geojson", "tissue_geojson"]
 

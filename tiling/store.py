@@ -5,7 +5,7 @@ optional ``tiles`` uint8 (N, tile_px, tile_px, 3) chunked ``chunk_tiles`` tiles 
 ``mask`` uint8 (h, w) and ``thumbnail`` uint8 (h, w, 3) at ``mask_mpp``; group attributes
 describe the source, the geometry and the detection, and ``complete: true`` is written
 last. Stores are written under a temporary name and renamed when complete (see
-:func:`wsi_mil.io.atomic_path`).
+:func:`wsi_mil.outputs.atomic_path`).
 
 Pixel modes:
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_mil.io import atomic_path
+from wsi_mil.outputs import atomic_path
 from wsi_mil.wsi.synthetic import make_synthetic_slide
 
 __all__ = ["DemoData", "make_demo_data"]

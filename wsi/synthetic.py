@@ -31,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from wsi_mil.errors import ConfigError
-from wsi_mil.io import atomic_path
+from wsi_mil.outputs import atomic_path
 
 __all__ = ["BACKGROUND_RGB", "SyntheticSlide", "make_synthetic_slide"]
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from wsi_mil.io import read_manifest
+from wsi_mil.outputs import read_manifest
 from wsi_mil.workflows.cli import build_parser, main
 from wsi_mil.workflows.commands.run import pipeline_steps
 from wsi_mil.workflows.demo import make_demo_data

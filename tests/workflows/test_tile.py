@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsi_mil.io import read_manifest
+from wsi_mil.outputs import read_manifest
 from wsi_mil.tiling import open_tile_store
 from wsi_mil.workflows.cli import main
 

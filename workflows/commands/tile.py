@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     """Tile every slide; returns 1 when any slide failed, else 0."""
     import yaml
 
-    from wsi_mil.io import atomic_path, write_manifest
+    from wsi_mil.outputs import atomic_path, write_manifest
     from wsi_mil.tiling.pipeline import tile_params, tile_slide
     from wsi_mil.workflows.batch import Job, run_batch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from wsi_mil.io import atomic_path, read_manifest, write_manifest
+from wsi_mil.outputs import atomic_path, read_manifest, write_manifest
 
 
 def test_atomic_file_appears_only_on_success(tmp_path):
