@@ -127,6 +127,29 @@ def _overlay(
     return out.clip(0, 255).astype(np.uint8)
 
 
+def _legend(width: int) -> np.ndarray:
+    """A colour-scale strip (rows, width, 3) uint8 to stack under the overlay.
+
+    The bar runs from the least to the most attended tile of the slide (percentiles),
+    with its meaning written beside it, so the PNG reads on its own.
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = max(28, width // 24)
+    strip = Image.new("RGB", (width, rows), (255, 255, 255))
+    pad = rows // 4
+    bar_w = max(2, width // 3)
+    ramp = colormaps[_CMAP](np.linspace(0, 1, bar_w))[:, :3] * 255
+    bar = np.repeat(ramp[None].round().astype(np.uint8), rows - 2 * pad, axis=0)
+    strip.paste(Image.fromarray(bar), (pad, pad))
+    draw = ImageDraw.Draw(strip)
+    font = ImageFont.load_default(size=max(10, rows // 2 - 2))
+    text = "attention percentile within the slide: low (left) to high (right)"
+    draw.text((2 * pad + bar_w, rows // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.asarray(strip)
+
+
 def _check_fits(
     att: SlideAttention, side: int, size: tuple[int, int], attention: Path, slide: Path
 ) -> None:
@@ -183,7 +206,8 @@ def render_heatmap(
     scale = width / thumb.shape[1]
     png = out / f"{slide_id}_heatmap.png"
     with atomic_path(png) as tmp:
-        Image.fromarray(_overlay(thumb, att, side, scale, alpha)).save(tmp, format="PNG")
+        image = np.vstack([_overlay(thumb, att, side, scale, alpha), _legend(thumb.shape[1])])
+        Image.fromarray(image).save(tmp, format="PNG")
     geojson = out / f"{slide_id}_attention.geojson"
     with atomic_path(geojson) as tmp:
         tmp.write_text(json.dumps(attention_geojson(att, side)))

@@ -35,7 +35,9 @@ def test_render_heatmap(slide_and_attention: tuple[Path, Path], tmp_path: Path) 
     slide, att = slide_and_attention
     paths = render_heatmap(att, slide, tmp_path / "out", max_size=512)
     image = np.asarray(Image.open(paths["png"]))
-    assert image.shape == (384, 512, 3)
+    assert image.shape[1:] == (512, 3) and image.shape[0] > 384  # overlay + colour scale
+    legend = image[384:]
+    assert legend.std() > 0  # the colour bar and its caption are drawn
     # the most attended tile (bottom right of the grid) is brighter than the least attended
     assert image[160:180, 200:250].mean() > image[5:50, 5:50].mean()
     geo = json.loads(paths["geojson"].read_text())
