@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -22,16 +23,16 @@ from wsi_mil.wsi.synthetic import make_synthetic_slide
 __all__ = ["DemoData", "make_demo_data"]
 
 
-class DemoData(tuple[Path, Path]):
-    """``(slides_dir, cohort_csv)`` of a generated demo cohort."""
+class DemoData(NamedTuple):
+    """A generated demo cohort.
 
-    @property
-    def slides(self) -> Path:
-        return self[0]
+    Attributes:
+        slides: Folder of the synthetic ``.svs`` slides.
+        cohort: The cohort CSV (``patient_id, slide_id, label, time, event, age``).
+    """
 
-    @property
-    def cohort(self) -> Path:
-        return self[1]
+    slides: Path
+    cohort: Path
 
 
 def make_demo_data(
@@ -87,7 +88,7 @@ def make_demo_data(
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    return DemoData((slides_dir, cohort))
+    return DemoData(slides_dir, cohort)
 
 
 def _add_outcomes(rows: list[dict[str, object]], rng: np.random.Generator) -> None:
