@@ -43,12 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"wsi-mil {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"wsi_mil.workflows.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"wsi_mil.workflows.commands.{name}":
-                continue  # command not built yet
-            raise
+        module = importlib.import_module(f"wsi_mil.workflows.commands.{name}")
         sp = module.add_parser(sub)
         sp.set_defaults(_run=module.run)
     return parser
