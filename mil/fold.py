@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wsi_mil.errors import ConfigError
-from wsi_mil.mil.heads import Head, head_from_state
+from wsi_mil.mil.heads import Head, SurvivalHead, head_from_state
 from wsi_mil.mil.run import TrainConfig
 from wsi_mil.mil.tabular import TabularPreprocessor
 
@@ -41,7 +41,9 @@ def build_model(
     config: TrainConfig, in_dim: int, head: Head, pre: TabularPreprocessor
 ) -> torch.nn.Module:
     """Create the aggregator for this config, passing omics groups / clinical width to
-    aggregators that use those modalities.
+    aggregators that use those modalities, and ``n_classes=2`` (early / late event
+    pseudo-classes, see :meth:`SurvivalHead.instance_labels`) to survival aggregators with
+    an instance loss (``clam_sb``); ``n_outputs`` stays the head's.
 
     Raises:
         ConfigError: Omics or clinical inputs given to a histology-only aggregator.
@@ -61,7 +63,16 @@ def build_model(
             kwargs.setdefault("omics_groups", pre.omics_groups)
         if "clinical" in info.modalities:
             kwargs.setdefault("n_clinical", pre.n_clinical)
+    if isinstance(head, SurvivalHead) and info.aux_loss and _accepts(info.cls, "n_classes"):
+        kwargs.setdefault("n_classes", 2)
     return create_aggregator(config.model, in_dim, head.n_outputs, **kwargs)
+
+
+def _accepts(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` has a parameter ``name``."""
+    import inspect
+
+    return name in inspect.signature(cls).parameters
 
 
 @dataclass

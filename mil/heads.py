@@ -8,6 +8,11 @@
 * :class:`DiscreteTimeHead` — one logit per time bin, discrete-time hazard NLL
   (:func:`wsi_mil.survival.loss.discrete_time_nll`); bins are fitted on training times.
 
+Heads also give the ``labels`` that training batches pass to aggregators with an
+instance loss (CLAM, :meth:`Head.instance_labels`): the class for classification, and for
+survival binary pseudo-classes cut at the median time of the fold's training patients
+(:func:`survival_pseudo_labels`).
+
 Heads are rebuilt from a JSON-serialisable :meth:`state_dict` saved with each fold.
 """
 
@@ -33,6 +38,7 @@ __all__ = [
     "SurvivalHead",
     "create_head",
     "head_from_state",
+    "survival_pseudo_labels",
 ]
 
 SURVIVAL_LOSSES = ("cox", "discrete")
@@ -63,6 +69,13 @@ class Head(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state."""
         ...
+
+    def instance_labels(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B,) long ``labels`` for an aggregator's instance loss, or None.
+
+        Called by the trainer on training batches only (never in evaluation).
+        """
+        return None
 
 
 class ClassificationHead(Head):
@@ -101,6 +114,10 @@ class ClassificationHead(Head):
     def predict(self, logits: torch.Tensor) -> np.ndarray:
         return torch.softmax(logits.float(), dim=1).detach().cpu().double().numpy()
 
+    def instance_labels(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The class indices (B,)."""
+        return targets["label"]
+
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "classes": self.classes, "class_weights": self.class_weights}
 
@@ -114,6 +131,24 @@ def _survival_targets(cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, t
     }
 
 
+def survival_pseudo_labels(time: torch.Tensor, event: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Binary early/late-event pseudo-classes for an instance loss (e.g. CLAM).
+
+    Args:
+        time: (B,) event or censoring times.
+        event: (B,) 1 = event, 0 = censored.
+        cutoff: The median time of the fold's training patients.
+
+    Returns:
+        (B,) long: 1 = event at or before ``cutoff``, 0 = followed beyond ``cutoff``
+        (censored or not), -1 = unknown (censored at or before ``cutoff``).
+    """
+    early = (event == 1) & (time <= cutoff)
+    late = time > cutoff
+    labels = torch.full(time.shape, -1, dtype=torch.long, device=time.device)
+    return labels.masked_fill(late, 0).masked_fill(early, 1)
+
+
 class SurvivalHead(Head):
     """Risk heads: risks are standardised against the fold's training patients.
 
@@ -122,10 +157,29 @@ class SurvivalHead(Head):
     and s.d. of its training patients' risks (:meth:`calibrate`). This keeps the order
     within a fold and makes risks of different folds comparable for pooled metrics and
     the fold ensemble.
+
+    Training batches also carry pseudo-classes for aggregators with an instance loss
+    (:meth:`instance_labels`), cut at ``pseudo_cutoff``: the median time of the fold's
+    training patients (:meth:`fit_pseudo_labels`; None = no pseudo-classes).
     """
 
     center: float = 0.0
     scale: float = 1.0
+    pseudo_cutoff: float | None = None
+
+    def fit_pseudo_labels(self, cohort: Cohort, train_ids: Sequence[str]) -> SurvivalHead:
+        """Set ``pseudo_cutoff`` to the median time of the training patients ``train_ids``."""
+        times = [cohort.patients[p].time for p in train_ids]
+        known = [float(t) for t in times if t is not None]
+        self.pseudo_cutoff = float(np.median(known)) if known else None
+        return self
+
+    def instance_labels(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B,) early/late-event pseudo-classes (:func:`survival_pseudo_labels`), or None
+        before :meth:`fit_pseudo_labels`."""
+        if self.pseudo_cutoff is None:
+            return None
+        return survival_pseudo_labels(targets["time"], targets["event"], self.pseudo_cutoff)
 
     def raw_risk(self, logits: torch.Tensor) -> np.ndarray:
         """(B,) risks before standardisation."""
@@ -141,12 +195,14 @@ class SurvivalHead(Head):
     def predict(self, logits: torch.Tensor) -> np.ndarray:
         return (self.raw_risk(logits) - self.center) / self.scale
 
-    def _calibration(self) -> dict[str, float]:
-        return {"center": self.center, "scale": self.scale}
+    def _calibration(self) -> dict[str, float | None]:
+        return {"center": self.center, "scale": self.scale, "pseudo_cutoff": self.pseudo_cutoff}
 
     def _set_calibration(self, state: dict[str, Any]) -> SurvivalHead:
         self.center = float(state.get("center", 0.0))
         self.scale = float(state.get("scale", 1.0))
+        cutoff = state.get("pseudo_cutoff")
+        self.pseudo_cutoff = None if cutoff is None else float(cutoff)
         return self
 
 
@@ -238,7 +294,8 @@ def create_head(
 
     Args:
         cohort: The cohort (its task picks the head).
-        train_ids: Training patients (class weights, time bins).
+        train_ids: Training patients (class weights, time bins, the survival
+            pseudo-class cut-off).
         survival_loss: ``cox`` or ``discrete`` (survival only).
         n_bins: Time bins of the discrete-time head.
 
@@ -248,9 +305,9 @@ def create_head(
     if cohort.task == "classification":
         return ClassificationHead.fit(cohort, train_ids)
     if survival_loss == "cox":
-        return CoxHead()
+        return CoxHead().fit_pseudo_labels(cohort, train_ids)
     if survival_loss == "discrete":
-        return DiscreteTimeHead.fit(cohort, train_ids, n_bins)
+        return DiscreteTimeHead.fit(cohort, train_ids, n_bins).fit_pseudo_labels(cohort, train_ids)
     raise ConfigError(
         f"unknown --survival-loss {survival_loss!r}; choose one of {', '.join(SURVIVAL_LOSSES)}"
     )

@@ -174,7 +174,8 @@ def _train_epoch(
     losses = []
     for idx, batch in zip(batches, prefetch(batches, load, cfg.prefetch), strict=True):
         targets = data.target_batch(idx)
-        labels = targets["label"].to(ctx.device) if "label" in targets else None
+        labels = head.instance_labels(targets)  # class, or survival pseudo-class
+        labels = None if labels is None else labels.to(ctx.device)
         out = forward_batch(model, batch, data.extras(idx, ctx.device), ctx.device, labels)
         loss = head.loss(out.logits, targets)
         if out.aux_loss is not None:

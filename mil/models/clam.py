@@ -8,6 +8,14 @@ attended are negatives for the classifier of the bag's class; with mutually excl
 classes (``subtyping``) the most attended tiles are also negatives for the other classes'
 classifiers. The instance loss is a smooth top-1 SVM (Berrada et al. 2018) or
 cross-entropy.
+
+Survival: the bags have no class, so the trainer passes binary pseudo-classes derived
+from the fold's training patients only (:func:`wsi_mil.mil.heads.survival_pseudo_labels`):
+1 = early event (event at or before the training patients' median time), 0 = late
+(followed beyond that median, censored or not), -1 = unknown (censored at or before the
+median). Bags labelled -1 add nothing to the instance loss; the model is built with
+``n_classes=2`` and keeps one output (the Cox risk). Labels reach the model on training
+batches only, never in evaluation.
 """
 
 from __future__ import annotations
@@ -52,7 +60,10 @@ def smooth_svm_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, tau: flo
 
 @register_aggregator(
     "clam_sb",
-    description="CLAM single-branch: gated attention + instance clustering loss (Lu et al. 2021).",
+    description=(
+        "CLAM single-branch: gated attention + instance clustering loss (Lu et al. 2021); "
+        "survival trains it on early/late-event pseudo-classes of the training patients."
+    ),
     permutation_invariant=True,
     aux_loss=True,
 )
@@ -63,7 +74,9 @@ class CLAMSingleBranch(Aggregator):
     training or evaluation) ``aux_loss = instance_weight * L_inst``, the mean over the bags
     of the instance loss described in the module docstring; add it to the task loss
     (the paper weighs bag and instance losses 0.7 / 0.3). ``k`` is
-    ``min(k_sample, n_real // 2)`` per bag; a bag with fewer than 2 tiles adds nothing.
+    ``min(k_sample, n_real // 2)`` per bag; a bag with fewer than 2 tiles, or with label
+    -1 (unknown, e.g. a survival patient censored early), adds nothing; with no bag left
+    ``aux_loss`` is 0 (still attached to the graph).
 
     Args:
         in_dim: tile feature dim ``D``.
@@ -73,7 +86,7 @@ class CLAMSingleBranch(Aggregator):
         dropout: dropout after the projection and in the attention (0.25).
         k_sample: tiles per pseudo-label side (8).
         n_classes: classes of ``labels`` for the instance classifiers; default
-            ``max(n_outputs, 2)`` (set it for survival, e.g. 2 for an event label).
+            ``max(n_outputs, 2)`` (survival training sets 2: early / late event).
         subtyping: classes are mutually exclusive: also push the top tiles negative for
             the other classes' instance classifiers.
         instance_loss: ``"svm"`` (smooth top-1 SVM) or ``"ce"``.
@@ -129,7 +142,8 @@ class CLAMSingleBranch(Aggregator):
         Args:
             features: ``(B, N, D)``.
             mask: ``(B, N)`` bool, True = real tile (None: all real).
-            labels: ``(B,)`` long in ``[0, n_classes)``, or None (no ``aux_loss``).
+            labels: ``(B,)`` long in ``[0, n_classes)`` or -1 (unknown: the bag is left
+                out of the instance loss), or None (no ``aux_loss``).
             omics, clinical, omics_mask, clinical_mask: ignored.
 
         Returns:
@@ -148,9 +162,9 @@ class CLAMSingleBranch(Aggregator):
     def _check_labels(self, labels: Tensor, batch: int) -> None:
         if labels.shape != (batch,):
             raise ConfigError(f"clam_sb: labels must be ({batch},), got {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
+        if labels.numel() and (labels.min() < -1 or labels.max() >= self.n_classes):
             raise ConfigError(
-                f"clam_sb: labels must lie in [0, {self.n_classes}); got "
+                f"clam_sb: labels must lie in [0, {self.n_classes}) or be -1 (unknown); got "
                 f"{labels.min().item()}..{labels.max().item()}; set n_classes"
             )
 
@@ -166,23 +180,24 @@ class CLAMSingleBranch(Aggregator):
             h: ``(B, N, L)`` tile embeddings.
             scores: ``(B, N)`` raw attention scores (detached; used only to rank tiles).
             mask: ``(B, N)`` bool.
-            labels: ``(B,)`` long.
+            labels: ``(B,)`` long; -1 = unknown (the bag is skipped).
 
         Returns:
-            Scalar; 0 (still attached to the graph) when no bag has 2 tiles.
+            Scalar mean over the bags with a known label and at least 2 tiles; 0 (still
+            attached to the graph) when there is none.
         """
         self._check_labels(labels, h.shape[0])
         losses = []
         for b in range(h.shape[0]):
+            y = int(labels[b])
             real = torch.nonzero(mask[b]).flatten()
             k = min(self.k_sample, real.numel() // 2)
-            if k == 0:
+            if k == 0 or y < 0:
                 continue
             order = torch.argsort(scores[b, real], descending=True, stable=True)
             top, bottom = real[order[:k]], real[order[-k:]]
             inst = self.instance_classifiers(h[b, torch.cat([top, bottom])])
             inst = inst.view(2 * k, self.n_classes, 2)
-            y = int(labels[b])
             target = torch.cat([h.new_ones(k), h.new_zeros(k)]).long()
             terms = [self._loss(inst[:, y], target)]
             if self.subtyping:
