@@ -12,8 +12,7 @@ Public API (imported lazily so ``import wsi_mil.features`` stays cheap):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsi_mil._lazy import lazy_exports
 
 __all__ = [
     "Bag",
@@ -60,12 +59,4 @@ _LOCATIONS = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LOCATIONS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wsi_mil.features' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"wsi_mil.features.{module}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LOCATIONS)

@@ -20,8 +20,9 @@ Public API (imported lazily, so ``import wsi_mil.mil`` stays cheap):
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from wsi_mil._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from wsi_mil.mil.attention import read_attention, write_attention
@@ -83,12 +84,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module = importlib.import_module(f"wsi_mil.mil.{_LAZY[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -21,8 +21,7 @@ Modules (imported lazily, so ``import wsi_mil.survival`` is cheap):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsi_mil._lazy import lazy_exports
 
 _EXPORTS = {
     "loss": (
@@ -118,15 +117,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines ``name`` on first access."""
-    mod = _WHERE.get(name)
-    if mod is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

@@ -10,8 +10,7 @@ Coordinates are level-0 ``(x, y)`` of a tile's top-left corner; sizes are
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsi_mil._lazy import lazy_exports
 
 __all__ = [
     "IncompleteStoreError",
@@ -42,12 +41,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        module = importlib.import_module(f"wsi_mil.tiling.{_WHERE[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module 'wsi_mil.tiling' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

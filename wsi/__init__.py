@@ -19,8 +19,9 @@ Importing this package is cheap; the slide libraries load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from wsi_mil._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from wsi_mil.wsi.mpp import MPP_RANGE, resolve_mpp
@@ -50,12 +51,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        module = importlib.import_module(f"wsi_mil.wsi.{_WHERE[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module 'wsi_mil.wsi' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
