@@ -244,12 +244,16 @@ def run_device(device: str, job: ExtractJob, tasks: Iterator[SlideTask], emit: E
     Messages: ``("progress", n_tiles)`` and ``("row", manifest row)``. A failing slide
     gives a ``failed`` row and the loop goes on; a failure to build the encoder raises.
     """
-    from wsi_mil.features.registry import create_encoder
+    from wsi_mil.features.registry import build_encoder, get_encoder_spec
+    from wsi_mil.features.weights import RANDOM_WEIGHTS, ResolvedWeights
 
     dev = torch.device(device)
     if dev.type == "cpu" and job.n_procs > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // job.n_procs))
-    encoder = create_encoder(job.encoder, weights=job.weights, device=dev)
+    # the weights were resolved and hashed once by the caller (job.weights_sha256)
+    path = None if job.weights in (None, RANDOM_WEIGHTS) else Path(job.weights)
+    resolved = ResolvedWeights(path, job.weights_sha256)
+    encoder = build_encoder(get_encoder_spec(job.encoder), resolved, dev)
     pin = dev.type == "cuda"
 
     def start(task: SlideTask | None) -> tuple[SlideTask, Any, float] | None:

@@ -27,6 +27,7 @@ __all__ = [
     "TIMM_PREFIX",
     "Encoder",
     "EncoderSpec",
+    "build_encoder",
     "create_encoder",
     "get_encoder_spec",
     "list_encoders",
@@ -172,12 +173,28 @@ def create_encoder(
         EncoderError: Unknown name, unreadable/unsafe weights, wrong architecture, or
             hub unreachable with no ``weights``.
     """
-    from wsi_mil.features.weights import load_resolved, resolve_weights
+    from wsi_mil.features.weights import resolve_weights
 
     spec = get_encoder_spec(name)
-    if spec.builder is None:
-        raise EncoderError(f"encoder {name!r} has no builder")
     resolved = resolve_weights(spec, weights)  # fail fast, before building a big model
+    return build_encoder(spec, resolved, device)
+
+
+def build_encoder(spec: EncoderSpec, resolved: Any, device: str | torch.device = "cpu") -> Encoder:
+    """Build ``spec`` with weights already found by ``resolve_weights`` (no re-hashing).
+
+    Args:
+        spec: From :func:`get_encoder_spec`.
+        resolved: A :class:`~wsi_mil.features.weights.ResolvedWeights`.
+        device: Torch device; ``"meta"`` builds the architecture without memory.
+
+    Returns:
+        :class:`Encoder` in eval mode (see :func:`create_encoder`).
+    """
+    from wsi_mil.features.weights import load_resolved
+
+    if spec.builder is None:
+        raise EncoderError(f"encoder {spec.name!r} has no builder")
     torch.manual_seed(0)  # "random" weights are the same in every process
     with torch.device(device):
         backbone = spec.builder(spec)

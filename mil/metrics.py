@@ -40,20 +40,24 @@ def bootstrap_ci(
         ``{"value", "ci_low", "ci_high", "n", "n_boot"}`` (None where undefined);
         ``n_boot`` counts the resamples on which ``fn`` was defined.
     """
+    from wsi_mil.survival.metrics import _bootstrap, _interval
+    from wsi_mil.survival.validate import UndefinedStatisticError
+
     value = fn(np.arange(n)) if n else None
     out: dict[str, Any] = {"value": value, "ci_low": None, "ci_high": None, "n": n, "n_boot": 0}
     if value is None or n_boot <= 0:
         return out
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n_boot):
-        v = fn(rng.integers(0, n, n))
-        if v is not None and math.isfinite(v):
-            samples.append(v)
+
+    def stat(idx: np.ndarray) -> float:
+        v = fn(idx)
+        if v is None or not math.isfinite(v):
+            raise UndefinedStatisticError("undefined on this resample")
+        return v
+
+    samples = _bootstrap(stat, n, n_boot, seed)
     if samples:
-        alpha = (1 - level) / 2
-        out["ci_low"] = float(np.quantile(samples, alpha))
-        out["ci_high"] = float(np.quantile(samples, 1 - alpha))
+        lo, hi = _interval(samples, 1 - level)
+        out["ci_low"], out["ci_high"] = float(lo), float(hi)
         out["n_boot"] = len(samples)
     return out
 

@@ -39,6 +39,7 @@ from wsi_mil.tiling.store import (
     FORMAT,
     PIXEL_MODES,
     IncompleteStoreError,
+    TileStore,
     TileWriter,
     create_store,
     open_tile_store,
@@ -46,7 +47,14 @@ from wsi_mil.tiling.store import (
 )
 from wsi_mil.tiling.tissue import METHOD, TissueParams, detect_tissue
 
-__all__ = ["RUN_TARGET_PX", "iter_tile_pixels", "store_path", "tile_params", "tile_slide"]
+__all__ = [
+    "RUN_TARGET_PX",
+    "ensure_writable",
+    "iter_tile_pixels",
+    "store_path",
+    "tile_params",
+    "tile_slide",
+]
 
 #: Longest horizontal run of adjacent tiles (in target pixels) read as one region.
 RUN_TARGET_PX = 8192
@@ -231,9 +239,8 @@ def _tile(
         source = source_fingerprint(slide_path)
         slide_id = slide.slide_id
         final = store_path(out_dir, slide_id)
-        reason = _reuse_reason(final, params, source)
-        if reason is None:
-            store = open_tile_store(final)
+        reason, store = _reuse_reason(final, params, source)
+        if store is not None:
             extra = _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=True)
             notes = ["complete store with the same parameters", *store.attrs.get("warnings", [])]
             notes += extra
@@ -241,7 +248,7 @@ def _tile(
                 "slide_id": slide_id, "status": "skipped", "n_tiles": store.n_tiles,
                 "message": "; ".join(notes), "store": str(final),
             }  # fmt: skip
-        _ensure_writable(out_dir)
+        ensure_writable(out_dir)
         _remove_stale_temporaries(final)
         messages = [] if reason == "new" else [f"rebuilt: {reason}"]
         n_tiles, extra = _build_store(slide, final, params, source, read_threads)
@@ -254,7 +261,7 @@ def _tile(
     }  # fmt: skip
 
 
-def _ensure_writable(out_dir: Path) -> None:
+def ensure_writable(out_dir: Path) -> None:
     """Fail early, naming the folder, when ``out_dir`` cannot be written."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,30 +281,32 @@ def _remove_stale_temporaries(final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
-def _reuse_reason(final: Path, params: dict[str, Any], source: dict[str, Any]) -> str | None:
-    """None when ``final`` can be reused, else why it must be (re)built."""
+def _reuse_reason(
+    final: Path, params: dict[str, Any], source: dict[str, Any]
+) -> tuple[str | None, TileStore | None]:
+    """``(None, store)`` when ``final`` can be reused, else ``(why it must be rebuilt, None)``."""
     if not final.exists():
-        return "new"
+        return "new", None
     try:
         store = open_tile_store(final, allow_incomplete=True)
     except IncompleteStoreError:
-        return "existing store unreadable"
+        return "existing store unreadable", None
     if not store.complete:
-        return "existing store incomplete"
+        return "existing store incomplete", None
     old = store.attrs.get("params", {})
     changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
     if changed:
         parts = [f"{k} {old.get(k)!r}→{params.get(k)!r}" for k in changed if k != "tissue_params"]
         if "tissue_params" in changed:
             parts.append("tissue-detection parameters changed")
-        return "parameters changed (" + ", ".join(parts) + ")"
+        return "parameters changed (" + ", ".join(parts) + ")", None
     old_src = store.attrs.get("source", {})
     if (old_src.get("size"), old_src.get("sha256_head_tail")) != (
         source["size"],
         source["sha256_head_tail"],
     ):
-        return "source slide changed"
-    return None
+        return "source slide changed", None
+    return None, store
 
 
 def _build_store(

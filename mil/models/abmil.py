@@ -67,39 +67,19 @@ class ABMIL(Aggregator):
         else:
             self.classifier = nn.Linear(hidden_dim, n_outputs)
 
-    def _pool(self, features: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
+    def _pool(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pooled (B, K, L), weights (B, K, N))`` of checked inputs."""
         h = self.encoder(features)
-        pooled, weights = attention_pool(h, self.attention(h), mask)
-        return h, pooled, weights
+        return attention_pool(h, self.attention(h), mask)
 
     def _logits(self, pooled: Tensor) -> Tensor:
         if self.multi_branch:
             return (pooled * self.branch_weight).sum(-1) + self.branch_bias
         return self.classifier(pooled[:, 0])
 
-    def forward(
-        self,
-        features: Tensor,
-        mask: Tensor | None = None,
-        *,
-        omics: Tensor | None = None,
-        clinical: Tensor | None = None,
-        omics_mask: Tensor | None = None,
-        clinical_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> MILOutput:
-        """Pool and classify.
-
-        Args:
-            features: ``(B, N, D)``.
-            mask: ``(B, N)`` bool, True = real tile (None: all real).
-            omics, clinical, omics_mask, clinical_mask, labels: ignored.
-
-        Returns:
-            ``MILOutput(logits (B, n_outputs), attention (B, N), None)``.
-        """
-        _, pooled, weights = self._pool(features, mask)
+    def _aggregate(self, features: Tensor, mask: Tensor, **_: Tensor | None) -> MILOutput:
+        """``attention`` is the mean over the branches; ``aux_loss`` is None."""
+        pooled, weights = self._pool(features, mask)
         return MILOutput(self._logits(pooled), weights.mean(dim=1), None)
 
     def class_attention(
@@ -108,4 +88,5 @@ class ABMIL(Aggregator):
         """Per-output attention ``(B, n_outputs, N)`` with ``multi_branch``; else ``None``."""
         if not self.multi_branch:
             return None
-        return self._pool(features, mask)[2]
+        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
+        return self._pool(features, mask)[1]

@@ -171,11 +171,15 @@ def check_bag_inputs(
 
 
 class Aggregator(nn.Module):
-    """Base class: stores ``in_dim``/``n_outputs`` and offers per-class attention.
+    """Base class: the public ``forward`` contract, input checks and per-class attention.
 
-    Subclasses implement ``forward(features, mask, *, omics=None, clinical=None,
-    omics_mask=None, clinical_mask=None, labels=None) -> MILOutput``. Inputs a subclass
-    does not use (e.g. ``omics`` for a histology-only model) are ignored.
+    :meth:`forward` validates ``features``/``mask`` with :func:`check_bag_inputs` and hands
+    them, with the keyword inputs, to :meth:`_aggregate`, which each subclass implements.
+    A subclass names the keyword inputs it uses and takes the rest as ``**_`` (ignored).
+
+    Args:
+        in_dim: tile feature dim ``D``.
+        n_outputs: number of logits.
     """
 
     name: str = "aggregator"
@@ -184,6 +188,55 @@ class Aggregator(nn.Module):
         super().__init__()
         self.in_dim = in_dim
         self.n_outputs = n_outputs
+
+    def forward(
+        self,
+        features: Tensor,
+        mask: Tensor | None = None,
+        *,
+        omics: Tensor | None = None,
+        clinical: Tensor | None = None,
+        omics_mask: Tensor | None = None,
+        clinical_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> MILOutput:
+        """Aggregate the tiles of each bag (with any other modality) into logits.
+
+        Inputs an aggregator does not use (e.g. ``omics`` for a histology-only model) are
+        ignored.
+
+        Args:
+            features: ``(B, N, D)`` float tile features.
+            mask: ``(B, N)`` bool, True = real tile (None: all real).
+            omics: ``(B, G_total)`` or None (omics missing for every bag).
+            clinical: ``(B, C)`` or None (clinical missing for every bag).
+            omics_mask: ``(B,)`` bool, True = omics present (None: all present).
+            clinical_mask: ``(B,)`` bool, True = clinical present (None: all present).
+            labels: ``(B,)`` long bag labels for an auxiliary loss, or None.
+
+        Returns:
+            ``MILOutput(logits (B, n_outputs), attention (B, N) | None,
+            aux_loss scalar | None)``.
+
+        Raises:
+            ConfigError: malformed ``features``/``mask`` (see :func:`check_bag_inputs`)
+                or other inputs.
+        """
+        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
+        return self._aggregate(
+            features,
+            mask,
+            omics=omics,
+            clinical=clinical,
+            omics_mask=omics_mask,
+            clinical_mask=clinical_mask,
+            labels=labels,
+        )
+
+    def _aggregate(self, features: Tensor, mask: Tensor, **inputs: Tensor | None) -> MILOutput:
+        """Model-specific forward on checked inputs: ``features (B, N, D)``, ``mask (B, N)``
+        bool, and the keyword inputs of :meth:`forward`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _aggregate")
 
     def class_attention(
         self, features: Tensor, mask: Tensor | None = None, **inputs: Any

@@ -30,7 +30,6 @@ from wsi_mil.mil.models.base import (
     GatedAttention,
     MILOutput,
     attention_pool,
-    check_bag_inputs,
     mlp_block,
 )
 from wsi_mil.mil.models.registry import register_aggregator
@@ -126,30 +125,14 @@ class CLAMSingleBranch(Aggregator):
         # one binary (in-class / out-of-class) instance classifier per class, stacked
         self.instance_classifiers = nn.Linear(hidden_dim, 2 * self.n_classes)
 
-    def forward(
-        self,
-        features: Tensor,
-        mask: Tensor | None = None,
-        *,
-        omics: Tensor | None = None,
-        clinical: Tensor | None = None,
-        omics_mask: Tensor | None = None,
-        clinical_mask: Tensor | None = None,
-        labels: Tensor | None = None,
+    def _aggregate(
+        self, features: Tensor, mask: Tensor, *, labels: Tensor | None = None, **_: Tensor | None
     ) -> MILOutput:
-        """Pool, classify and (with ``labels``) compute the instance loss.
+        """Pool, classify and, with ``labels``, compute the instance loss.
 
-        Args:
-            features: ``(B, N, D)``.
-            mask: ``(B, N)`` bool, True = real tile (None: all real).
-            labels: ``(B,)`` long in ``[0, n_classes)`` or -1 (unknown: the bag is left
-                out of the instance loss), or None (no ``aux_loss``).
-            omics, clinical, omics_mask, clinical_mask: ignored.
-
-        Returns:
-            ``MILOutput(logits (B, n_outputs), attention (B, N), aux_loss scalar | None)``.
+        ``labels``: ``(B,)`` long in ``[0, n_classes)`` or -1 (unknown: the bag is left out
+        of the instance loss), or None (then ``aux_loss`` is None).
         """
-        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
         h = self.encoder(features)
         scores = self.attention(h)  # (B, 1, N)
         pooled, weights = attention_pool(h, scores, mask)

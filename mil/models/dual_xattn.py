@@ -37,7 +37,6 @@ from wsi_mil.mil.models.base import (
     GatedAttention,
     MILOutput,
     attention_pool,
-    check_bag_inputs,
     masked_softmax,
     mlp_block,
 )
@@ -320,32 +319,18 @@ class DualCrossAttentionMIL(Aggregator):
             masks.append(clinical_present[:, None])
         return torch.cat(tokens, dim=1) + self.token_type, torch.cat(masks, dim=1)
 
-    def forward(
+    def _aggregate(
         self,
         features: Tensor,
-        mask: Tensor | None = None,
+        mask: Tensor,
         *,
         omics: Tensor | None = None,
         clinical: Tensor | None = None,
         omics_mask: Tensor | None = None,
         clinical_mask: Tensor | None = None,
-        labels: Tensor | None = None,
+        **_: Tensor | None,
     ) -> MILOutput:
-        """Fuse tiles with omics and clinical tokens.
-
-        Args:
-            features: ``(B, N, D)``.
-            mask: ``(B, N)`` bool, True = real tile (None: all real).
-            omics: ``(B, G_total)`` or None (then omics are missing for every bag).
-            clinical: ``(B, n_clinical)`` or None (then missing for every bag).
-            omics_mask: ``(B,)`` bool, True = omics present (None: all present).
-            clinical_mask: ``(B,)`` bool, True = clinical present (None: all present).
-            labels: ignored.
-
-        Returns:
-            ``MILOutput(logits (B, n_outputs), attention (B, N), None)``.
-        """
-        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
+        """Fuse tiles with omics and clinical tokens (``clinical``: ``(B, n_clinical)``)."""
         b, dev = features.shape[0], features.device
         omics_present = self._present("omics", omics, omics_mask, b, dev)
         clinical_present = self._present("clinical", clinical, clinical_mask, b, dev)

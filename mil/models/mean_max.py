@@ -8,7 +8,6 @@ from torch import Tensor, nn
 from wsi_mil.mil.models.base import (
     Aggregator,
     MILOutput,
-    check_bag_inputs,
     masked_mean,
     mlp_block,
 )
@@ -18,7 +17,18 @@ __all__ = ["MaxPoolMIL", "MeanPoolMIL"]
 
 
 class _PoolMIL(Aggregator):
-    """Shared constructor: optional tile projection ``D -> hidden_dim`` and a linear head."""
+    """Pooling baseline: optional tile projection, a masked pooling, a linear head.
+
+    Subclasses implement :meth:`_pool`. ``omics``, ``clinical``, their masks and
+    ``labels`` are ignored; ``aux_loss`` is None.
+
+    Args:
+        in_dim: tile feature dim ``D``.
+        n_outputs: number of logits.
+        hidden_dim: tile projection ``D -> hidden_dim`` (Linear, ReLU, dropout) before
+            pooling; 0 pools the raw features.
+        dropout: dropout after the projection.
+    """
 
     def __init__(
         self, in_dim: int, n_outputs: int, hidden_dim: int = 512, dropout: float = 0.25
@@ -32,6 +42,22 @@ class _PoolMIL(Aggregator):
             dim = in_dim
         self.classifier = nn.Linear(dim, n_outputs)
 
+    def _aggregate(self, features: Tensor, mask: Tensor, **_: Tensor | None) -> MILOutput:
+        pooled, attention = self._pool(self.encoder(features), mask)
+        return MILOutput(self.classifier(pooled), attention, None)
+
+    def _pool(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Pool the tile embeddings.
+
+        Args:
+            h: ``(B, N, L)`` tile embeddings.
+            mask: ``(B, N)`` bool.
+
+        Returns:
+            ``(pooled (B, L), attention (B, N))``.
+        """
+        raise NotImplementedError
+
 
 @register_aggregator(
     "mean",
@@ -42,42 +68,13 @@ class MeanPoolMIL(_PoolMIL):
     """Masked mean pooling.
 
     ``attention`` is the uniform weight ``1 / n_real`` each real tile has in the mean.
-
-    Args:
-        in_dim: tile feature dim ``D``.
-        n_outputs: number of logits.
-        hidden_dim: tile projection ``D -> hidden_dim`` (Linear, ReLU, dropout) before
-            pooling; 0 pools the raw features.
-        dropout: dropout after the projection.
+    Constructor arguments: ``in_dim``, ``n_outputs``, ``hidden_dim`` (512; 0 pools the raw
+    features), ``dropout`` (0.25), as for every pooling baseline.
     """
 
-    def forward(
-        self,
-        features: Tensor,
-        mask: Tensor | None = None,
-        *,
-        omics: Tensor | None = None,
-        clinical: Tensor | None = None,
-        omics_mask: Tensor | None = None,
-        clinical_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> MILOutput:
-        """Pool and classify.
-
-        Args:
-            features: ``(B, N, D)``.
-            mask: ``(B, N)`` bool, True = real tile (None: all real).
-            omics, clinical, omics_mask, clinical_mask, labels: ignored.
-
-        Returns:
-            ``MILOutput(logits (B, n_outputs), attention (B, N), None)``.
-        """
-        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
-        h = self.encoder(features)
-        pooled = masked_mean(h, mask)
+    def _pool(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         m = mask.to(h.dtype)
-        attention = m / m.sum(dim=1, keepdim=True).clamp(min=1.0)
-        return MILOutput(self.classifier(pooled), attention, None)
+        return masked_mean(h, mask), m / m.sum(dim=1, keepdim=True).clamp(min=1.0)
 
 
 @register_aggregator(
@@ -93,44 +90,16 @@ class MaxPoolMIL(_PoolMIL):
     and is the tile's exact share of the pooled vector's entries (max pooling has no
     softmax attention). A channel whose maximum is shared by several tiles (e.g. 0 after
     the ReLU) is split equally among them, so the attention is permutation invariant too.
-
-    Args:
-        in_dim: tile feature dim ``D``.
-        n_outputs: number of logits.
-        hidden_dim: tile projection ``D -> hidden_dim`` before pooling; 0 pools raw features.
-        dropout: dropout after the projection.
+    A bag without real tiles pools to zeros and gets zero attention. Constructor
+    arguments as for :class:`MeanPoolMIL`.
     """
 
-    def forward(
-        self,
-        features: Tensor,
-        mask: Tensor | None = None,
-        *,
-        omics: Tensor | None = None,
-        clinical: Tensor | None = None,
-        omics_mask: Tensor | None = None,
-        clinical_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> MILOutput:
-        """Pool and classify.
-
-        Args:
-            features: ``(B, N, D)``.
-            mask: ``(B, N)`` bool, True = real tile (None: all real).
-            omics, clinical, omics_mask, clinical_mask, labels: ignored.
-
-        Returns:
-            ``MILOutput(logits (B, n_outputs), attention (B, N), None)``; a bag without
-            real tiles pools to zeros and gets zero attention.
-        """
-        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
-        h = self.encoder(features)
+    def _pool(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         filled = h.masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min)
         pooled = filled.max(dim=1).values  # (B, L)
         has_tiles = mask.any(dim=1, keepdim=True)
         pooled = torch.where(has_tiles, pooled, torch.zeros_like(pooled))
-        attention = self._argmax_share(filled.detach(), pooled.detach(), mask)
-        return MILOutput(self.classifier(pooled), attention, None)
+        return pooled, self._argmax_share(filled.detach(), pooled.detach(), mask)
 
     @staticmethod
     def _argmax_share(filled: Tensor, pooled: Tensor, mask: Tensor) -> Tensor:

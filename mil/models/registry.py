@@ -64,7 +64,8 @@ def register_aggregator(
 
     The class must accept ``(in_dim, n_outputs, **kwargs)`` and implement the
     ``forward(features, mask, *, omics, clinical, omics_mask, clinical_mask, labels)
-    -> MILOutput`` contract of :mod:`wsi_mil.mil.models.base`.
+    -> MILOutput`` contract of :mod:`wsi_mil.mil.models.base` (subclass ``Aggregator``,
+    which provides ``forward``, and implement ``_aggregate``).
 
     Raises:
         ValueError: the name is taken or a modality is unknown (a programming error).

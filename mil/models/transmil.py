@@ -25,7 +25,6 @@ from wsi_mil.errors import ConfigError
 from wsi_mil.mil.models.base import (
     Aggregator,
     MILOutput,
-    check_bag_inputs,
     masked_softmax,
     mlp_block,
 )
@@ -180,7 +179,9 @@ class TransMIL(Aggregator):
         tile_index = real_order.gather(1, seq.clamp(max=mask.shape[1] - 1))
         return tile_index, valid & (n_real[:, None] > 0), side
 
-    def _forward(self, features: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    def _aggregate(self, features: Tensor, mask: Tensor, **_: Tensor | None) -> MILOutput:
+        """Encode the tile sequence (in a meaningful order, e.g. raster order of coords)
+        and classify the class token."""
         h = self.encoder(features)  # (B, N, C)
         b, _, c = h.shape
         tile_index, valid, side = self._grid_layout(mask)
@@ -199,29 +200,4 @@ class TransMIL(Aggregator):
         attention.scatter_add_(1, tile_index, per_cell)
         attention = attention * mask
         attention = attention / attention.sum(dim=1, keepdim=True).clamp(min=1e-12)
-        return logits, attention.to(h.dtype)
-
-    def forward(
-        self,
-        features: Tensor,
-        mask: Tensor | None = None,
-        *,
-        omics: Tensor | None = None,
-        clinical: Tensor | None = None,
-        omics_mask: Tensor | None = None,
-        clinical_mask: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> MILOutput:
-        """Encode the tile sequence and classify the class token.
-
-        Args:
-            features: ``(B, N, D)`` in a meaningful order (e.g. raster order of coords).
-            mask: ``(B, N)`` bool, True = real tile (None: all real).
-            omics, clinical, omics_mask, clinical_mask, labels: ignored.
-
-        Returns:
-            ``MILOutput(logits (B, n_outputs), attention (B, N), None)``.
-        """
-        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
-        logits, attention = self._forward(features, mask)
-        return MILOutput(logits, attention, None)
+        return MILOutput(logits, attention.to(h.dtype), None)

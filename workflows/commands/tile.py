@@ -123,10 +123,10 @@ def find_slides(inputs: list[str | os.PathLike[str]]) -> list[Path]:
     return unique
 
 
-def _check_duplicates(slides: list[Path]) -> None:
+def _check_duplicates(ids: dict[Path, str]) -> None:
     by_id: dict[str, list[Path]] = {}
-    for s in slides:
-        by_id.setdefault(slide_id_from_path(s), []).append(s)
+    for s, sid in ids.items():
+        by_id.setdefault(sid, []).append(s)
     dups = {k: v for k, v in by_id.items() if len(v) > 1}
     if dups:
         lines = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in sorted(dups.items()))
@@ -169,46 +169,34 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
     return out
 
 
-def _check_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"--out {out} is not writable ({exc.strerror or exc}); "
-            "choose another folder or fix its permissions"
-        ) from exc
-
-
 def run(args: argparse.Namespace) -> int:
     """Tile every slide; returns 1 when any slide failed, else 0."""
     import yaml
 
     from wsi_mil.outputs import atomic_path, write_manifest
-    from wsi_mil.tiling.pipeline import tile_params, tile_slide
+    from wsi_mil.tiling.pipeline import ensure_writable, tile_params, tile_slide
     from wsi_mil.workflows.batch import Job, run_batch
 
     if args.workers < 1:
         raise ConfigError(f"--workers={args.workers} is invalid; expected at least 1")
-    if args.mpp is not None and not args.mpp > 0:
-        raise ConfigError(f"--mpp={args.mpp} is invalid; expected a positive µm/px value")
     params = tile_params(
         target_mpp=args.target_mpp, tile_px=args.tile_px, stride_px=args.stride_px,
         min_tissue=args.min_tissue, pixels=args.pixels, mask_mpp=args.mask_mpp, mpp=args.mpp,
     )  # fmt: skip
     slides = find_slides(args.inputs)
-    _check_duplicates(slides)
+    ids = {s: slide_id_from_path(s) for s in slides}
+    _check_duplicates(ids)
     mpp_map = read_mpp_csv(args.mpp_csv) if args.mpp_csv else {}
     out: Path = args.out
-    _check_out(out)
+    try:
+        ensure_writable(out)
+    except PermissionError as exc:
+        raise ConfigError(f"--out: {exc}") from exc
     common = {
         "target_mpp": args.target_mpp, "tile_px": args.tile_px, "stride_px": args.stride_px,
         "min_tissue": args.min_tissue, "pixels": args.pixels, "mask_mpp": args.mask_mpp,
         "export_coords": args.export_coords, "qc": not args.no_qc,
     }  # fmt: skip
-    ids = {s: slide_id_from_path(s) for s in slides}
     jobs = [
         Job(
             slide_id=ids[s],
