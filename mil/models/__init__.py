@@ -12,9 +12,9 @@ this package is cheap; torch and the models load on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from wsi_mil._lazy import lazy_exports
 from wsi_mil.mil.models.registry import (
     AggregatorInfo,
     aggregator_info,
@@ -71,8 +71,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        module = importlib.import_module(f"wsi_mil.mil.models.{_LAZY[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
