@@ -34,7 +34,7 @@ import pandas as pd
 from wsi_mil.errors import OutputExistsError
 from wsi_mil.outputs import atomic_path
 from wsi_mil.survival.analysis import analyse_predictions
-from wsi_mil.survival.validate import SurvivalDataError, validate_survival
+from wsi_mil.survival.validate import SurvivalDataError, _plain, validate_survival
 
 __all__ = [
     "REPORT_FORMAT",
@@ -96,10 +96,6 @@ def resolve_report_paths(
     else:
         raise SurvivalDataError(f"{src} does not exist; pass a run folder or a predictions CSV")
     return csv, Path(out_dir) if out_dir is not None else csv.parent
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _line(df: pd.DataFrame, name: str) -> list[str]:

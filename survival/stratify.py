@@ -17,6 +17,7 @@ import pandas as pd
 from wsi_mil.survival.validate import (
     SurvivalDataError,
     UndefinedStatisticError,
+    _plain,
     validate_survival,
 )
 
@@ -295,10 +296,6 @@ def median_follow_up(time: Any, event: Any) -> float:
     """
     d = validate_survival(time, event, min_samples=1, require_events=False)
     return float(_fit_km(d.time, ~d.event, "follow-up").median_survival_time_)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
 
 
 def _encode(df: pd.DataFrame, col: str) -> tuple[pd.DataFrame, dict[str, str]]:
