@@ -210,12 +210,6 @@ def _new_label(parent: np.ndarray, n: int) -> tuple[np.ndarray, int]:
 
 
 @njit(cache=True)
-def _merge(parent: np.ndarray, a: int, b: int) -> None:
-    if a != b:
-        _union(parent, a, b)
-
-
-@njit(cache=True)
 def label_components(mask: np.ndarray, eight: bool) -> tuple[np.ndarray, np.ndarray]:
     """Label connected components of a bool mask (two-pass union–find).
 
@@ -248,11 +242,11 @@ def label_components(mask: np.ndarray, eight: bool) -> tuple[np.ndarray, np.ndar
                 elif wl != 0:
                     cur = wl
                     if ne != 0:
-                        _merge(parent, wl, ne)
+                        _union(parent, wl, ne)
                 elif nw != 0:
                     cur = nw
                     if ne != 0:
-                        _merge(parent, nw, ne)
+                        _union(parent, nw, ne)
                 elif ne != 0:
                     cur = ne
                 else:
@@ -262,7 +256,7 @@ def label_components(mask: np.ndarray, eight: bool) -> tuple[np.ndarray, np.ndar
                 if nl != 0:
                     cur = nl
                     if wl != 0:
-                        _merge(parent, nl, wl)
+                        _union(parent, nl, wl)
                 elif wl != 0:
                     cur = wl
                 else:

@@ -96,7 +96,6 @@ class Slide:
         self, path: str | os.PathLike[str], backend: str = "auto", mpp: float | None = None
     ) -> None:
         self.path = Path(path)
-        self._backend_arg = backend
         self._mpp_arg = mpp
         _check_file(self.path)
         names = _backend_names(backend, self.path)
