@@ -403,24 +403,18 @@ class TileStore:
         """Pixel mode: ``"lossless"``, ``"jpeg"`` or ``"none"``."""
         return str(self.attrs.get("pixels", "none"))
 
-    @cached_property
-    def _tiles(self) -> zarr.Array | None:
-        """The ``tiles`` array, opened once (``None`` with ``--pixels none``)."""
-        return _array(self._group, "tiles") if "tiles" in self._group else None
-
-    @cached_property
-    def _coords(self) -> zarr.Array:
-        return _array(self._group, "coords")
+    # Arrays are opened per call on purpose: a zarr array is bound to zarr's event-loop
+    # thread, which a forked DataLoader worker does not have (a cached array hangs there).
 
     @property
     def has_pixels(self) -> bool:
         """True when the store holds tile pixels."""
-        return self._tiles is not None
+        return "tiles" in self._group
 
     @cached_property
     def coords(self) -> np.ndarray:
         """int64 (N, 2) level-0 (x, y) of each tile's top-left corner."""
-        return np.asarray(self._coords[:], dtype=np.int64).reshape(-1, 2)
+        return np.asarray(_array(self._group, "coords")[:], dtype=np.int64).reshape(-1, 2)
 
     @cached_property
     def tissue(self) -> np.ndarray:
@@ -430,13 +424,13 @@ class TileStore:
     @property
     def n_tiles(self) -> int:
         """Number of tiles N."""
-        return int(self._coords.shape[0])
+        return int(_array(self._group, "coords").shape[0])
 
     @property
     def chunk_tiles(self) -> int:
         """Tiles per chunk of ``tiles`` (read in multiples of it for speed)."""
-        if self._tiles is not None:
-            return int(self._tiles.chunks[0])
+        if self.has_pixels:
+            return int(_array(self._group, "tiles").chunks[0])
         return int(self.attrs.get("chunk_tiles", 64))
 
     @property
@@ -455,14 +449,14 @@ class TileStore:
         Raises:
             IncompleteStoreError: The store holds no pixels (``--pixels none``).
         """
-        if self._tiles is None:
+        if not self.has_pixels:
             raise IncompleteStoreError(
                 f"{self.path} holds no tile pixels (tiled with --pixels none); read the "
                 "tiles from the slide at .coords, or re-tile with --pixels lossless|jpeg"
             )
         stop = self.n_tiles if stop is None else min(stop, self.n_tiles)
         start = max(0, min(start, stop))
-        return np.asarray(self._tiles[start:stop], dtype=np.uint8)
+        return np.asarray(_array(self._group, "tiles")[start:stop], dtype=np.uint8)
 
 
 def open_tile_store(path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> TileStore:

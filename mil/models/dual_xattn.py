@@ -342,7 +342,7 @@ class DualCrossAttentionMIL(Aggregator):
             tiles, context = block(tiles, mask, context, context_mask)
         tiles, context = self.norm_tiles(tiles), self.norm_context(context)
         h_tiles, attention = attention_pool(tiles, self.tile_pool(tiles), mask)
-        h_context, _ = attention_pool(context, self.context_pool(context), context_mask)
+        h_context = attention_pool(context, self.context_pool(context), context_mask)[0]
         h_context = h_context[:, 0]
         if self.missing_omics is not None:
             h_context = h_context + (~omics_present)[:, None] * self.missing_omics
