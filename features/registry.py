@@ -195,10 +195,13 @@ def build_encoder(spec: EncoderSpec, resolved: Any, device: str | torch.device =
 
     if spec.builder is None:
         raise EncoderError(f"encoder {spec.name!r} has no builder")
-    torch.manual_seed(0)  # "random" weights are the same in every process
-    with torch.device(device):
-        backbone = spec.builder(spec)
     meta = torch.device(device).type == "meta"
+    # "random" weights (resolved.path None) are drawn on the CPU from one seed, so every
+    # process and every device gets the same ones; loaded weights overwrite the init, so
+    # the model is built straight on its device (no host copy of a 1B-parameter ViT).
+    torch.manual_seed(0)
+    with torch.device(device if meta or resolved.path is not None else "cpu"):
+        backbone = spec.builder(spec)
     sha = resolved.sha256 if meta else load_resolved(backbone, spec, resolved)
     if spec.dim is None:  # timm:<name>: known once built
         spec = replace(spec, dim=int(backbone.dim))
