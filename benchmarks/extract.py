@@ -120,10 +120,14 @@ def main() -> None:
     tiles = args.tiles_dir or make_stores(tmp, args.slides)
     tasks, _ = plan_extraction(find_stores(tiles), "bench", tmp / "bags", "x", overwrite=True)
     cuda = torch.cuda.is_available()
-    runs = [] if args.no_cpu else [
-        ("builtin", "builtin", "cpu"),
-        ("ViT-S/16", "timm:vit_small_patch16_224", "cpu"),
-    ]
+    runs = (
+        []
+        if args.no_cpu
+        else [
+            ("builtin", "builtin", "cpu"),
+            ("ViT-S/16", "timm:vit_small_patch16_224", "cpu"),
+        ]
+    )
     if cuda:
         runs += [
             ("builtin (cuda)", "builtin", "cuda:0"),
