@@ -24,8 +24,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $py -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"; } 2>&1 | tee "$out/gpu.log"
-step extract 300 $py benchmarks/extract.py --no-cpu --slides 12 --workers "$workers" \
+step extract 240 $py benchmarks/extract.py --no-cpu --slides 12 --workers "$workers" \
     --gpu-batch-size "${BATCH:-256}" --gpu-tiles "${TILES:-20000}" --repeats 2
-step tests 180 $py -m pytest -q -p no:cacheprovider tests/features/test_cuda.py \
+step tests 150 $py -m pytest -q -p no:cacheprovider tests/features/test_cuda.py \
     tests/features/test_extract.py tests/mil
-step train 120 $py benchmarks/train.py --device cuda --bags 100 --epochs 3
+step train 100 $py benchmarks/train.py --device cuda --bags 100 --epochs 3
