@@ -5,7 +5,7 @@
 # vs the model alone) and training throughput. Each step has its own time limit, so one
 # failure still leaves the others' numbers. Logs go to OUT_DIR (default cuda-results/).
 #
-#   bash benchmarks/cuda.sh [OUT_DIR]
+#   bash benchmarks/cuda.sh [OUT_DIR]        (STEPS="extract tests train" by default)
 set -u
 out=${1:-cuda-results}
 py=${PYTHON:-python3}
@@ -16,6 +16,7 @@ export PYTHONUNBUFFERED=1
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.log
     local name=$1 limit=$2
     shift 2
+    [[ " ${STEPS:-extract tests train} " == *" $name "* ]] || return 0
     echo "== $name (limit ${limit}s)"
     timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
     echo "== $name: exit ${PIPESTATUS[0]}"
@@ -24,8 +25,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $py -c "import torch, timm; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 'timm', timm.__version__, 'cpus', __import__('os').cpu_count())"; } 2>&1 | tee "$out/gpu.log"
-step extract 240 $py benchmarks/extract.py --no-cpu --slides 12 --workers "$workers" \
+step extract 200 $py benchmarks/extract.py --no-cpu --slides 12 --workers "$workers" \
     --gpu-batch-size "${BATCH:-256}" --gpu-tiles "${TILES:-20000}" --repeats 2
-step tests 150 $py -m pytest -q -p no:cacheprovider tests/features/test_cuda.py \
+step tests 130 $py -m pytest -q -p no:cacheprovider tests/features/test_cuda.py \
     tests/features/test_extract.py tests/mil
 step train 100 $py benchmarks/train.py --device cuda --bags 100 --epochs 3

@@ -1,19 +1,18 @@
 """Per-device extraction workers: one process per device, fed by decode workers.
 
 Each device process builds the encoder once, then takes slides from a shared queue
-(largest first). For each slide a :class:`torch.utils.data.DataLoader` of decode
-workers reads whole chunks of tiles from the zarr store (or from the slide when the
-store has no pixels) as uint8, in pinned memory on CUDA; the device process moves them
-as uint8, normalises on the device, and runs the encoder under ``inference_mode``
-(bf16/fp16 autocast on CUDA). The next slide's loader is started before the current
-slide is finished, so its decode workers are already reading when the device frees up,
-and each bag is written by a background thread while the device embeds the next slide.
+(largest first). One :class:`torch.utils.data.DataLoader` per device process serves
+every slide: its decode workers start once, read whole chunks of tiles from the zarr
+stores (or from the slide when a store has no pixels) as uint8, in pinned memory on
+CUDA, and read ahead across slide boundaries, so the device never waits for the next
+slide. The device process moves tiles as uint8, normalises them on the device, and runs
+the encoder under ``inference_mode`` (bf16/fp16 autocast on CUDA); each bag is written
+by a background thread while the device embeds the next slide.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import queue
 import time
@@ -120,33 +119,78 @@ def parse_devices(devices: str | list[str] | None) -> list[str]:
 # ------------------------------------------------------------------ decode workers
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One decode work item: tile rows ``[start, stop)`` of the ``seq``-th slide taken.
+
+    ``error`` is set when the slide could not even be planned (unreadable store); the
+    item then carries the message instead of pixels.
+    """
+
+    seq: int
+    store: str
+    start: int
+    stop: int
+    error: str = ""
+
+
+class _ChunkPlan:
+    """The DataLoader's sampler: :class:`_Chunk` items over the slides ``tasks`` yields.
+
+    Slides are pulled lazily, in the device process's main thread, only when the decode
+    workers need more work; with several devices each one takes the next-largest slide
+    from the shared queue when it gets there. ``taken[seq]`` is the ``seq``-th slide.
+    """
+
+    def __init__(self, tasks: Iterator[SlideTask], batch_size: int) -> None:
+        self.tasks = tasks
+        self.batch_size = batch_size
+        self.taken: list[SlideTask] = []
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        for task in self.tasks:
+            seq = len(self.taken)
+            self.taken.append(task)
+            try:
+                chunk = _chunk_tiles(task.store)
+            except _SLIDE_ERRORS as exc:
+                yield _Chunk(seq, task.store, 0, 0, _one_line(exc))
+                continue
+            rows = max(chunk, round(self.batch_size / chunk) * chunk)  # whole store chunks
+            for start in range(0, task.n_tiles, rows):
+                yield _Chunk(seq, task.store, start, min(task.n_tiles, start + rows))
+
+
 class _ChunkDataset(Dataset):
-    """Item i = uint8 tiles (n, tile_px, tile_px, 3) for rows [i·rows, (i+1)·rows)."""
+    """Decodes a :class:`_Chunk` → ``(seq, start, tiles)``.
 
-    def __init__(self, store: str, rows: int, n_tiles: int) -> None:
-        self.store = store
-        self.rows = rows
-        self.n_tiles = n_tiles
-        self._reader: Any = None
+    ``tiles`` is uint8 (n, tile_px, tile_px, 3), or the error text when the read failed.
+    Each decode worker keeps the last few stores open: slides arrive in order.
+    """
 
-    def __len__(self) -> int:
-        return math.ceil(self.n_tiles / self.rows)
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._readers: dict[str, Callable[[int, int], np.ndarray]] = {}
 
-    def _open(self) -> Any:
-        if self._reader is None:
+    def _reader(self, store: str) -> Callable[[int, int], np.ndarray]:
+        if store not in self._readers:
             from wsi_mil.tiling import open_tile_store
 
-            st = open_tile_store(self.store)
-            if st.has_pixels:
-                self._reader = st.read_pixels
-            else:
-                self._reader = _SlideReader(st)
-        return self._reader
+            st = open_tile_store(store)
+            self._readers[store] = st.read_pixels if st.has_pixels else _SlideReader(st)
+            while len(self._readers) > self.keep:
+                self._readers.pop(next(iter(self._readers)))
+        return self._readers[store]
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        start = i * self.rows
-        stop = min(self.n_tiles, start + self.rows)
-        return torch.from_numpy(np.ascontiguousarray(self._open()(start, stop)))
+    def __getitem__(self, item: _Chunk) -> tuple[int, int, torch.Tensor | str]:
+        if item.error:
+            return item.seq, item.start, item.error
+        try:
+            tiles = self._reader(item.store)(item.start, item.stop)
+        except _SLIDE_ERRORS as exc:
+            where = f"{item.store}: tiles {item.start}:{item.stop} unreadable"
+            return item.seq, item.start, f"{where} ({_one_line(exc)}); re-tile this slide"
+        return item.seq, item.start, torch.from_numpy(np.ascontiguousarray(tiles))
 
 
 class _SlideReader:
@@ -170,16 +214,20 @@ class _SlideReader:
         return self.slide.read_tiles(self.coords[start:stop], self.tile_px, self.target_mpp)
 
 
-def _loader(task: SlideTask, job: ExtractJob, chunk: int, pin: bool) -> Iterator[torch.Tensor]:
-    rows = max(chunk, round(job.batch_size / chunk) * chunk)
-    ds = _ChunkDataset(task.store, rows, task.n_tiles)
-    kwargs: dict[str, Any] = {}
-    if job.workers > 0:
-        kwargs.update(prefetch_factor=4, persistent_workers=False)
-    loader = DataLoader(
-        ds, batch_size=None, shuffle=False, num_workers=job.workers, pin_memory=pin, **kwargs
-    )
-    return iter(loader)  # with workers, reading starts now
+def _loader(plan: _ChunkPlan, workers: int, pin: bool) -> DataLoader:
+    """One DataLoader for every slide of a device process: its decode workers start once
+    and read ahead across slide boundaries, so the device never waits between slides."""
+    extra: dict[str, Any] = {"prefetch_factor": 4} if workers > 0 else {}
+    return DataLoader(
+        _ChunkDataset(), sampler=plan, batch_size=None, num_workers=workers,
+        pin_memory=pin, **extra,
+    )  # fmt: skip
+
+
+def _chunk_tiles(store: str) -> int:
+    from wsi_mil.tiling import open_tile_store
+
+    return open_tile_store(store).chunk_tiles
 
 
 # ---------------------------------------------------------------- device process
@@ -192,21 +240,49 @@ def _autocast(device: torch.device, encoder: Any) -> contextlib.AbstractContextM
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _embed(
-    encoder: Any, batches: Iterator[torch.Tensor], n: int, device: torch.device, emit: Emit
-) -> torch.Tensor:
-    """Run the encoder over a slide's batches → float32 (n, dim) on the CPU."""
-    out = torch.empty((n, encoder.dim), dtype=torch.float32, device=device)
-    pos = 0
-    with torch.inference_mode(), _autocast(device, encoder):
-        for tiles in batches:
-            x = tiles.to(device, non_blocking=True)
-            out[pos : pos + len(x)] = encoder(x).float()
-            pos += len(x)
-            emit(("progress", len(x)))
-    if pos != n:
-        raise RuntimeError(f"read {pos} tiles, expected {n}")
-    return out.cpu()
+class _Slide:
+    """Embeddings of one slide as its batches arrive (float32 (n, dim) on the device)."""
+
+    def __init__(self, seq: int, task: SlideTask) -> None:
+        self.seq = seq
+        self.task = task
+        self.t0 = time.perf_counter()
+        self.out: torch.Tensor | None = None
+        self.n_done = 0
+        self.error = ""
+
+    @property
+    def complete(self) -> bool:
+        return not self.error and self.n_done == self.task.n_tiles
+
+    def add(self, start: int, tiles: torch.Tensor | str, encoder: Any, dev: torch.device) -> int:
+        """Embed one batch into rows ``start:``; returns the number of tiles embedded."""
+        if self.error:
+            return 0
+        if isinstance(tiles, str):
+            self.error = tiles
+            return 0
+        try:
+            if self.out is None:
+                self.out = torch.empty((self.task.n_tiles, encoder.dim), device=dev)
+            x = tiles.to(dev, non_blocking=True)
+            self.out[start : start + len(x)] = encoder(x).float()
+        except _SLIDE_ERRORS as exc:
+            self.error = _one_line(exc)
+            return 0
+        self.n_done += len(x)
+        return len(x)
+
+    def result(self) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The manifest row so far and the features on the CPU (``None`` when failed)."""
+        task = self.task
+        row: dict[str, Any] = {"slide_id": task.slide_id, "path": task.bag, "n_tiles": task.n_tiles}
+        if not self.complete:
+            error = self.error or f"RuntimeError: read {self.n_done} tiles, expected {task.n_tiles}"
+            row.update(status="failed", error=error)
+            return row, None
+        assert self.out is not None
+        return row, self.out.cpu()
 
 
 def _write(task: SlideTask, feats: torch.Tensor, job: ExtractJob, encoder: Any) -> None:
@@ -232,17 +308,14 @@ def _write(task: SlideTask, feats: torch.Tensor, job: ExtractJob, encoder: Any) 
     write_bag(task.bag, feats.numpy(), st.coords, attrs=attrs, dtype=job.dtype)
 
 
-def _chunk_tiles(store: str) -> int:
-    from wsi_mil.tiling import open_tile_store
-
-    return open_tile_store(store).chunk_tiles
-
-
 def run_device(device: str, job: ExtractJob, tasks: Iterator[SlideTask], emit: Emit) -> None:
     """Embed every slide ``tasks`` yields on ``device``; report through ``emit``.
 
-    Messages: ``("progress", n_tiles)`` and ``("row", manifest row)``. A failing slide
-    gives a ``failed`` row and the loop goes on; a failure to build the encoder raises.
+    One DataLoader serves every slide (decode workers fork once and read ahead across
+    slides); each finished slide's bag is written by a background thread while the
+    device embeds the next. Messages: ``("progress", n_tiles)`` and ``("row", manifest
+    row)``. A failing slide gives a ``failed`` row and the loop goes on; a failure to
+    build the encoder raises.
     """
     from wsi_mil.features.registry import build_encoder, get_encoder_spec
     from wsi_mil.features.weights import RANDOM_WEIGHTS, ResolvedWeights
@@ -254,47 +327,38 @@ def run_device(device: str, job: ExtractJob, tasks: Iterator[SlideTask], emit: E
     path = None if job.weights in (None, RANDOM_WEIGHTS) else Path(job.weights)
     resolved = ResolvedWeights(path, job.weights_sha256)
     encoder = build_encoder(get_encoder_spec(job.encoder), resolved, dev)
-    pin = dev.type == "cuda"
-
-    def start(task: SlideTask | None) -> tuple[SlideTask, Any, float] | None:
-        if task is None:
-            return None
-        t0 = time.perf_counter()
-        try:
-            return task, _loader(task, job, _chunk_tiles(task.store), pin), t0
-        except Exception as exc:
-            return task, exc, t0
-
-    current = start(next(tasks, None))
+    plan = _ChunkPlan(tasks, job.batch_size)
+    loader = _loader(plan, job.workers, pin=dev.type == "cuda")
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bag-writer") as writer:
-        pending: Future[dict[str, Any]] | None = None
-        while current is not None:
-            upcoming = start(next(tasks, None))  # its decode workers read while we compute
-            task, batches, t0 = current
-            row, feats = _embed_slide(task, batches, encoder, dev, emit)
-            if pending is not None:  # at most one slide's features wait to be written
-                emit(("row", pending.result()))
-            pending = writer.submit(_finish, task, row, feats, t0, job, encoder)
-            current = upcoming
-        if pending is not None:
-            emit(("row", pending.result()))
+        pending: list[Future[dict[str, Any]]] = []
+
+        def close(slide: _Slide) -> None:
+            row, feats = slide.result()
+            if pending:  # at most one slide's features wait to be written
+                emit(("row", pending.pop().result()))
+            pending.append(writer.submit(_finish, slide.task, row, feats, slide.t0, job, encoder))
+
+        slide: _Slide | None = None
+        with torch.inference_mode(), _autocast(dev, encoder):
+            for seq, start, tiles in loader:
+                if slide is not None and slide.seq != seq:
+                    close(slide)  # incomplete: its missing batches are reported
+                    slide = None
+                if slide is None:
+                    slide = _Slide(seq, plan.taken[seq])
+                n = slide.add(start, tiles, encoder, dev)
+                if n:
+                    emit(("progress", n))
+                if slide.complete:
+                    close(slide)
+                    slide = None
+        if slide is not None:
+            close(slide)
+        if pending:
+            emit(("row", pending.pop().result()))
 
 
 _SLIDE_ERRORS = (WsiMilError, OSError, ValueError, RuntimeError)
-
-
-def _embed_slide(
-    task: SlideTask, batches: Any, encoder: Any, dev: torch.device, emit: Emit
-) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Embed one slide; a failure becomes a ``failed`` row (features ``None``)."""
-    row: dict[str, Any] = {"slide_id": task.slide_id, "path": task.bag, "n_tiles": task.n_tiles}
-    try:
-        if isinstance(batches, Exception):
-            raise batches
-        return row, _embed(encoder, batches, task.n_tiles, dev, emit)
-    except _SLIDE_ERRORS as exc:
-        row.update(status="failed", error=_one_line(exc))
-        return row, None
 
 
 def _finish(
@@ -364,7 +428,8 @@ def run_pool(devices: list[str], job: ExtractJob, tasks: list[SlideTask], emit: 
     for _ in devices:
         task_q.put(None)
     procs = [
-        ctx.Process(target=_process_main, args=(d, job, task_q, result_q), daemon=True)
+        # not daemonic: a device process starts its own decode workers
+        ctx.Process(target=_process_main, args=(d, job, task_q, result_q))
         for d in devices
     ]
     for p in procs:

@@ -153,7 +153,7 @@ def test_non_finite_features_refuse_the_slide(tiles, tmp_path, monkeypatch):
 
 def test_two_cpu_processes_match_one(tiles, tmp_path):
     one = _run(tiles, tmp_path / "one", workers=1)
-    two = _run(tiles, tmp_path / "two", devices="cpu,cpu")
+    two = _run(tiles, tmp_path / "two", devices="cpu,cpu", workers=1)  # decode workers too
     assert {r["status"] for r in one + two} == {"ok"}
     for sid in ("slide_a", "slide_b"):
         a = read_bag(tmp_path / "one" / "builtin" / f"{sid}.h5")
@@ -263,33 +263,53 @@ def test_parse_devices():
         parse_devices(" , ")
 
 
-def test_next_slide_is_read_before_the_current_one_ends(tiles, monkeypatch):
-    """Largest slide first, and the next slide's loader starts before the current ends."""
+def test_one_loader_reads_ahead_across_slides(tiles, monkeypatch):
+    """Largest slide first; one DataLoader for all slides, and its decode workers are
+    asked for the next slide's tiles before the current slide's last batch is embedded."""
     import wsi_mil.features.pool as pool
     from wsi_mil.features.extract import find_stores, plan_extraction
 
     events = []
-    real_loader, real_embed = pool._loader, pool._embed
+    loaders = []
+    real_iter, real_loader = pool._ChunkPlan.__iter__, pool._loader
 
-    def loader(task, *args):
-        events.append(("start", task.slide_id))
-        return real_loader(task, *args)
+    def plan_iter(self):
+        for item in real_iter(self):
+            events.append(("request", self.taken[item.seq].slide_id))
+            yield item
 
-    def embed(encoder, batches, n, device, emit):
-        out = real_embed(encoder, batches, n, device, emit)
-        events.append(("embedded", next(s for s, t in sizes.items() if t == n)))
-        return out
+    def loader(*args, **kwargs):
+        loaders.append(args)
+        return real_loader(*args, **kwargs)
 
+    monkeypatch.setattr(pool._ChunkPlan, "__iter__", plan_iter)
     monkeypatch.setattr(pool, "_loader", loader)
-    monkeypatch.setattr(pool, "_embed", embed)
     tasks, _ = plan_extraction(find_stores(tiles), "builtin", tiles.parent / "f", "none",
                                overwrite=False)  # fmt: skip
-    sizes = {t.slide_id: t.n_tiles for t in tasks}
-    assert sizes["slide_a"] > sizes["slide_b"]
+    assert tasks[0].n_tiles > tasks[1].n_tiles
     assert [t.slide_id for t in tasks] == ["slide_a", "slide_b"]  # largest first
-    job = pool.ExtractJob("builtin", None, "none", batch_size=32, workers=0)
+    job = pool.ExtractJob("builtin", None, "none", batch_size=16, workers=2)
     rows = []
-    pool.run_pool(["cpu"], job, tasks, lambda m: rows.append(m[1]) if m[0] == "row" else None)
-    assert [r["status"] for r in rows] == ["ok", "ok"]
-    assert events == [("start", "slide_a"), ("start", "slide_b"),
-                      ("embedded", "slide_a"), ("embedded", "slide_b")]  # fmt: skip
+
+    def emit(msg):
+        if msg[0] == "row":
+            rows.append(msg[1])
+        elif msg[0] == "progress":
+            events.append(("embedded", len(rows)))
+
+    pool.run_pool(["cpu"], job, tasks, emit)
+    assert [r["status"] for r in rows] == ["ok", "ok"] and len(loaders) == 1
+    first_b = events.index(("request", "slide_b"))
+    embedded_a = [i for i, e in enumerate(events) if e[0] == "embedded"]
+    assert first_b < embedded_a[tasks[0].n_tiles // 16 - 1]  # read ahead into slide_b
+
+
+def test_corrupt_chunk_fails_only_its_slide(tiles, tmp_path):
+    """A tile chunk that cannot be decoded fails its slide; the other slide is embedded."""
+    chunk = tiles / "slide_a.zarr" / "tiles" / "c" / "1" / "0" / "0" / "0"
+    assert chunk.is_file()
+    chunk.write_bytes(b"not a blosc frame" * 10)
+    rows = _rows(_run(tiles, tmp_path / "f", workers=2))
+    assert rows["slide_b"]["status"] == "ok"
+    assert rows["slide_a"]["status"] == "failed" and rows["slide_a"]["error"], rows["slide_a"]
+    assert not (tmp_path / "f" / "builtin" / "slide_a.h5").exists()

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from wsi_mil.errors import ConfigError
@@ -44,7 +45,9 @@ def test_ensemble_is_the_mean_of_fold_outputs(classification_run: Any, tmp_path:
     test_rows = oof[oof["split"] == "test"].set_index("patient_id")["prob_1"]
     expected = (train_rows["mean"] * train_rows["count"] + test_rows) / (train_rows["count"] + 1)
     got = table.set_index("patient_id")["prob_1"]
-    np.testing.assert_allclose(got.loc[expected.index], expected, atol=1e-5)
+    # on a GPU both passes run under bf16 autocast, batched differently: ~1e-3 apart
+    atol = 2e-3 if torch.cuda.is_available() else 1e-5
+    np.testing.assert_allclose(got.loc[expected.index], expected, atol=atol)
     metrics = json.loads((tmp_path / "p.metrics.json").read_text())
     assert metrics["auc"]["value"] > 0.9
 
