@@ -243,7 +243,7 @@ class BagBatch:
 
 
 def collate_bags(
-    bags: Sequence[np.ndarray], dtype: torch.dtype = torch.float32
+    bags: Sequence[np.ndarray], dtype: torch.dtype = torch.float32, *, pin: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad bags of different sizes into one tensor.
 
@@ -251,14 +251,16 @@ def collate_bags(
         bags: Arrays (n_b, D) of any float dtype.
         dtype: Dtype of the padded tensor (float16 halves host-to-device copies; the
             trainer casts to float32 on the device).
+        pin: Allocate in page-locked memory (CUDA only), so the copy to the GPU is
+            asynchronous.
 
     Returns:
         features (B, N_max, D) ``dtype`` (zeros on padding) and mask (B, N_max) bool.
     """
     n_max = max(1, max(len(b) for b in bags))
     dim = bags[0].shape[1]
-    out = torch.zeros(len(bags), n_max, dim, dtype=dtype)
-    mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
+    out = torch.zeros(len(bags), n_max, dim, dtype=dtype, pin_memory=pin)
+    mask = torch.zeros(len(bags), n_max, dtype=torch.bool, pin_memory=pin)
     for i, bag in enumerate(bags):
         out[i, : len(bag)] = torch.from_numpy(np.ascontiguousarray(bag)).to(dtype)
         mask[i, : len(bag)] = True
@@ -271,6 +273,7 @@ def load_batch(
     *,
     max_tiles: int | None = None,
     seed: int | None = None,
+    pin: bool = False,
 ) -> BagBatch:
     """Load and pad ``units``; with ``max_tiles``, draw a random subset of tiles per bag.
 
@@ -280,6 +283,7 @@ def load_batch(
         max_tiles: Keep at most this many random tiles per bag (training).
         seed: Seed of the tile subsampling (with the unit id, so it is reproducible
             whatever the load order).
+        pin: Pad into page-locked memory (when the model is on a GPU).
     """
     bags, tiles = [], []
     for unit in units:
@@ -291,7 +295,7 @@ def load_batch(
             feats = feats[idx]
         bags.append(feats)
         tiles.append(idx)
-    features, mask = collate_bags(bags, torch.float16)
+    features, mask = collate_bags(bags, torch.float16, pin=pin)
     return BagBatch(features, mask, list(units), tiles)
 
 

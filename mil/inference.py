@@ -163,8 +163,9 @@ def predict_units(
     jobs = [list(range(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)]
     logits: list[torch.Tensor] = []
     attention: list[np.ndarray | None] = []
+    pin = device.type == "cuda"
     loader = prefetch(
-        jobs, lambda idx: load_batch(store, [data.units[i] for i in idx]), prefetch_depth
+        jobs, lambda idx: load_batch(store, [data.units[i] for i in idx], pin=pin), prefetch_depth
     )
     for idx, batch in zip(jobs, loader, strict=True):
         out = forward_batch(model, batch, data.extras(idx, device), device)

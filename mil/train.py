@@ -166,10 +166,11 @@ def _train_epoch(
     cfg = ctx.config
     model.train()
     batches = _epoch_batches(data, cfg, np.random.default_rng(epoch_seed))
+    pin = ctx.device.type == "cuda"
 
     def load(idx: list[int]) -> BagBatch:
         units = [data.units[i] for i in idx]
-        return load_batch(ctx.store, units, max_tiles=cfg.max_tiles, seed=epoch_seed)
+        return load_batch(ctx.store, units, max_tiles=cfg.max_tiles, seed=epoch_seed, pin=pin)
 
     losses = []
     for idx, batch in zip(batches, prefetch(batches, load, cfg.prefetch), strict=True):
@@ -186,8 +187,8 @@ def _train_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss.detach()))
-    return float(np.mean(losses)) if losses else math.nan
+        losses.append(loss.detach())  # no GPU sync per step
+    return float(torch.stack(losses).float().mean()) if losses else math.nan
 
 
 def _validation_loss(
