@@ -153,6 +153,8 @@ class _ChunkPlan:
             self.taken.append(task)
             try:
                 chunk = _chunk_tiles(task.store)
+                if task.n_tiles < 1:
+                    raise ValueError(f"{task.store} has no tiles to embed")
             except _SLIDE_ERRORS as exc:
                 yield _Chunk(seq, task.store, 0, 0, _one_line(exc))
                 continue
@@ -277,11 +279,10 @@ class _Slide:
         """The manifest row so far and the features on the CPU (``None`` when failed)."""
         task = self.task
         row: dict[str, Any] = {"slide_id": task.slide_id, "path": task.bag, "n_tiles": task.n_tiles}
-        if not self.complete:
+        if not self.complete or self.out is None:
             error = self.error or f"RuntimeError: read {self.n_done} tiles, expected {task.n_tiles}"
             row.update(status="failed", error=error)
             return row, None
-        assert self.out is not None
         return row, self.out.cpu()
 
 

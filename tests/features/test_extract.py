@@ -313,3 +313,14 @@ def test_corrupt_chunk_fails_only_its_slide(tiles, tmp_path):
     assert rows["slide_b"]["status"] == "ok"
     assert rows["slide_a"]["status"] == "failed" and rows["slide_a"]["error"], rows["slide_a"]
     assert not (tmp_path / "f" / "builtin" / "slide_a.h5").exists()
+
+
+def test_run_device_reports_a_task_without_tiles(tiles):
+    """``run_device`` is public: a task with no tiles gets a failed row, not silence."""
+    import wsi_mil.features.pool as pool
+
+    task = pool.SlideTask(str(tiles / "slide_a.zarr"), "slide_a", 0, str(tiles / "a.h5"), "x")
+    rows = []
+    job = pool.ExtractJob("builtin", None, "none", batch_size=16, workers=0)
+    pool.run_device("cpu", job, iter([task]), lambda m: rows.append(m[1]) if m[0] == "row" else 0)
+    assert [r["status"] for r in rows] == ["failed"] and "has no tiles" in rows[0]["error"]
