@@ -390,7 +390,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _queue_iter(tasks: Any) -> Iterator[SlideTask]:
-    while True:
+    """Slides from the shared queue until its end marker, or until the parent has died
+    (device processes are not daemonic, so they must not outlive a killed parent)."""
+    import multiprocessing as mp
+
+    parent = mp.parent_process()
+    while parent is None or parent.is_alive():
         task = tasks.get()
         if task is None:
             return

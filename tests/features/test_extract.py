@@ -324,3 +324,24 @@ def test_run_device_reports_a_task_without_tiles(tiles):
     job = pool.ExtractJob("builtin", None, "none", batch_size=16, workers=0)
     pool.run_device("cpu", job, iter([task]), lambda m: rows.append(m[1]) if m[0] == "row" else 0)
     assert [r["status"] for r in rows] == ["failed"] and "has no tiles" in rows[0]["error"]
+
+
+def test_device_process_stops_taking_slides_when_its_parent_died(monkeypatch):
+    import multiprocessing
+    import queue
+
+    import wsi_mil.features.pool as pool
+
+    tasks = queue.Queue()
+    for item in ("a", "b", None):
+        tasks.put(item)
+    assert list(pool._queue_iter(tasks)) == ["a", "b"]  # no parent (main process)
+    tasks.put("c")
+
+    class Dead:
+        def is_alive(self):
+            return False
+
+    monkeypatch.setattr(multiprocessing, "parent_process", lambda: Dead())
+    assert list(pool._queue_iter(tasks)) == []
+    assert tasks.qsize() == 1  # the slide is left for nobody, not embedded
