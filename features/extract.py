@@ -141,7 +141,7 @@ def extract_features(
     weights: str | os.PathLike[str] | None = None,
     devices: str | list[str] | None = None,
     batch_size: int = 256,
-    workers: int = 2,
+    workers: int | None = None,
     dtype: str = "float16",
     overwrite: bool = False,
     progress: bool = True,
@@ -156,7 +156,9 @@ def extract_features(
         weights: Weights folder/file, ``None`` = hub download, ``"random"`` = tests only.
         devices: ``"cpu"``, ``"cuda:0,cuda:1"``, ...; default every GPU, else CPU.
         batch_size: Tiles per forward pass (rounded to whole store chunks).
-        workers: Decode worker processes per device.
+        workers: Decode worker processes per device; ``None`` = on GPUs the CPU cores per
+            GPU less one (at most 12), on the CPU 2 (see
+            :func:`~wsi_mil.features.pool.default_workers`).
         dtype: Feature dtype in the bags (``float16`` or ``float32``).
         overwrite: Redo slides whose bag is up to date.
         progress: Show a progress bar (tiles) on stderr.
@@ -171,15 +173,16 @@ def extract_features(
         ConfigError: Bad arguments or no stores.
     """
     from wsi_mil.features.bags import bag_path
-    from wsi_mil.features.pool import ExtractJob, parse_devices
+    from wsi_mil.features.pool import ExtractJob, default_workers, parse_devices
     from wsi_mil.features.registry import get_encoder_spec
     from wsi_mil.features.weights import RANDOM_WEIGHTS, resolve_weights
     from wsi_mil.outputs import write_manifest
 
+    devs = parse_devices(devices)
+    workers = default_workers(devs) if workers is None else workers
     _check_args(batch_size, workers, dtype)
     spec = get_encoder_spec(encoder)
     resolved = resolve_weights(spec, weights)
-    devs = parse_devices(devices)
     stores = find_stores(tiles)
     enc_dir = bag_path(out_dir, encoder, "x").parent
     _clean_temporaries(enc_dir)

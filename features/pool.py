@@ -28,7 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsi_mil.errors import WsiMilError
 
-__all__ = ["ExtractJob", "SlideTask", "parse_devices", "run_device", "run_pool"]
+__all__ = [
+    "ExtractJob",
+    "SlideTask",
+    "default_workers",
+    "parse_devices",
+    "run_device",
+    "run_pool",
+]
 
 Emit = Callable[[tuple[str, Any]], None]
 
@@ -114,6 +121,24 @@ def parse_devices(devices: str | list[str] | None) -> list[str]:
     if not out:
         raise ConfigError("--devices is empty; use cpu or cuda:0,cuda:1")
     return out
+
+
+def default_workers(devices: list[str], cpus: int | None = None) -> int:
+    """Decode workers per device process when ``--workers`` is not given.
+
+    On GPUs, each device process gets its share of the CPU cores, less one for itself,
+    capped at 12. On an H100 with 16 cores, 12 workers kept ViT-B/16 bf16 at 0.84 of the
+    model alone. On the CPU the encoder needs the cores, so 2.
+
+    Args:
+        devices: From :func:`parse_devices`.
+        cpus: Usable CPU cores (default: this process's affinity).
+    """
+    if all(d == "cpu" for d in devices):
+        return 2
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(12, (cpus or 1) // len(devices) - 1))
 
 
 # ------------------------------------------------------------------ decode workers

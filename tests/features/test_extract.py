@@ -252,6 +252,24 @@ def test_cli_extract_and_encoders(tiles, tmp_path, capsys, monkeypatch):
     assert "slide_b: skipped: tile store incomplete" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    ("devices", "cpus", "expected"),
+    [
+        (["cpu"], 16, 2),  # the encoder needs the cores
+        (["cpu", "cpu"], 64, 2),
+        (["cuda:0"], 16, 12),  # the H100 benchmark's setting
+        (["cuda:0"], 64, 12),  # capped
+        (["cuda:0", "cuda:1"], 16, 7),
+        (["cuda:0", "cuda:1", "cuda:2", "cuda:3"], 4, 1),  # never zero on GPUs
+    ],
+)
+def test_default_workers(devices, cpus, expected):
+    from wsi_mil.features.pool import default_workers
+
+    assert default_workers(devices, cpus=cpus) == expected
+    assert default_workers(devices) >= 1
+
+
 def test_parse_devices():
     from wsi_mil.features.pool import parse_devices
 

@@ -45,7 +45,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--devices", default=None, help="cpu | cuda:0,cuda:1 (default: all GPUs, else cpu)"
     )
     p.add_argument("--batch-size", type=int, default=256, help="tiles per batch (256)")
-    p.add_argument("--workers", type=int, default=2, help="decode workers per device (2)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decode workers per device (default: on GPUs the CPU cores per GPU less one, "
+        "at most 12; on cpu 2)",
+    )
     p.add_argument(
         "--dtype", choices=("float16", "float32"), default="float16", help="bag dtype (float16)"
     )
