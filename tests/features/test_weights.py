@@ -32,7 +32,7 @@ PHIKON_V2 = dict(
     hidden_act="gelu", layer_norm_eps=1e-6, image_size=224, patch_size=16, qkv_bias=True,
     layerscale_value=1e-5, use_swiglu_ffn=False,
 )  # fmt: skip
-DEPTH = 2  # parity models are shrunk in depth only; full configs are key-checked below
+DEPTH = 2  # shallow models for the cheaper checks; parity at full depth is tested last
 
 
 def _tiles(n=2, seed=0):
@@ -72,30 +72,15 @@ def shallow_builders(monkeypatch):
     monkeypatch.setattr(owkin, "build_timm", shallow)
 
 
-@pytest.mark.parametrize("bin_file", [False, True])
-def test_phikon_parity_with_transformers_vitmodel(tmp_path, bin_file, shallow_builders):
+def test_phikon_parity_from_a_pytorch_model_bin(tmp_path, shallow_builders):
+    """The older ``pytorch_model.bin`` layout (read with ``weights_only=True``)."""
     torch.manual_seed(1)
     cfg = transformers.ViTConfig(**{**PHIKON, "num_hidden_layers": DEPTH})
     hf = transformers.ViTModel(cfg).eval()
-    folder = _save_hf(hf, tmp_path / "phikon", bin_file=bin_file)
+    folder = _save_hf(hf, tmp_path / "phikon", bin_file=True)
     encoder = create_encoder("phikon", weights=str(folder))  # the registered builder
     assert len(encoder.backbone.model.blocks) == DEPTH
-    weights_file = "pytorch_model.bin" if bin_file else "model.safetensors"
-    assert encoder.weights_sha256 == file_sha256(folder / weights_file)
-    _parity(hf, encoder)
-
-
-def test_phikon_v2_parity_with_transformers_dinov2model(tmp_path, shallow_builders):
-    torch.manual_seed(2)
-    cfg = transformers.Dinov2Config(**{**PHIKON_V2, "num_hidden_layers": DEPTH})
-    hf = transformers.Dinov2Model(cfg).eval()
-    with torch.no_grad():  # make layer scale matter (it is initialised to 1e-5)
-        for name, p in hf.named_parameters():
-            if "lambda1" in name:
-                p.copy_(torch.rand_like(p))
-    folder = _save_hf(hf, tmp_path / "phikon-v2")
-    encoder = create_encoder("phikon-v2", weights=str(folder))
-    assert len(encoder.backbone.model.blocks) == DEPTH
+    assert encoder.weights_sha256 == file_sha256(folder / "pytorch_model.bin")
     _parity(hf, encoder)
 
 
@@ -225,3 +210,24 @@ def test_weights_path_errors(tmp_path):
         create_encoder("dinov2-s", weights=str(tmp_path / "bad.safetensors"))
     with pytest.raises(EncoderError, match="has no weights; drop --weights"):
         create_encoder("builtin", weights=str(tmp_path / "bad.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "config"),
+    [("phikon", "ViTModel", PHIKON), ("phikon-v2", "Dinov2Model", PHIKON_V2)],
+)
+def test_full_depth_parity_with_the_published_configs(tmp_path, name, cls, config):
+    """The exact published architectures (12 and 24 blocks), randomly initialised, saved
+    with ``save_pretrained`` and loaded through ``--weights``: transformers' embeddings."""
+    torch.manual_seed(4)
+    cfg_cls = transformers.ViTConfig if cls == "ViTModel" else transformers.Dinov2Config
+    hf = getattr(transformers, cls)(cfg_cls(**config)).eval()
+    with torch.no_grad():  # make layer scale matter in every block (initialised to 1e-5)
+        for pname, p in hf.named_parameters():
+            if "lambda" in pname:
+                p.copy_(torch.rand_like(p))
+    folder = _save_hf(hf, tmp_path / name)
+    encoder = create_encoder(name, weights=str(folder))
+    assert len(encoder.backbone.model.blocks) == config["num_hidden_layers"]
+    assert encoder.weights_sha256 == file_sha256(folder / "model.safetensors")
+    _parity(hf, encoder)
