@@ -121,8 +121,9 @@ class JpegCodec(ArrayBytesCodec):
         return await asyncio.to_thread(self._encode_sync, chunk_array, chunk_spec)
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
-        """Variable size: not computable."""
-        raise NotImplementedError
+        """JPEG output varies in size; zarr's codec protocol says to raise here (as its own
+        Blosc and Zstd codecs do), and zarr then never relies on a fixed chunk size."""
+        raise NotImplementedError("wsi_mil.jpeg output has a variable size")
 
 
 zarr.registry.register_codec("wsi_mil.jpeg", JpegCodec)

@@ -7,6 +7,7 @@ real tile and ``False`` for padding.
 
 from __future__ import annotations
 
+import abc
 from typing import Any, NamedTuple
 
 import torch
@@ -170,7 +171,7 @@ def check_bag_inputs(
     return features, mask
 
 
-class Aggregator(nn.Module):
+class Aggregator(nn.Module, abc.ABC):
     """Base class: the public ``forward`` contract, input checks and per-class attention.
 
     :meth:`forward` validates ``features``/``mask`` with :func:`check_bag_inputs` and hands
@@ -233,10 +234,10 @@ class Aggregator(nn.Module):
             labels=labels,
         )
 
+    @abc.abstractmethod
     def _aggregate(self, features: Tensor, mask: Tensor, **inputs: Tensor | None) -> MILOutput:
         """Model-specific forward on checked inputs: ``features (B, N, D)``, ``mask (B, N)``
         bool, and the keyword inputs of :meth:`forward`."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _aggregate")
 
     def class_attention(
         self, features: Tensor, mask: Tensor | None = None, **inputs: Any

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+
 import torch
 from torch import Tensor, nn
 
@@ -46,6 +48,7 @@ class _PoolMIL(Aggregator):
         pooled, attention = self._pool(self.encoder(features), mask)
         return MILOutput(self.classifier(pooled), attention, None)
 
+    @abc.abstractmethod
     def _pool(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Pool the tile embeddings.
 
@@ -56,7 +59,6 @@ class _PoolMIL(Aggregator):
         Returns:
             ``(pooled (B, L), attention (B, N))``.
         """
-        raise NotImplementedError
 
 
 @register_aggregator(
