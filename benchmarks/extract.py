@@ -44,13 +44,12 @@ def make_stores(root: Path, n_slides: int) -> Path:
     return tiles
 
 
-def bench_pipeline(encoder: str, tasks: list, device: str, args: argparse.Namespace, out: Path):
+def bench_pipeline(encoder: str, tasks: list, device: str, batch: int, workers: int, out: Path):
     """Tiles/s of the full pipeline, first batch excluded."""
     from wsi_mil.features.pool import ExtractJob, run_pool
 
     cuda = device.startswith("cuda")
-    batch = args.gpu_batch_size if cuda else args.batch_size
-    job = ExtractJob(encoder, "random", "benchmark", batch, args.workers, "float16")
+    job = ExtractJob(encoder, "random", "benchmark", batch, workers, "float16")
     marks: list[tuple[float, int]] = []
     tasks = [t.__class__(t.store, f"{t.slide_id}_{i}", t.n_tiles, str(out / f"{i}.h5"),
                          t.fingerprint) for i, t in enumerate(tasks)]  # fmt: skip
@@ -135,7 +134,7 @@ def main() -> None:
             ("ViT-L/16 bf16", "timm:vit_large_patch16_224", "cuda:0"),
         ]
     print(f"torch threads {torch.get_num_threads()}, workers {args.workers}, "
-          f"batch {args.batch_size}, cuda {cuda}")  # fmt: skip
+          f"batch {args.batch_size} (cuda {args.gpu_batch_size}), cuda {cuda}")  # fmt: skip
     for label, encoder, device in runs:
         sub = tasks
         if device == "cpu" and encoder != "builtin":  # keep CPU ViT runs short
@@ -148,11 +147,11 @@ def main() -> None:
         elif device != "cpu":  # pass the stores again until there are enough tiles
             sub = tasks * max(1, math.ceil(args.gpu_tiles / sum(t.n_tiles for t in tasks)))
         bags = tmp / "bags" / encoder.replace(":", "_")
+        batch = args.gpu_batch_size if device != "cpu" else args.batch_size
         ours = model = 0.0
         for _ in range(args.repeats):  # alternate, keep the best of each (shared machines)
-            rate, n = bench_pipeline(encoder, sub, device, args, bags)
+            rate, n = bench_pipeline(encoder, sub, device, batch, args.workers, bags)
             ours = max(ours, rate)
-            batch = args.gpu_batch_size if device != "cpu" else args.batch_size
             model = max(model, bench_model(encoder, n, device, batch))
         print(f"{label}: ours {ours:.1f} tiles/s, model-only {model:.1f} tiles/s, "
               f"ratio {ours / model:.2f}  ({n} tiles, {device})", flush=True)  # fmt: skip
