@@ -1,6 +1,7 @@
 """A trained fold: building its model, and its folder ``fold_<k>/`` on disk.
 
-A fold folder holds ``model.safetensors`` (weights, no pickle), ``fold.json`` (aggregator
+A fold folder holds ``model.safetensors`` (weights and the feature scaler fitted on the
+fold's training tiles, no pickle), ``fold.json`` (aggregator
 config, head, preprocessing, training history) and ``predictions.csv``; it is complete
 only when all three are there (it is renamed into place when finished).
 """
@@ -8,6 +9,7 @@ only when all three are there (it is renamed into place when finished).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from wsi_mil.mil.run import TrainConfig
 from wsi_mil.mil.tabular import TabularPreprocessor
 
 __all__ = ["FOLD_FILES", "FoldModel", "build_model", "fold_complete", "fold_dir"]
+
+log = logging.getLogger(__name__)
 
 #: Files of a finished fold folder.
 FOLD_FILES = ("fold.json", "model.safetensors", "predictions.csv")
@@ -66,6 +70,28 @@ def build_model(
     if isinstance(head, SurvivalHead) and info.aux_loss and _accepts(info.cls, "n_classes"):
         kwargs.setdefault("n_classes", 2)
     return create_aggregator(config.model, in_dim, head.n_outputs, **kwargs)
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
+    """Load a fold's weights; a fold saved before feature scaling existed (no
+    ``scaler.*`` tensors) keeps the identity scaler, which is how it was trained.
+
+    Raises:
+        ConfigError: Other missing or unexpected tensors.
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    other = [k for k in missing if k not in _SCALER_KEYS]
+    if other or unexpected:
+        raise ConfigError(
+            f"{where}/model.safetensors does not fit the aggregator in fold.json (missing "
+            f"{other[:4]}, unexpected {unexpected[:4]}); retrain the fold"
+        )
+    if missing:
+        log.info("%s predates feature scaling: features are used unscaled, as trained", where)
+
+
+#: The feature scaler's tensors in a state dict.
+_SCALER_KEYS = frozenset({"scaler.mean", "scaler.std"})
 
 
 def _accepts(cls: type, name: str) -> bool:
@@ -118,7 +144,7 @@ class FoldModel:
             raise ConfigError(f"{fold_dir}: cannot load the fold ({exc}); retrain it") from exc
         cfg = dict(meta["aggregator"])
         model = create_aggregator(cfg.pop("name"), cfg.pop("in_dim"), cfg.pop("n_outputs"), **cfg)
-        model.load_state_dict(state)
+        _load_weights(model, state, fold_dir)
         model.to(device).eval()
         pre = TabularPreprocessor.from_state(meta["preprocessing"])
         return cls(int(meta["fold"]), model, head_from_state(meta["head"]), pre, meta)

@@ -35,16 +35,23 @@ class TrainConfig:
         model: Aggregator name (:func:`wsi_mil.mil.models.list_aggregators`).
         model_kwargs: Aggregator options.
         folds: Outer cross-validation folds.
-        epochs: Maximum epochs per fold.
-        lr: AdamW learning rate (cosine-annealed to ``lr / 100``).
+        steps: Maximum optimisation steps per fold (one step = one batch), whatever
+            the cohort size; bags are reshuffled after each pass over the training set.
+        warmup_steps: Steps of linear learning-rate warmup before the cosine decay.
+        eval_every: Steps between evaluations on the inner validation patients.
+        lr: AdamW peak learning rate (warmup, then cosine-annealed to ``lr / 100``).
         weight_decay: AdamW weight decay.
         batch_size: Bags per optimiser step.
         max_tiles: Random tiles kept per bag in training (None = all).
         level: ``patient`` (one bag per patient) or ``slide``.
         seed: Seed of splits, initialisation, sampling.
-        patience: Early-stopping patience in epochs (on the inner validation loss).
+        patience: Early-stopping patience in steps: training stops when the inner
+            validation loss has not improved for this many steps; the best
+            checkpoint is restored.
         val_fraction: Share of each outer training set used for inner validation.
         grad_clip: Gradient-norm clip (0 = off).
+        scale: Standardise tile features with the mean / std of the fold's training
+            tiles (stored in ``model.safetensors``).
         survival_loss: ``cox`` or ``discrete`` (survival).
         n_bins: Time bins of the discrete-time loss.
         label_column / time_column / event_column: Target columns of the cohort.
@@ -63,16 +70,19 @@ class TrainConfig:
     model: str = "abmil"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     folds: int = 5
-    epochs: int = 20
-    lr: float = 2e-4
+    steps: int = 1500
+    warmup_steps: int = 100
+    eval_every: int = 50
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 8
     max_tiles: int | None = 4096
     level: str = "patient"
     seed: int = 0
-    patience: int = 5
+    patience: int = 500
     val_fraction: float = 0.2
     grad_clip: float = 1.0
+    scale: bool = True
     survival_loss: str = "cox"
     n_bins: int = 4
     label_column: str = "label"
@@ -113,11 +123,13 @@ class TrainConfig:
                 "--task must be classification or survival",
             ),
             (self.level in ("patient", "slide"), "--level must be patient or slide"),
-            (self.epochs >= 1, "--epochs must be >= 1"),
+            (self.steps >= 1, "--steps must be >= 1"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.eval_every >= 1, "--eval-every must be >= 1"),
             (self.lr > 0, "--lr must be > 0"),
             (self.batch_size >= 1, "--batch-size must be >= 1"),
             (self.max_tiles is None or self.max_tiles >= 1, "--max-tiles must be >= 1"),
-            (self.patience >= 1, "--patience must be >= 1"),
+            (self.patience >= 1, "--patience must be >= 1 (steps)"),
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
             (self.survival_loss in ("cox", "discrete"), "--survival-loss must be cox or discrete"),
             (bool(self.features), "give at least one --features folder"),

@@ -1,8 +1,10 @@
 """Nested cross-validation training of MIL models (``wsi-mil train``).
 
-For each outer fold: fit the aggregator + head on the fold's training patients with
-AdamW and a cosine schedule (autocast on CUDA, gradient clipping), early-stop and select
-the epoch on the inner validation patients only, then predict the training and test
+For each outer fold: standardise tile features with the mean / std of the fold's
+training tiles (:mod:`wsi_mil.mil.scaling`), fit the aggregator + head on the fold's
+training patients for a fixed budget of optimisation steps with AdamW, a linear warmup
+and a cosine decay (autocast on CUDA, gradient clipping), early-stop and select the
+checkpoint on the inner validation patients only, then predict the training and test
 patients. The test fold is never evaluated before the model is fixed; every evaluation
 is reported to an optional ``callback`` so this can be checked.
 
@@ -15,13 +17,14 @@ run folder gets ``predictions.csv``, ``metrics.json`` and, for survival, the rep
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -50,7 +53,9 @@ from wsi_mil.mil.inference import (
     predict_units,
     resolve_device,
 )
+from wsi_mil.mil.models.base import Aggregator
 from wsi_mil.mil.run import TrainConfig, prepare_run_dir
+from wsi_mil.mil.scaling import fit_scaler
 from wsi_mil.mil.splits import check_cv_cohort, load_splits, make_splits, save_splits
 from wsi_mil.mil.tabular import TabularPreprocessor
 from wsi_mil.mil.unit_attention import write_unit_attention
@@ -74,9 +79,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``callback(event, info)``; events: ``"select"`` (an inner-validation evaluation used
-#: for early stopping / selection), ``"predict"`` (final predictions of a split),
-#: ``"epoch"`` and ``"fold_done"``. ``info`` holds ``fold`` and ``patient_ids`` etc.
+#: ``callback(event, info)``; events: ``"scale"`` (the feature scaler was fitted on
+#: ``patient_ids``), ``"select"`` (an inner-validation evaluation used for early stopping /
+#: selection), ``"eval"`` (every ``eval_every`` steps: ``step``, ``train_loss``,
+#: ``val_loss``), ``"predict"`` (final predictions of a split) and ``"fold_done"``.
+#: ``info`` holds ``fold`` and ``patient_ids`` etc.
 Callback = Callable[[str, dict[str, Any]], None]
 
 
@@ -138,83 +145,154 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _make_optimizer(
-    model: torch.nn.Module, config: TrainConfig, steps: int
+    model: torch.nn.Module, config: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a linear warmup over ``warmup_steps``, then a cosine decay to ``lr / 100``
+    at ``steps``."""
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-        opt, T_max=max(1, steps), eta_min=config.lr / 100
-    )
-    return opt, sched
+    warm, total = config.warmup_steps, config.steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _epoch_batches(data: UnitSet, config: TrainConfig, rng: np.random.Generator) -> list[list[int]]:
+def _pass_batches(data: UnitSet, config: TrainConfig, rng: np.random.Generator) -> list[list[int]]:
+    """One shuffled pass over the training units (every Cox batch holds an event)."""
     if config.task == "survival" and config.survival_loss == "cox":
         return event_batches(data.targets["event"].tolist(), config.batch_size, rng)
     return random_batches(len(data), config.batch_size, rng)
 
 
-def _train_epoch(
+def _step_plan(data: UnitSet, config: TrainConfig, fold: int) -> list[tuple[int, list[int]]]:
+    """``(seed, unit indices)`` of each of the ``config.steps`` optimisation steps.
+
+    Passes over the training units follow each other, each reshuffled with its own seed
+    (which also seeds the tiles sampled from each bag), so a fold gets the same number of
+    steps whatever the cohort size.
+    """
+    plan: list[tuple[int, list[int]]] = []
+    for n_pass in itertools.count():
+        seed = config.seed * 1_000_003 + fold * 10_007 + n_pass
+        plan += [(seed, idx) for idx in _pass_batches(data, config, np.random.default_rng(seed))]
+        if len(plan) >= config.steps:
+            return plan[: config.steps]
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _train_step(
     ctx: _Context,
     model: torch.nn.Module,
     head: Head,
     data: UnitSet,
+    idx: list[int],
+    batch: BagBatch,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
-    epoch_seed: int,
-) -> float:
-    """One pass over the training units; returns the mean training loss."""
-    cfg = ctx.config
-    model.train()
-    batches = _epoch_batches(data, cfg, np.random.default_rng(epoch_seed))
-    pin = ctx.device.type == "cuda"
-
-    def load(idx: list[int]) -> BagBatch:
-        units = [data.units[i] for i in idx]
-        return load_batch(ctx.store, units, max_tiles=cfg.max_tiles, seed=epoch_seed, pin=pin)
-
-    losses = []
-    for idx, batch in zip(batches, prefetch(batches, load, cfg.prefetch), strict=True):
-        targets = data.target_batch(idx)
-        labels = head.instance_labels(targets)  # class, or survival pseudo-class
-        labels = None if labels is None else labels.to(ctx.device)
-        out = forward_batch(model, batch, data.extras(idx, ctx.device), ctx.device, labels)
-        loss = head.loss(out.logits, targets)
-        if out.aux_loss is not None:
-            loss = loss + out.aux_loss.float()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.detach())  # no GPU sync per step
-    return float(torch.stack(losses).float().mean()) if losses else math.nan
+) -> torch.Tensor:
+    """One optimisation step on the units ``idx``; returns the (detached) loss."""
+    targets = data.target_batch(idx)
+    labels = head.instance_labels(targets)  # class, or survival pseudo-class
+    labels = None if labels is None else labels.to(ctx.device)
+    out = forward_batch(model, batch, data.extras(idx, ctx.device), ctx.device, labels)
+    loss = head.loss(out.logits, targets)
+    if out.aux_loss is not None:
+        loss = loss + out.aux_loss.float()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if ctx.config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), ctx.config.grad_clip)
+    opt.step()
+    sched.step()
+    return loss.detach()  # no GPU sync per step
 
 
 def _validation_loss(
-    ctx: _Context, model: torch.nn.Module, head: Head, data: UnitSet, fold: int, epoch: int
+    ctx: _Context, model: torch.nn.Module, head: Head, data: UnitSet, fold: int, step: int
 ) -> float:
     """Loss on the inner validation units (reported as a ``select`` event)."""
     preds = _predict(ctx, model, data)
     with torch.no_grad():
         loss = float(head.loss(preds.logits, data.targets))
-    _emit(ctx, "select", fold=fold, epoch=epoch, patient_ids=data.patient_ids(), loss=loss)
+    _emit(ctx, "select", fold=fold, step=step, patient_ids=data.patient_ids(), loss=loss)
     return loss
 
 
 def _informative(val: UnitSet, config: TrainConfig, fold: int) -> bool:
-    """Whether the inner validation set can rank epochs (a Cox loss needs an event)."""
+    """Whether the inner validation set can rank checkpoints (a Cox loss needs an event)."""
     if not len(val):
         return False
     if config.task == "survival" and config.survival_loss == "cox":
         if not int(val.targets["event"].sum()):
             log.warning(
                 "fold %d: the inner validation patients have no event; early stopping is "
-                "off and the last epoch is kept (use a larger --val-fraction)",
+                "off and the last step is kept (use a larger --val-fraction)",
                 fold,
             )
             return False
     return True
+
+
+def _fit_scaler(ctx: _Context, model: torch.nn.Module, fit: UnitSet, fold: int) -> None:
+    """Set the model's feature scaler from the fold's training tiles (``scale`` event)."""
+    if not ctx.config.scale:
+        return
+    stats = fit_scaler(ctx.store, fit.units)
+    cast(Aggregator, model).scaler.set(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
+    _emit(ctx, "scale", fold=fold, patient_ids=fit.patient_ids(), n_tiles=stats.n_tiles)
+
+
+def _optimise(
+    ctx: _Context, model: torch.nn.Module, head: Head, fit: UnitSet, val: UnitSet, k: int
+) -> tuple[int, dict[str, list[float]]]:
+    """Train for up to ``steps`` steps, evaluating the inner validation loss every
+    ``eval_every`` steps; stop after ``patience`` steps without improvement and restore
+    the best checkpoint (the last one when the validation set cannot rank them).
+
+    Returns:
+        The selected step and the history: ``step`` and ``train`` loss per evaluation,
+        and the ``val`` loss when the validation set can rank checkpoints.
+    """
+    cfg = ctx.config
+    opt, sched = _make_optimizer(model, cfg)
+    plan = _step_plan(fit, cfg, k)
+    pin = ctx.device.type == "cuda"
+
+    def load(job: tuple[int, list[int]]) -> BagBatch:
+        units = [fit.units[i] for i in job[1]]
+        return load_batch(ctx.store, units, max_tiles=cfg.max_tiles, seed=job[0], pin=pin)
+
+    history: dict[str, list[float]] = {"step": [], "train": [], "val": []}
+    best = (math.inf, 0, _snapshot(model))
+    use_val = _informative(val, cfg, k)
+    losses: list[torch.Tensor] = []
+    model.train()
+    batches = zip(plan, prefetch(plan, load, cfg.prefetch), strict=True)
+    for step, ((_, idx), batch) in enumerate(batches, 1):
+        losses.append(_train_step(ctx, model, head, fit, idx, batch, opt, sched))
+        if step % cfg.eval_every and step != len(plan):
+            continue
+        train_loss = float(torch.stack(losses).float().mean())
+        losses = []
+        score = _validation_loss(ctx, model, head, val, k, step) if use_val else -step
+        model.train()
+        history["step"].append(step)
+        history["train"].append(train_loss)
+        if use_val:
+            history["val"].append(score)
+        if score < best[0]:
+            best = (score, step, _snapshot(model))
+        _emit(ctx, "eval", fold=k, step=step, train_loss=train_loss, val_loss=score)
+        log.debug("fold %d step %d: train %.4f val %.4f", k, step, train_loss, score)
+        if step - best[1] >= cfg.patience:
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    return best[1], history
 
 
 def train_fold(
@@ -224,7 +302,7 @@ def train_fold(
 
     Returns:
         The selected :class:`FoldModel` and the loss history
-        (``{"train": [...], "val": [...]}``).
+        (``{"step": [...], "train": [...], "val": [...]}``, one entry per evaluation).
     """
     cfg, k = ctx.config, int(fold_spec["fold"])
     pre = TabularPreprocessor.fit(ctx.cohort, fold_spec["train"])
@@ -235,35 +313,17 @@ def train_fold(
     val = _unit_set(ctx, fold_spec["val"], head, pre)
     torch.manual_seed(cfg.seed)  # same initial weights in every fold (weight soup)
     model = build_model(cfg, ctx.scan.dim, head, pre).to(ctx.device)
+    _fit_scaler(ctx, model, fit, k)
     torch.manual_seed(cfg.seed * 1009 + k + 1)
-    n_steps = cfg.epochs * max(1, math.ceil(len(fit) / cfg.batch_size))
-    opt, sched = _make_optimizer(model, cfg, n_steps)
-    history: dict[str, list[float]] = {"train": [], "val": []}
-    best = (math.inf, -1, _snapshot(model))
-    use_val = _informative(val, cfg, k)
-    for epoch in range(cfg.epochs):
-        seed = cfg.seed * 1_000_003 + k * 10_007 + epoch
-        history["train"].append(_train_epoch(ctx, model, head, fit, opt, sched, seed))
-        if use_val:
-            history["val"].append(_validation_loss(ctx, model, head, val, k, epoch))
-            score = history["val"][-1]
-        else:
-            score = -epoch  # no inner validation: keep the last epoch
-        if score < best[0]:
-            best = (score, epoch, _snapshot(model))
-        _emit(ctx, "epoch", fold=k, epoch=epoch, train_loss=history["train"][-1], val_loss=score)
-        log.debug("fold %d epoch %d: train %.4f val %.4f", k, epoch, history["train"][-1], score)
-        if epoch - best[1] >= cfg.patience:
-            break
-    model.load_state_dict(best[2])
-    model.eval()
+    best_step, history = _optimise(ctx, model, head, fit, val, k)
     meta = {
         "fold": k,
         "aggregator": dict(getattr(model, "aggregator_config", {})),
         "head": head.state_dict(),
         "preprocessing": pre.state_dict(),
-        "best_epoch": best[1],
-        "epochs_run": len(history["train"]),
+        "scaled": cfg.scale,
+        "best_step": best_step,
+        "steps_run": history["step"][-1] if history["step"] else 0,
         "history": history,
         "n_train": len(fold_spec["train"]),
         "n_val": len(fold_spec["val"]),
@@ -462,17 +522,19 @@ def _progress(ctx: _Context) -> Iterator[Callback]:
         return
     from rich.progress import Progress
 
-    epochs, n_folds = ctx.config.epochs, ctx.config.folds
+    steps, n_folds = ctx.config.steps, ctx.config.folds
     with Progress(transient=False) as bar:
-        task = bar.add_task("training", total=epochs * n_folds)
+        task = bar.add_task("training", total=steps * n_folds)
 
         def callback(event: str, info: dict[str, Any]) -> None:
             inner(event, info)
-            if event == "epoch":
+            if event == "eval":
                 bar.update(
-                    task, advance=1, description=f"fold {info['fold']} epoch {info['epoch']}"
+                    task,
+                    completed=info["fold"] * steps + info["step"],
+                    description=f"fold {info['fold']} step {info['step']}",
                 )
             elif event == "fold_done":
-                bar.update(task, completed=(info["fold"] + 1) * epochs)
+                bar.update(task, completed=(info["fold"] + 1) * steps)
 
         yield callback

@@ -9,15 +9,17 @@ line to stderr and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from wsi_mil import __version__
 from wsi_mil.errors import WsiMilError
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "HelpFormatter", "Parser", "build_parser", "main"]
 
 #: Subcommand modules under ``wsi_mil.workflows.commands``, in help order.
 COMMANDS = (
@@ -34,9 +36,40 @@ COMMANDS = (
 )
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and shows every option's default in ``--help``.
+
+    Unlike :class:`argparse.ArgumentDefaultsHelpFormatter` it also shows the default of
+    options without a help text, and says nothing for defaults of ``None`` / ``False``
+    or where the help text already explains its default.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not any(action.default is v for v in (None, False, argparse.SUPPRESS, ""))
+        if action.option_strings and shown and "default" not in text:
+            text += " (default: %(default)s)"
+        return text.strip()
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._get_help_string(action):
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` whose help uses :class:`HelpFormatter`; the
+    subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with one subparser per available command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="wsi-mil",
         description="Whole-slide images → tiles → features → MIL → reports.",
     )

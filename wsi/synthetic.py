@@ -87,6 +87,7 @@ def make_synthetic_slide(
     flavour: Literal["aperio", "generic"] = "aperio",
     associated: bool = True,
     tumour_fraction: float = 0.3,
+    tumour_layout: Literal["field", "region"] = "field",
 ) -> SyntheticSlide:
     """Write a synthetic pyramidal whole-slide image and return its ground truth.
 
@@ -112,6 +113,9 @@ def make_synthetic_slide(
             ``"generic"`` a plain pyramidal tiled TIFF (vendor ``generic-tiff``).
         associated: Also write small ``label`` and ``macro`` images (Aperio only).
         tumour_fraction: Share of the tissue area drawn as tumour (0–1).
+        tumour_layout: ``"field"`` scatters tumour as smooth patches over the tissue;
+            ``"region"`` draws it as one contiguous region around a random point
+            inside the tissue (a planted signal of known size and place).
 
     Returns:
         The path and the tissue / tumour masks at ``mask_mpp``.
@@ -125,7 +129,11 @@ def make_synthetic_slide(
         resolution = "none"
     if not 0.0 <= tumour_fraction <= 1.0:
         raise ConfigError(f"tumour_fraction must lie in [0, 1], got {tumour_fraction}")
-    scene = _make_scene(width, height, draw_mpp, seed, mask_mpp, tumour_fraction)
+    if tumour_layout not in ("field", "region"):
+        raise ConfigError(f"tumour_layout must be 'field' or 'region', got {tumour_layout!r}")
+    scene = _make_scene(
+        width, height, draw_mpp, seed, mask_mpp, tumour_fraction, tumour_layout == "region"
+    )
     n_levels = levels if levels is not None else _auto_levels(width, height, level_factor)
     out = Path(path)
     with atomic_path(out) as tmp:
@@ -186,7 +194,13 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float
 
 
 def _make_scene(
-    width: int, height: int, mpp: float, seed: int, field_mpp: float, tumour_fraction: float = 0.3
+    width: int,
+    height: int,
+    mpp: float,
+    seed: int,
+    field_mpp: float,
+    tumour_fraction: float = 0.3,
+    one_region: bool = False,
 ) -> _Scene:
     rng = np.random.default_rng(seed)
     rows = max(2, math.ceil(height * mpp / field_mpp))
@@ -212,11 +226,26 @@ def _make_scene(
     fields[1] = _smooth_noise(rng, (rows, cols), span / 4)
     fields[2] = _smooth_noise(rng, (rows, cols), 3.0)
     inside = tissue > 0
+    if one_region and inside.any():
+        fields[1] = _region_field(rng, tissue, fields[1])
     tumour_thr = (
         float(np.quantile(fields[1][inside], 1.0 - tumour_fraction)) if inside.any() else 0.0
     )
     debris = _place_debris(rng, tissue, field_mpp)
     return _Scene(fields, 0.0, tumour_thr, field_mpp, debris, seed)
+
+
+def _region_field(rng: np.random.Generator, tissue: NDArray, noise: NDArray) -> NDArray:
+    """A field whose upper level sets are one blob around a random point well inside
+    the tissue: minus the distance to it (in units of the longer side), with a little
+    of ``noise`` for a ragged border; scaled so the renderer's soft edge is narrow."""
+    rows, cols = tissue.shape
+    deep = np.flatnonzero(tissue > np.quantile(tissue[tissue > 0], 0.5))
+    r, c = divmod(int(rng.choice(deep)), cols)
+    yy = np.arange(rows, dtype=np.float32)[:, None] - r
+    xx = np.arange(cols, dtype=np.float32)[None, :] - c
+    dist = np.sqrt(yy * yy + xx * xx) / max(rows, cols)
+    return (10.0 * (-dist + 0.006 * noise)).astype(np.float32)
 
 
 def _place_debris(rng: np.random.Generator, tissue: NDArray, field_mpp: float) -> NDArray:

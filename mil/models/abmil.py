@@ -12,7 +12,6 @@ from wsi_mil.mil.models.base import (
     GatedAttention,
     MILOutput,
     attention_pool,
-    check_bag_inputs,
     mlp_block,
 )
 from wsi_mil.mil.models.registry import register_aggregator
@@ -88,5 +87,5 @@ class ABMIL(Aggregator):
         """Per-output attention ``(B, n_outputs, N)`` with ``multi_branch``; else ``None``."""
         if not self.multi_branch:
             return None
-        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
+        features, mask = self.prepare(features, mask)
         return self._pool(features, mask)[1]

@@ -17,6 +17,7 @@ from wsi_mil.errors import ConfigError
 
 __all__ = [
     "Aggregator",
+    "FeatureScaler",
     "GatedAttention",
     "MILOutput",
     "attention_pool",
@@ -171,12 +172,45 @@ def check_bag_inputs(
     return features, mask
 
 
-class Aggregator(nn.Module, abc.ABC):
-    """Base class: the public ``forward`` contract, input checks and per-class attention.
+class FeatureScaler(nn.Module):
+    """Per-dimension standardisation of tile features, ``(x - mean) / std``.
 
-    :meth:`forward` validates ``features``/``mask`` with :func:`check_bag_inputs` and hands
-    them, with the keyword inputs, to :meth:`_aggregate`, which each subclass implements.
-    A subclass names the keyword inputs it uses and takes the rest as ``**_`` (ignored).
+    The statistics are buffers, so they are saved in ``model.safetensors`` with the
+    weights; the trainer sets them from the training patients' tiles
+    (:func:`wsi_mil.mil.scaling.fit_scaler`). Until then (and with ``--no-scale``) they
+    are the identity (mean 0, std 1). Padded tiles stay exactly 0.
+
+    Args:
+        dim: feature dim ``D``.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set(self, mean: Tensor, std: Tensor) -> None:
+        """Set the statistics: ``mean`` and ``std`` ``(D,)``; ``std`` must be > 0."""
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+
+    def forward(self, features: Tensor, mask: Tensor) -> Tensor:
+        """Standardise ``features (B, N, D)``; rows where ``mask (B, N)`` is False stay 0."""
+        scaled = (features - self.mean.to(features.dtype)) / self.std.to(features.dtype)
+        return scaled.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+class Aggregator(nn.Module, abc.ABC):
+    """Base class: the public ``forward`` contract, input checks, feature scaling and
+    per-class attention.
+
+    :meth:`forward` validates ``features``/``mask`` with :func:`check_bag_inputs`,
+    standardises the features with :attr:`scaler` and hands them, with the keyword
+    inputs, to :meth:`_aggregate`, which each subclass implements. A subclass names the
+    keyword inputs it uses and takes the rest as ``**_`` (ignored).
 
     Args:
         in_dim: tile feature dim ``D``.
@@ -189,6 +223,16 @@ class Aggregator(nn.Module, abc.ABC):
         super().__init__()
         self.in_dim = in_dim
         self.n_outputs = n_outputs
+        self.scaler = FeatureScaler(in_dim)
+
+    def prepare(self, features: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Check the inputs (:func:`check_bag_inputs`) and standardise the features.
+
+        Returns:
+            ``(features (B, N, D) standardised, mask (B, N) bool)``.
+        """
+        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
+        return self.scaler(features, mask), mask
 
     def forward(
         self,
@@ -223,7 +267,7 @@ class Aggregator(nn.Module, abc.ABC):
             ConfigError: malformed ``features``/``mask`` (see :func:`check_bag_inputs`)
                 or other inputs.
         """
-        features, mask = check_bag_inputs(self.name, features, mask, self.in_dim)
+        features, mask = self.prepare(features, mask)
         return self._aggregate(
             features,
             mask,

@@ -164,7 +164,7 @@ def test_survival_training_passes_pseudo_labels_on_training_batches_only(
     monkeypatch.setattr(train_module, "forward_batch", record_train)
     monkeypatch.setattr(inference, "forward_batch", record_eval)
     config = make_config(
-        syn, "survival", model="clam_sb", model_kwargs=SMALL, folds=2, epochs=2, n_boot=0
+        syn, "survival", model="clam_sb", model_kwargs=SMALL, folds=2, steps=8, n_boot=0
     )
     out = train_cv(config, tmp_path / "run", callback=callback).out
 

@@ -102,7 +102,7 @@ def test_survival_learns_planted_signal(survival_run: Any) -> None:
 def test_interrupted_training_resumes(
     tiny_cohort: Any, make_config: Any, event_log: Any, tmp_path: Path
 ) -> None:
-    config = make_config(tiny_cohort, "classification", folds=3, epochs=2, n_boot=10)
+    config = make_config(tiny_cohort, "classification", folds=3, steps=8, n_boot=10)
     out = tmp_path / "run"
 
     def interrupt(event: str, info: dict[str, Any]) -> None:
@@ -116,13 +116,13 @@ def test_interrupted_training_resumes(
     splits = (out / "splits.json").read_text()
     result = train_cv(config, out, callback=event_log)
     assert result.resumed_folds == [0, 1]
-    assert {i["fold"] for i in event_log.of("epoch")} == {2}
+    assert {i["fold"] for i in event_log.of("eval")} == {2}
     assert (out / "splits.json").read_text() == splits
     assert len(result.predictions) == 3 * 12
 
 
 def test_deterministic_on_cpu(tiny_cohort: Any, make_config: Any, tmp_path: Path) -> None:
-    config = make_config(tiny_cohort, "classification", folds=2, epochs=2, n_boot=0)
+    config = make_config(tiny_cohort, "classification", folds=2, steps=8, n_boot=0)
     a = train_cv(config, tmp_path / "a").predictions
     b = train_cv(config, tmp_path / "b").predictions
     pd.testing.assert_frame_equal(a, b)
@@ -132,16 +132,16 @@ def test_refuses_run_folder_with_other_config(
     tiny_cohort: Any, make_config: Any, tmp_path: Path
 ) -> None:
     train_cv(
-        make_config(tiny_cohort, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r"
+        make_config(tiny_cohort, "classification", folds=2, steps=4, n_boot=0), tmp_path / "r"
     )
-    with pytest.raises(OutputExistsError, match=r"epochs: 1 -> 2.*resume it, or pick a new --out"):
+    with pytest.raises(OutputExistsError, match=r"steps: 4 -> 8.*resume it, or pick a new --out"):
         train_cv(
-            make_config(tiny_cohort, "classification", folds=2, epochs=2, n_boot=0), tmp_path / "r"
+            make_config(tiny_cohort, "classification", folds=2, steps=8, n_boot=0), tmp_path / "r"
         )
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="not a wsi-mil run"):
-        train_cv(make_config(tiny_cohort, "classification", folds=2, epochs=1), tmp_path / "other")
+        train_cv(make_config(tiny_cohort, "classification", folds=2, steps=4), tmp_path / "other")
 
 
 def test_empty_bags_are_excluded_and_counted(tmp_path: Path, make_config: Any) -> None:
@@ -149,7 +149,7 @@ def test_empty_bags_are_excluded_and_counted(tmp_path: Path, make_config: Any) -
         tmp_path / "d", n_patients=8, n_tiles=(10, 20), dims=(8,), empty_slides=2
     )
     result = train_cv(
-        make_config(syn, "classification", folds=2, epochs=1, n_boot=0), tmp_path / "r"
+        make_config(syn, "classification", folds=2, steps=4, n_boot=0), tmp_path / "r"
     )
     assert len(result.metrics["excluded_empty_slides"]) == 2
     assert result.metrics["n_excluded_empty_slides"] == 2
@@ -232,7 +232,7 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
         model="dual_xattn",
         model_kwargs={"dim": 16, "n_heads": 2},
         folds=2,
-        epochs=2,
+        steps=8,
         clinical=["age"],
         omics=str(omics),
         omics_group_size=2,
@@ -271,7 +271,7 @@ def test_test_bags_are_not_read_before_the_model_is_chosen(
             return super().slide(slide_id)
 
     monkeypatch.setattr(train_module, "BagStore", RecordingStore)
-    config = make_config(tiny_cohort, "classification", folds=3, epochs=3, n_boot=0)
+    config = make_config(tiny_cohort, "classification", folds=3, steps=12, n_boot=0)
     train_cv(config, tmp_path / "run", callback=lambda e, i: log.append((e, i)))
     splits = json.loads((tmp_path / "run" / "splits.json").read_text())
     start = 0
@@ -337,7 +337,7 @@ def test_tiny_cohorts_train_end_to_end(
         seed=n_patients,
     )
     config = make_config(
-        syn, task, folds=folds, epochs=1, n_boot=5, level=level, model=model, max_tiles=4
+        syn, task, folds=folds, steps=4, n_boot=5, level=level, model=model, max_tiles=4
     )
     if model == "transmil":
         config.model_kwargs = {"hidden_dim": 16, "n_heads": 2}
@@ -350,7 +350,7 @@ def test_tiny_cohorts_train_end_to_end(
 def test_resume_removes_temporaries_of_a_killed_run(
     tiny_cohort: Any, make_config: Any, tmp_path: Path
 ) -> None:
-    config = make_config(tiny_cohort, "classification", folds=2, epochs=1, n_boot=0)
+    config = make_config(tiny_cohort, "classification", folds=2, steps=4, n_boot=0)
     out = tmp_path / "run"
 
     def interrupt(event: str, info: dict[str, Any]) -> None:
@@ -369,14 +369,14 @@ def test_resume_removes_temporaries_of_a_killed_run(
     assert load_file(out / "fold_1" / "model.safetensors")
 
 
-def test_inner_validation_without_events_does_not_pick_the_epoch() -> None:
+def test_inner_validation_without_events_does_not_pick_the_checkpoint() -> None:
     from wsi_mil.mil.data import Unit
     from wsi_mil.mil.train import UnitSet, _informative
 
     units = [Unit(f"P{i}", f"P{i}", (f"S{i}",)) for i in range(3)]
     cox = TrainConfig(task="survival", cohort="c.csv", features=["f"])
     censored = UnitSet(units, {"time": torch.ones(3), "event": torch.zeros(3)})
-    assert not _informative(censored, cox, 0)  # a Cox loss of 0 cannot rank epochs
+    assert not _informative(censored, cox, 0)  # a Cox loss of 0 cannot rank checkpoints
     one_event = UnitSet(units, {"time": torch.ones(3), "event": torch.tensor([0.0, 1.0, 0.0])})
     assert _informative(one_event, cox, 0)
     assert not _informative(UnitSet([], {}), cox, 0)

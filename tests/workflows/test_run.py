@@ -52,7 +52,7 @@ def test_run_end_to_end_lists_bad_slide_and_resumes(tmp_path, demo, capsys):
     (slides / "broken.svs").write_text("not a slide")
     out = tmp_path / "out"
     argv = ["run", str(slides), str(demo.cohort), "--out", str(out), "--folds", "2",
-            "--epochs", "2", "--workers", "1"]  # fmt: skip
+            "--steps", "8", "--workers", "1"]  # fmt: skip
     assert main(argv) == 1  # one slide failed, the rest went on
 
     manifest = {r["slide_id"]: r for r in read_manifest(out / "tiles" / "manifest.csv")}

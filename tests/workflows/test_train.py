@@ -38,8 +38,8 @@ def _train_args(cohort, out: Path, *extra: str) -> list[str]:
         "abmil",
         "--folds",
         "2",
-        "--epochs",
-        "2",
+        "--steps",
+        "8",
         "--batch-size",
         "2",
         "--max-tiles",
@@ -102,9 +102,9 @@ def test_user_errors_exit_2(cohort, tmp_path: Path, capsys: pytest.CaptureFixtur
     run = tmp_path / "r"
     assert main(_train_args(cohort, run, "--folds", "20")) == 2
     assert "--folds 20" in capsys.readouterr().err
-    assert main(_train_args(cohort, run, "--epochs", "1", "--folds", "2")) == 0
+    assert main(_train_args(cohort, run, "--steps", "4", "--folds", "2")) == 0
     capsys.readouterr()
-    assert main(_train_args(cohort, run, "--epochs", "3")) == 2
+    assert main(_train_args(cohort, run, "--steps", "12")) == 2
     err = capsys.readouterr().err
     assert "different configuration" in err and "pick a new --out" in err
     bad = tmp_path / "bad.csv"
@@ -119,7 +119,7 @@ def test_user_errors_exit_2(cohort, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "has no option(s) ['bogus']" in capsys.readouterr().err and not fresh.exists()
     assert main(_train_args(cohort, fresh, "--model", "nope")) == 2
     assert "unknown aggregator 'nope'" in capsys.readouterr().err and not fresh.exists()
-    assert main(_train_args(cohort, fresh, "--epochs", "1")) == 0
+    assert main(_train_args(cohort, fresh, "--steps", "4")) == 0
     assert yaml.safe_load((fresh / "config.yaml").read_text())["device"] == "cpu"
 
 
@@ -130,7 +130,7 @@ def _fold_complete(fold: Path) -> bool:
 def test_sigkill_mid_fold_then_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     syn = make_synthetic_cohort(tmp_path / "d", n_patients=8, n_tiles=(10, 20), dims=(8,))
     run = tmp_path / "run"
-    args = _train_args(syn, run, "--epochs", "100", "--patience", "100")
+    args = _train_args(syn, run, "--steps", "400", "--patience", "400")
     code = "import sys; from wsi_mil.workflows.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],

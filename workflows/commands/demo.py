@@ -22,10 +22,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
-    p.add_argument("--patients", type=int, default=24, help="number of patients (24)")
-    p.add_argument("--slide-px", type=int, default=3072, help="slide side in px (3072)")
+    p.add_argument("--patients", type=int, default=24, help="number of patients")
+    p.add_argument("--slide-px", type=int, default=3072, help="slide side in px")
     p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps per fold (default: train's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     steps = [
         ["info", str(first)],
         ["run", str(data.slides), str(data.cohort), "--out", str(out), "--task", "survival",
-         "--folds", str(args.folds), "--epochs", str(args.epochs), "--seed", str(args.seed)],
+         "--folds", str(args.folds), "--seed", str(args.seed),
+         *(["--steps", str(args.steps)] if args.steps is not None else [])],
         ["predict", str(out / "runs" / "abmil-survival"), "--features",
          str(out / "features" / "builtin"), "--out", str(out / "predictions-new.csv")],
         ["heatmap", str(out / "runs" / "abmil-survival"), "--slide", str(first),

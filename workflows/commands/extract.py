@@ -33,7 +33,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "extract",
         help="embed tiles into per-slide HDF5 feature bags",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("tiles", type=Path, metavar="TILES_DIR", help="folder of <slide_id>.zarr")
     p.add_argument(

@@ -34,7 +34,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "run",
         help="run tile → extract → train → report on slides and a cohort table",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("slides", help="folder of slides (searched recursively) or one slide")
     p.add_argument("cohort", help="cohort CSV (patient_id, slide_id, label or time+event)")
@@ -51,7 +50,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, help="extraction devices (cpu, cuda:0,...)")
     p.add_argument("--model", default="abmil", help="MIL aggregator (default abmil)")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument(
+        "--steps", type=int, default=None, help="training steps per fold (default: train's)"
+    )
     p.add_argument("--target-mpp", type=float, default=0.5)
     p.add_argument("--tile-px", type=int, default=224)
     p.add_argument("--pixels", choices=("lossless", "jpeg", "none"), default="lossless")
@@ -98,7 +99,9 @@ def pipeline_steps(args: argparse.Namespace) -> list[list[str]]:
         extract += ["--devices", args.devices]
     train = ["train", str(args.cohort), "--features", str(out / "features" / args.encoder)]
     train += ["--task", task, "--model", args.model, "--folds", str(args.folds)]
-    train += ["--epochs", str(args.epochs), "--seed", str(args.seed)]
+    train += ["--seed", str(args.seed)]
+    if args.steps is not None:
+        train += ["--steps", str(args.steps)]
     train += ["--out", str(out / "runs" / name)]
     return [tile, extract, train]
 
@@ -111,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     resolved = {k: v for k, v in resolved.items() if not k.startswith("_")}
-    resolved["steps"] = [" ".join(["wsi-mil", *s]) for s in steps]
+    resolved["commands"] = [" ".join(["wsi-mil", *s]) for s in steps]
     (args.out / "run_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     partial = False
     for argv in steps:

@@ -50,7 +50,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "tile",
         help="detect tissue and tile slides into zarr stores",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="slide files or folders")
     p.add_argument("--out", required=True, type=Path, help="output folder of the stores")

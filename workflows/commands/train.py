@@ -12,6 +12,9 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``train``."""
+    from wsi_mil.mil.run import TrainConfig
+
+    d = TrainConfig("classification", "", [])  # the defaults
     p = subparsers.add_parser(
         "train",
         help="train a MIL model with patient-level cross-validation",
@@ -39,18 +42,45 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="JSON",
         help="aggregator options, e.g. '{\"dropout\": 0.1}'",
     )
-    p.add_argument("--folds", type=int, default=5, help="outer folds (default 5)")
+    p.add_argument("--folds", type=int, default=5, help="outer folds")
     p.add_argument("--out", required=True, help="run folder, e.g. runs/NAME")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=d.steps,
+        help="most optimisation steps (batches) per fold, whatever the cohort size",
+    )
+    p.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warmup"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="steps between inner-validation evaluations",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=d.patience,
+        help="early stopping: steps without a better inner-validation loss; the best "
+        "checkpoint is kept",
+    )
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="bags per step")
+    p.add_argument(
+        "--no-scale",
+        dest="scale",
+        action="store_false",
+        help="feed tile features unscaled (default: standardised with the mean / std of "
+        "each fold's training tiles)",
+    )
     p.add_argument(
         "--max-tiles", type=int, default=4096, help="random tiles per bag in training (0 = all)"
     )
     p.add_argument("--level", choices=("patient", "slide"), default="patient")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="inner validation share")
     p.add_argument("--survival-loss", choices=("cox", "discrete"), default="cox")
     p.add_argument("--label-column", default="label")
@@ -88,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         model=args.model,
         model_kwargs=model_kwargs,
         folds=args.folds,
-        epochs=args.epochs,
+        steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
         lr=args.lr,
         weight_decay=args.weight_decay,
         batch_size=args.batch_size,
@@ -96,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         level=args.level,
         seed=args.seed,
         patience=args.patience,
+        scale=args.scale,
         val_fraction=args.val_fraction,
         survival_loss=args.survival_loss,
         label_column=args.label_column,

@@ -1,0 +1,148 @@
+"""Planted-signal cohorts of generated *slides*, for learning tests and benchmarks.
+
+Unlike :mod:`wsi_mil.mil.synthetic`, which writes feature bags directly, these cohorts
+are whole-slide images that go through the real ``tile`` and ``extract`` stages. Every
+patient has one synthetic H&E-like slide (:func:`wsi_mil.wsi.synthetic.make_synthetic_slide`).
+Half the patients (*positives*) carry one contiguous region of dense, dark "tumour"
+tissue covering about ``fraction`` of their tissue (0.7–1.3 × ``fraction``); the others
+carry none. The region decides the label (``pos`` / ``neg``) and drives the hazard:
+``log hazard = effect × share / fraction`` (0 for negatives), with exponential event times
+and uniform censoring. The ground truth of every slide (its region mask) is saved so the
+planted tiles can be scored against a model's attention (:func:`planted_tiles`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.outputs import atomic_path
+
+__all__ = ["PlantedCohort", "make_planted_cohort", "planted_tiles"]
+
+
+class PlantedCohort(NamedTuple):
+    """A generated planted-signal cohort.
+
+    Attributes:
+        slides: Folder of the ``.svs`` slides (``<slide_id>.svs``).
+        cohort: Cohort CSV: ``patient_id, slide_id, label, time, event, planted_share``
+            (``planted_share`` is the truth, for reference values; never a model input).
+        truth: Folder of ``<slide_id>.npz`` region masks (see :func:`planted_tiles`).
+        fraction: The signal fraction the cohort was made with.
+    """
+
+    slides: Path
+    cohort: Path
+    truth: Path
+    fraction: float
+
+
+def make_planted_cohort(
+    out: str | os.PathLike[str],
+    fraction: float,
+    *,
+    n_patients: int = 40,
+    slide_px: int = 4096,
+    mpp: float = 1.0,
+    effect: float = 2.5,
+    seed: int = 0,
+) -> PlantedCohort:
+    """Write slides, truth masks and a cohort table with a planted region.
+
+    Slides already present are reused (the content depends only on the arguments), so
+    a re-run is quick.
+
+    Args:
+        out: Folder; ``slides/``, ``truth/`` and ``cohort.csv`` are written inside.
+        fraction: Typical share of a positive slide's tissue covered by the region (0–0.5).
+        n_patients: Patients, one slide each; half are positive.
+        slide_px: Level-0 side of each square slide.
+        mpp: µm per level-0 pixel.
+        effect: Log hazard ratio of a region of size ``fraction`` against none.
+        seed: Seed of slides and outcomes.
+
+    Returns:
+        :class:`PlantedCohort`.
+
+    Raises:
+        ConfigError: ``fraction`` outside (0, 0.5] or fewer than 4 patients.
+    """
+    from wsi_mil.wsi.synthetic import make_synthetic_slide
+
+    if not 0 < fraction <= 0.5:
+        raise ConfigError(f"fraction={fraction}: the planted share must lie in (0, 0.5]")
+    if n_patients < 4:
+        raise ConfigError(f"n_patients={n_patients}: need at least 4")
+    root = Path(out)
+    slides, truth = root / "slides", root / "truth"
+    slides.mkdir(parents=True, exist_ok=True)
+    truth.mkdir(exist_ok=True)
+    rng = np.random.default_rng([seed, round(fraction * 1e6)])
+    positive = rng.permutation(np.arange(n_patients) % 2 == 0)
+    rows = []
+    for i, pos in enumerate(positive):
+        slide_id = f"PL{i:03d}"
+        share = float(fraction * rng.uniform(0.7, 1.3)) if pos else 0.0
+        path = slides / f"{slide_id}.svs"
+        truth_file = truth / f"{slide_id}.npz"
+        if not (path.is_file() and truth_file.is_file()):
+            synth = make_synthetic_slide(
+                path, slide_px, slide_px, mpp=mpp, seed=seed * 100_003 + i,
+                tumour_fraction=share, tumour_layout="region", associated=False,
+            )  # fmt: skip
+            with atomic_path(truth_file) as tmp, open(tmp, "wb") as fh:
+                np.savez_compressed(
+                    fh, region=synth.tumour_mask, mask_mpp=synth.mask_mpp, mpp=mpp
+                )
+        t = rng.exponential(24.0 * np.exp(-effect * share / fraction))
+        c = rng.uniform(6.0, 60.0)
+        rows.append(
+            {
+                "patient_id": f"P{i:03d}",
+                "slide_id": slide_id,
+                "label": "pos" if pos else "neg",
+                "time": round(float(min(t, c)), 3),
+                "event": int(t <= c),
+                "planted_share": round(share, 5),
+            }
+        )
+    cohort = root / "cohort.csv"
+    with atomic_path(cohort) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return PlantedCohort(slides, cohort, truth, float(fraction))
+
+
+def planted_tiles(
+    truth_file: str | os.PathLike[str], coords: np.ndarray, tile_level0: int
+) -> np.ndarray:
+    """Which tiles lie mostly (≥ 50 % of their area) inside a slide's planted region.
+
+    Args:
+        truth_file: ``truth/<slide_id>.npz`` of :func:`make_planted_cohort`.
+        coords: (N, 2) int level-0 ``(x, y)`` of each tile's top-left corner.
+        tile_level0: Tile side in level-0 pixels.
+
+    Returns:
+        (N,) bool.
+    """
+    with np.load(truth_file) as data:
+        region = data["region"].astype(np.float64)
+        step = float(data["mask_mpp"]) / float(data["mpp"])  # level-0 px per mask px
+    integral = np.zeros((region.shape[0] + 1, region.shape[1] + 1))
+    integral[1:, 1:] = region.cumsum(0).cumsum(1)
+    xy = np.asarray(coords, dtype=np.float64)
+    c0 = np.clip(np.round(xy[:, 0] / step).astype(int), 0, region.shape[1])
+    r0 = np.clip(np.round(xy[:, 1] / step).astype(int), 0, region.shape[0])
+    c1 = np.clip(np.round((xy[:, 0] + tile_level0) / step).astype(int), 0, region.shape[1])
+    r1 = np.clip(np.round((xy[:, 1] + tile_level0) / step).astype(int), 0, region.shape[0])
+    inside = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
+    area = np.maximum((r1 - r0) * (c1 - c0), 1)
+    return inside / area >= 0.5
