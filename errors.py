@@ -14,7 +14,10 @@ __all__ = [
     "EncoderError",
     "MissingMPPError",
     "OutputExistsError",
+    "OutputNotWritableError",
     "SlideOpenError",
+    "SlideTooLargeError",
+    "UnsafePathError",
     "WsiMilError",
 ]
 
@@ -45,3 +48,15 @@ class ConfigError(WsiMilError, ValueError):
 
 class OutputExistsError(WsiMilError, FileExistsError):
     """An output already exists and would be overwritten with something different."""
+
+
+class OutputNotWritableError(WsiMilError, PermissionError):
+    """An output folder cannot be created or written (read-only, full, or a file)."""
+
+
+class UnsafePathError(WsiMilError, ValueError):
+    """An id (slide, patient) would place an output file outside its output folder."""
+
+
+class SlideTooLargeError(WsiMilError, ValueError):
+    """A slide needs more pixels decoded than the pixel budget allows (no usable pyramid)."""

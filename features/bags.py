@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from wsi_mil.errors import WsiMilError
-from wsi_mil.outputs import atomic_path
+from wsi_mil.outputs import atomic_path, contained_path
 
 __all__ = [
     "BAG_FORMAT",
@@ -92,9 +92,12 @@ def bag_path(out_dir: str | os.PathLike[str], encoder: str, slide_id: str) -> Pa
 
     Encoder names such as ``timm:vit_small_patch16_224`` have ``:`` and ``/``
     replaced by ``_`` so the folder name is portable.
+
+    Raises:
+        UnsafePathError: The encoder or slide id would place the bag outside ``out_dir``.
     """
     safe = encoder.replace(":", "_").replace("/", "_")
-    return Path(out_dir) / safe / f"{slide_id}.h5"
+    return contained_path(out_dir, safe, f"{slide_id}.h5")
 
 
 def write_bag(
@@ -286,16 +289,33 @@ def read_bag(path: str | os.PathLike[str], *, dtype: str | np.dtype | None = Non
         (plus ``coords_attrs``: the CLAM/TRIDENT attributes of ``coords``).
 
     Raises:
-        BagError: Missing file, not HDF5, or not a wsi-mil bag.
+        BagError: Missing file, not HDF5, not a wsi-mil bag, or features holding NaN or
+            inf (names the bag and the number of bad rows).
     """
     with _open(path) as h5:
         feats = h5["features"][()]
         coords = h5["coords"][()].astype(np.int64, copy=False)
         attrs = _get_attrs(h5)
         attrs["coords_attrs"] = _get_attrs(h5["coords"])
+    _check_loaded_finite(feats, Path(path))
     if dtype is not None:
         feats = feats.astype(dtype, copy=False)
     return Bag(feats, coords, attrs)
+
+
+def _check_loaded_finite(feats: np.ndarray, path: Path) -> None:
+    """Refuse a bag on disk whose features hold NaN or inf (written by another tool)."""
+    if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
+        raise BagError(
+            f"{path}: features must be a 2-D floating-point array, got {feats.dtype} "
+            f"{feats.shape}; re-extract it with `wsi-mil extract`"
+        )
+    bad = int(np.count_nonzero(~np.isfinite(feats).all(axis=1)))
+    if bad:
+        raise BagError(
+            f"{path}: {bad} of {len(feats)} feature row(s) contain NaN or inf; "
+            "re-extract this bag with `wsi-mil extract --overwrite`"
+        )
 
 
 def bag_info(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -8,13 +8,18 @@ row order. Extra columns can be named as clinical covariates; an optional omics 
 (CSV/TSV keyed by ``patient_id``) adds gene or pathway-score columns, optionally grouped
 by a JSON file ``{group: [column, ...]}``.
 
-Problems are collected and raised together as one :class:`~wsi_mil.errors.CohortError`
-whose lines read ``file:line: column: message``.
+Slide and patient ids become file names (bags, attention files), so each must be a
+plain name: no path separator, not ``.``/``..``, no drive letter, no control character.
+The table must be UTF-8 (a BOM is fine); UTF-16 and Windows-1252 files are refused with
+the fix. Problems are collected and raised together as one
+:class:`~wsi_mil.errors.CohortError` whose lines read ``file:line: column: message``.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import math
 import os
@@ -25,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_mil.errors import CohortError
+from wsi_mil.errors import CohortError, WsiMilError
+from wsi_mil.outputs import id_problem
 
 __all__ = [
     "TASKS",
@@ -35,6 +41,7 @@ __all__ = [
     "Slide",
     "load_cohort",
     "load_omics",
+    "read_utf8_text",
 ]
 
 TASKS = ("classification", "survival")
@@ -168,12 +175,49 @@ class _Errors:
         )
 
 
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_RESAVE = "re-save it as UTF-8 (in Excel: 'CSV UTF-8') and re-run"
+
+
+def read_utf8_text(path: str | os.PathLike[str], error: type[WsiMilError] = CohortError) -> str:
+    """Read a text table as UTF-8 (a leading BOM is allowed), or fail in one line.
+
+    Tables saved by spreadsheets are often UTF-16 (with a BOM) or Windows-1252; both are
+    refused with the file, the line of the first bad byte and the fix, not decoded by
+    guesswork.
+
+    Args:
+        path: The file.
+        error: Error class to raise (``CohortError`` for tables of the cohort,
+            ``ConfigError`` for a table given as an argument).
+
+    Returns:
+        The text, without the BOM.
+
+    Raises:
+        error: The file is UTF-16/UTF-32, holds NUL bytes or is not valid UTF-8.
+        OSError: The file cannot be read.
+    """
+    data = Path(path).read_bytes()
+    if data.startswith(_UTF16_BOMS) or b"\x00" in data:
+        kind = "UTF-16/UTF-32 (byte-order mark)" if data.startswith(_UTF16_BOMS) else "NUL bytes"
+        raise error(f"{path}: the file is not UTF-8 text ({kind}); {_RESAVE}")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(
+            f"{path}:{line}: byte 0x{data[exc.start]:02x} is not valid UTF-8 (the file is "
+            f"probably Windows-1252 or Latin-1); {_RESAVE}"
+        ) from None
+
+
 def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Read a CSV/TSV into (header, [(line, row)]), with 1-based line numbers."""
     if not path.is_file():
         raise CohortError(f"{path}: file not found; give the path of the cohort/omics table")
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab", ".txt") else ","
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with io.StringIO(read_utf8_text(path), newline="") as fh:
         reader = csv.reader(fh, delimiter=delimiter)
         try:
             header = [h.strip() for h in next(reader)]
@@ -315,13 +359,8 @@ def _parse_slide(
     errors: _Errors,
 ) -> Slide | None:
     slide_id, patient_id = row.get("slide_id", ""), row.get(pid_col, "")
-    ok = True
-    if not slide_id:
-        errors.add(path, line, "slide_id", "empty slide id")
-        ok = False
-    if not patient_id:
-        errors.add(path, line, pid_col, "empty patient id")
-        ok = False
+    ok = _check_id(path, line, "slide_id", "slide", slide_id, errors)
+    ok = _check_id(path, line, pid_col, "patient", patient_id, errors) and ok
     if not ok:
         return None
     previous = slides.get(slide_id)
@@ -344,6 +383,24 @@ def _parse_slide(
             )
         return None
     return Slide(slide_id, patient_id, line)
+
+
+def _check_id(path: Path, line: int, column: str, what: str, value: str, errors: _Errors) -> bool:
+    """Record a problem when ``value`` cannot name files (ids become file names)."""
+    if not value:
+        errors.add(path, line, column, f"empty {what} id")
+        return False
+    problem = id_problem(value)
+    if problem is not None:
+        errors.add(
+            path,
+            line,
+            column,
+            f"{what} id {value!r} {problem}; ids name output files, so use a plain "
+            "name (letters, digits, '-', '_', '.')",
+        )
+        return False
+    return True
 
 
 def _parse_targets(
@@ -518,7 +575,7 @@ def _omics_groups(
         return chunks, [f"group_{k}" for k in range(len(chunks))]
     gpath = Path(groups)
     try:
-        spec = json.loads(gpath.read_text())
+        spec = json.loads(read_utf8_text(gpath))
     except (OSError, json.JSONDecodeError) as exc:
         raise CohortError(f"{gpath}: cannot read gene-group JSON ({exc})") from exc
     if not isinstance(spec, dict) or not all(isinstance(v, list) for v in spec.values()):

@@ -19,7 +19,7 @@ import numpy as np
 
 from wsi_mil.errors import ConfigError
 from wsi_mil.mil.attention import SlideAttention, read_attention
-from wsi_mil.outputs import atomic_path
+from wsi_mil.outputs import atomic_path, contained_path
 
 _CMAP = "inferno"
 
@@ -189,6 +189,7 @@ def render_heatmap(
 
     Raises:
         ConfigError: The attention file has no tiles or its tiles lie outside the slide.
+        UnsafePathError: The slide id (from the attention file) is not a plain file name.
     """
     from PIL import Image
 
@@ -204,11 +205,11 @@ def render_heatmap(
         thumb = s.get_thumbnail(size=(max_size, max_size))
         slide_id = str(att.attrs.get("slide_id") or s.slide_id)
     scale = width / thumb.shape[1]
-    png = out / f"{slide_id}_heatmap.png"
+    png = contained_path(out, f"{slide_id}_heatmap.png")
     with atomic_path(png) as tmp:
         image = np.vstack([_overlay(thumb, att, side, scale, alpha), _legend(thumb.shape[1])])
         Image.fromarray(image).save(tmp, format="PNG")
-    geojson = out / f"{slide_id}_attention.geojson"
+    geojson = contained_path(out, f"{slide_id}_attention.geojson")
     with atomic_path(geojson) as tmp:
         tmp.write_text(json.dumps(attention_geojson(att, side)))
     return {"png": png, "geojson": geojson}

@@ -13,6 +13,7 @@ import numpy as np
 
 from wsi_mil.mil.attention import write_attention
 from wsi_mil.mil.data import BagStore, Unit
+from wsi_mil.outputs import contained_path
 
 __all__ = ["write_unit_attention"]
 
@@ -35,6 +36,9 @@ def write_unit_attention(
         attention: Per unit, (N_u,) attention over all its tiles, or None (skipped).
         source: ``fold_<k>``, ``ensemble`` or ``soup``.
         model_name: The aggregator's name.
+
+    Raises:
+        UnsafePathError: A slide id would place its file outside ``att_dir``.
     """
     for unit, att in zip(units, attention, strict=True):
         if att is None:
@@ -43,7 +47,7 @@ def write_unit_attention(
         for j, slide_id in enumerate(unit.slide_ids):
             sel = which == j
             write_attention(
-                att_dir / f"{slide_id}.h5",
+                contained_path(att_dir, f"{slide_id}.h5"),
                 att[sel],
                 coords[sel],
                 attrs={

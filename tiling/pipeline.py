@@ -30,7 +30,7 @@ from PIL import Image
 
 from wsi_mil import __version__
 from wsi_mil.errors import ConfigError
-from wsi_mil.outputs import atomic_path
+from wsi_mil.outputs import atomic_path, contained_path, ensure_writable
 from wsi_mil.tiling.export import export_coords_h5, matching_level
 from wsi_mil.tiling.grid import TileGrid, tile_grid
 from wsi_mil.tiling.qc import qc_overlay, save_qc_png, save_tissue_geojson
@@ -45,7 +45,8 @@ from wsi_mil.tiling.store import (
     open_tile_store,
     source_fingerprint,
 )
-from wsi_mil.tiling.tissue import METHOD, TissueParams, detect_tissue
+from wsi_mil.tiling.tissue import METHOD, TissueParams, check_mask_budget, detect_tissue
+from wsi_mil.wsi.mpp import MPP_RANGE
 
 __all__ = [
     "RUN_TARGET_PX",
@@ -61,8 +62,12 @@ RUN_TARGET_PX = 8192
 
 
 def store_path(out_dir: str | os.PathLike[str], slide_id: str) -> Path:
-    """Path of a slide's tile store in ``out_dir``."""
-    return Path(out_dir) / f"{slide_id}.zarr"
+    """Path of a slide's tile store in ``out_dir``.
+
+    Raises:
+        UnsafePathError: ``slide_id`` would place the store outside ``out_dir``.
+    """
+    return contained_path(out_dir, f"{slide_id}.zarr")
 
 
 def tile_params(
@@ -90,7 +95,11 @@ def tile_params(
     _check(0.0 <= min_tissue <= 1.0, "--min-tissue", min_tissue, "a fraction within 0..1")
     _check(pixels in PIXEL_MODES, "--pixels", pixels, f"one of {', '.join(PIXEL_MODES)}")
     _check(mask_mpp > 0, "--mask-mpp", mask_mpp, "a positive µm/px value such as 8")
-    _check(mpp is None or mpp > 0, "--mpp", mpp, "a positive µm/px value")
+    lo, hi = MPP_RANGE
+    _check(
+        mpp is None or lo <= mpp <= hi, "--mpp", mpp,
+        f"a level-0 resolution within {lo:g}-{hi:g} µm/px (0.25 for 40x, 0.5 for 20x)",
+    )  # fmt: skip
     _check(chunk_tiles >= 1, "chunk_tiles", chunk_tiles, "a positive count")
     _check(1 <= jpeg_quality <= 100, "jpeg_quality", jpeg_quality, "within 1..100")
     return {
@@ -183,7 +192,9 @@ def tile_slide(
 
     Raises:
         Only with ``raise_errors=True``: whatever failed (``SlideOpenError``,
-        ``MissingMPPError``, ``ConfigError``, ``OSError``...).
+        ``MissingMPPError``, ``ConfigError``, ``SlideTooLargeError`` over
+        :data:`~wsi_mil.tiling.tissue.MASK_PIXEL_BUDGET`, ``UnsafePathError``,
+        ``OSError``...).
     """
     start = time.perf_counter()
     slide_path = Path(slide_path)
@@ -261,20 +272,6 @@ def _tile(
     }  # fmt: skip
 
 
-def ensure_writable(out_dir: Path) -> None:
-    """Fail early, naming the folder, when ``out_dir`` cannot be written."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-test-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise PermissionError(
-            f"output folder {out_dir} is not writable ({exc.strerror or exc}); "
-            "choose another --out or fix its permissions"
-        ) from exc
-
-
 def _remove_stale_temporaries(final: Path) -> None:
     """Delete temporaries of this store left by an interrupted run."""
     for tmp in final.parent.glob(f".{final.name}.*.tmp"):
@@ -313,6 +310,7 @@ def _build_store(
     slide: Any, final: Path, params: dict[str, Any], source: dict[str, Any], threads: int
 ) -> tuple[int, list[str]]:
     """Detect, grid, read and write the store at ``final``; returns (N, messages)."""
+    check_mask_budget(slide, params["mask_mpp"])
     mpp = float(slide.mpp)
     width, height = (int(v) for v in slide.dimensions)
     thumb = np.ascontiguousarray(slide.get_thumbnail(mpp=params["mask_mpp"])[..., :3])
@@ -487,7 +485,8 @@ def _side_outputs(
     """
     sid = store.slide_id
     scale = tuple(store.attrs["mask_scale"])
-    png, geo = out_dir / "qc" / f"{sid}.png", out_dir / "qc" / f"{sid}.geojson"
+    png = contained_path(out_dir, "qc", f"{sid}.png")
+    geo = contained_path(out_dir, "qc", f"{sid}.geojson")
     if qc and not (missing_only and png.exists()):
         image = qc_overlay(
             store.thumbnail, store.mask, store.coords, float(store.attrs["tile_level0"]), scale
@@ -497,7 +496,7 @@ def _side_outputs(
         save_tissue_geojson(geo, store.mask, scale)
     if not export_coords:
         return []
-    h5 = out_dir / "coords" / f"{sid}.h5"
+    h5 = contained_path(out_dir, "coords", f"{sid}.h5")
     downsamples = [float(d) for d in slide.level_downsamples]
     mpp = float(store.attrs["mpp"])
     if not (missing_only and h5.exists()):

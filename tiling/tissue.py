@@ -23,16 +23,71 @@ deterministic: the result depends only on the pixels, ``mpp`` and the parameters
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 from numba import njit
 
-__all__ = ["METHOD", "TissueParams", "detect_tissue", "label_components", "otsu_threshold"]
+from wsi_mil.errors import SlideTooLargeError
+
+__all__ = [
+    "MASK_PIXEL_BUDGET",
+    "METHOD",
+    "TissueParams",
+    "check_mask_budget",
+    "detect_tissue",
+    "label_components",
+    "otsu_threshold",
+]
 
 #: Name and version of the detection method, stored in tile stores.
 METHOD = "sat-hysteresis/1"
+
+#: Most pixels tissue masking may decode from the pyramid level it reads, or hold in
+#: its thumbnail: 2**30 (about 1.07 gigapixels, e.g. 32768 x 32768, some seconds of
+#: decoding). A pyramidal slide needs far less (a 200k x 100k scan at 0.25 µm/px reads
+#: at most ~0.3 gigapixels for an 8 µm/px mask); a single-level 200k x 200k image needs
+#: 37 times the budget and is refused instead of decoding for minutes.
+MASK_PIXEL_BUDGET = 2**30
+
+
+def check_mask_budget(slide: Any, mask_mpp: float, budget: int | None = None) -> None:
+    """Refuse a slide whose tissue mask at ``mask_mpp`` would cost too many pixels.
+
+    Counts the pixels of the pyramid level that ``slide.get_thumbnail(mpp=mask_mpp)``
+    reads and of the thumbnail it returns; either above the budget is refused.
+
+    Args:
+        slide: An open :class:`wsi_mil.wsi.Slide`.
+        mask_mpp: Resolution of the thumbnail and mask in µm/px.
+        budget: Pixel budget; default :data:`MASK_PIXEL_BUDGET`.
+
+    Raises:
+        SlideTooLargeError: Naming the slide, the pixels needed and the budget.
+    """
+    budget = MASK_PIXEL_BUDGET if budget is None else int(budget)
+    width, height = (int(v) for v in slide.dimensions)
+    scale = mask_mpp / float(slide.mpp)
+    thumb = (math.ceil(width / scale), math.ceil(height / scale))
+    level = int(slide.best_level_for_mpp(mask_mpp))
+    read = tuple(int(v) for v in slide.level_dimensions[level])
+    if max(read[0] * read[1], thumb[0] * thumb[1]) <= budget:
+        return
+    if read[0] * read[1] >= thumb[0] * thumb[1]:
+        needed, what = read[0] * read[1], f"decoding level {level} ({read[0]} x {read[1]} px)"
+        fix = (
+            f"the slide has no pyramid level near {mask_mpp:g} µm/px; convert it to a "
+            "pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)"
+        )
+    else:
+        needed, what = thumb[0] * thumb[1], f"a {thumb[0]} x {thumb[1]} px thumbnail"
+        fix = f"check --mpp ({float(slide.mpp):g} µm/px) and --mask-mpp"
+    raise SlideTooLargeError(
+        f"{slide.path}: tissue masking at {mask_mpp:g} µm/px needs {what}, {needed:,} "
+        f"pixels, over the budget of {budget:,} pixels; {fix}"
+    )
 
 
 @dataclass(frozen=True)

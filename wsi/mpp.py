@@ -10,7 +10,7 @@ The fallback chain, first usable value wins:
 
 A value outside :data:`MPP_RANGE` is rejected: 72 or 96 dpi (353 or 265 µm/px) is what
 image converters write when they know nothing, and 1 px/unit is TIFF's default. An
-explicit ``mpp`` always overrides the metadata.
+explicit ``mpp`` always overrides the metadata and must lie in :data:`MPP_RANGE` too.
 """
 
 from __future__ import annotations
@@ -144,15 +144,18 @@ def resolve_mpp(
         The value and its source.
 
     Raises:
-        ConfigError: ``explicit`` is not a positive finite number.
+        ConfigError: ``explicit`` is outside :data:`MPP_RANGE` (or not a number).
         MissingMPPError: No plausible value in the metadata and no override.
     """
+    lo, hi = MPP_RANGE
     if explicit is not None:
         value = float(explicit)
-        if not math.isfinite(value) or value <= 0:
-            raise ConfigError(f"--mpp {explicit!r} for {path}: must be a positive number (µm/px)")
+        if not lo <= value <= hi:
+            raise ConfigError(
+                f"--mpp {explicit!r} for {path}: must be a level-0 resolution within "
+                f"{lo:g}-{hi:g} µm/px (e.g. 0.25 for a 40x scan, 0.5 for 20x)"
+            )
         return MppCandidate(value, "explicit")
-    lo, hi = MPP_RANGE
     rejected = []
     for candidate in mpp_candidates(properties):
         if lo <= candidate.value <= hi:

@@ -33,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
     """Run ``heatmap``."""
     from wsi_mil.mil.heatmap import find_attention, render_heatmap
     from wsi_mil.mil.run import write_config
+    from wsi_mil.outputs import contained_path, ensure_writable
     from wsi_mil.wsi import open_slide
 
+    ensure_writable(args.out)
     with open_slide(args.slide, mpp=args.mpp) as slide:
         slide_id = slide.slide_id
     attention = find_attention(args.source, slide_id)
@@ -48,6 +50,6 @@ def run(args: argparse.Namespace) -> int:
         "alpha": args.alpha,
         "mpp": args.mpp,
     }
-    write_config(Path(args.out) / f"{slide_id}_heatmap.yaml", options)
+    write_config(contained_path(args.out, f"{slide_id}_heatmap.yaml"), options)
     print(f"{paths['png']}\n{paths['geojson']}")
     return 0

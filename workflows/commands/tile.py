@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -139,11 +140,20 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
     """Read ``slide_id,mpp`` overrides.
 
     Raises:
-        ConfigError: Missing file/columns or a bad value (names the row).
+        ConfigError: Missing file/columns, a file that is not UTF-8, or a value outside
+            :data:`~wsi_mil.wsi.mpp.MPP_RANGE` (names the row).
     """
+    from wsi_mil.mil.cohort import read_utf8_text
+    from wsi_mil.wsi.mpp import MPP_RANGE
+
     if not path.is_file():
         raise ConfigError(f"--mpp-csv {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's BOM
+    lo, hi = MPP_RANGE
+    try:
+        text = read_utf8_text(path, ConfigError)  # UTF-8, with or without Excel's BOM
+    except ConfigError as exc:
+        raise ConfigError(f"--mpp-csv {exc}") from None
+    with io.StringIO(text, newline="") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
         if not {"slide_id", "mpp"} <= cols:
@@ -154,10 +164,11 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
                 value = float(row["mpp"])
             except (TypeError, ValueError):
                 value = float("nan")
-            if not value > 0:
+            if not lo <= value <= hi:
                 raise ConfigError(
                     f"--mpp-csv {path} row {i}: mpp {row['mpp']!r} for slide "
-                    f"{row['slide_id']!r} is not a positive number (µm/px)"
+                    f"{row['slide_id']!r} is not a resolution within {lo:g}-{hi:g} µm/px "
+                    "(e.g. 0.25 for 40x, 0.5 for 20x); fix the row"
                 )
             sid = str(row["slide_id"]).strip()
             if sid in out:
@@ -172,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
     """Tile every slide; returns 1 when any slide failed, else 0."""
     import yaml
 
-    from wsi_mil.outputs import atomic_path, write_manifest
-    from wsi_mil.tiling.pipeline import ensure_writable, tile_params, tile_slide
+    from wsi_mil.outputs import atomic_path, ensure_writable, write_manifest
+    from wsi_mil.tiling.pipeline import tile_params, tile_slide
     from wsi_mil.workflows.batch import Job, run_batch
 
     if args.workers < 1:
@@ -187,10 +198,7 @@ def run(args: argparse.Namespace) -> int:
     _check_duplicates(ids)
     mpp_map = read_mpp_csv(args.mpp_csv) if args.mpp_csv else {}
     out: Path = args.out
-    try:
-        ensure_writable(out)
-    except PermissionError as exc:
-        raise ConfigError(f"--out: {exc}") from exc
+    ensure_writable(out)
     common = {
         "target_mpp": args.target_mpp, "tile_px": args.tile_px, "stride_px": args.stride_px,
         "min_tissue": args.min_tissue, "pixels": args.pixels, "mask_mpp": args.mask_mpp,
