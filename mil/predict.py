@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from wsi_mil.errors import ConfigError
+from wsi_mil.features.bags import BagError
 from wsi_mil.mil.cohort import Cohort, Patient, Slide, load_cohort
 from wsi_mil.mil.data import BagStore, Unit, make_units, scan_bags
 from wsi_mil.mil.fold import FoldModel
@@ -144,7 +145,9 @@ def predict_cohort(
         out because their bags have no tiles.
 
     Raises:
-        ConfigError / CohortError / BagError: Bad run folder, cohort or bags.
+        ConfigError / CohortError / BagError: Bad run folder, cohort or bags; BagError
+            too when no patient can be predicted (every bag has no tiles), so nothing
+            is written and the command never succeeds with empty outputs.
     """
     dev = resolve_device(device)
     ens = load_ensemble(run_dir, dev)
@@ -171,6 +174,7 @@ def predict_cohort(
         table = _bag_cohort(feature_dirs[0], cfg["task"])
     scan = scan_bags(list(table.slides), feature_dirs, expected_dims=ens.folds[0].meta["dims"])
     units = make_units(table, list(table.patients), cfg["level"], set(scan.empty))
+    _check_predictable(units, scan.empty, feature_dirs[0])
     members = [uniform_soup(ens.folds)] if soup else ens.folds
     store = BagStore(feature_dirs, int(float(cfg.get("cache_gb", 4.0)) * 2**30))
     outputs, attention = _ensemble_outputs(members, table, units, store, dev, batch_size)
@@ -206,6 +210,18 @@ def predict_cohort(
         with atomic_path(out.with_suffix(".metrics.json")) as tmp:
             tmp.write_text(json.dumps(metrics, indent=1))
     return result
+
+
+def _check_predictable(units: Sequence[Unit], empty: Sequence[str], folder: Path) -> None:
+    """Refuse a prediction that would write no patient (every bag empty)."""
+    if units:
+        return
+    shown = ", ".join(list(empty)[:10]) + (" ..." if len(empty) > 10 else "")
+    raise BagError(
+        f"no patient can be predicted: all {len(empty)} slide(s) have empty bags in "
+        f"{folder} ({shown or 'no slides'}); tiling found no tissue in them - check the "
+        "slides and their tile stores, then re-run `wsi-mil extract`"
+    )
 
 
 def _ensemble_outputs(
