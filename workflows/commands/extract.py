@@ -62,7 +62,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``wsi-mil extract``; 1 if any slide failed."""
     from wsi_mil.features import extract_features
+    from wsi_mil.outputs import ensure_writable
 
+    ensure_writable(args.out)
     rows = extract_features(
         args.tiles,
         args.encoder,

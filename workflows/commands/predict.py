@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 __all__ = ["add_parser", "run"]
@@ -50,7 +51,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Run ``predict``."""
     from wsi_mil.mil.predict import predict_cohort
+    from wsi_mil.outputs import ensure_writable
 
+    ensure_writable(Path(args.out).parent, what="--out")
+    if args.attention_dir is not None:
+        ensure_writable(args.attention_dir, what="--attention-dir")
     table = predict_cohort(
         args.run_dir,
         args.features,

@@ -71,10 +71,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Write the report; print where it is."""
-    from wsi_mil.survival.report import make_report
+    from wsi_mil.outputs import ensure_writable
+    from wsi_mil.survival.report import make_report, resolve_report_paths
 
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    ensure_writable(resolve_report_paths(args.source, args.out)[1], what="--out")
     covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
     result = make_report(
         args.source,
