@@ -71,3 +71,15 @@ def test_tile_mpp_csv_not_utf8(small_slides, tmp_path: Path, encoding: str, caps
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"--mpp-csv {table}" in err and "re-save it as UTF-8" in err
     assert not list(out.glob("*.zarr"))
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "utf-16"])
+def test_run_cli_refuses_before_tiling(small_slides, tmp_path: Path, write_cohort, encoding: str,
+                                       capsys) -> None:  # fmt: skip
+    table = write_cohort(tmp_path / "cohort.csv", ROWS, encoding=encoding)
+    out = tmp_path / "out"
+    code = main(["run", str(small_slides["small"]), str(table), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert str(table) in err and "re-save it as UTF-8" in err
+    assert not (out / "tiles").exists()

@@ -93,3 +93,10 @@ def test_heatmap(small_slides, blocked: Path, tmp_path: Path, capsys) -> None:
 def test_report(tiny_run, blocked: Path, capsys) -> None:
     code = main(["report", str(tiny_run.run), "--out", str(blocked)])
     _check(code, capsys.readouterr().err, blocked)
+
+
+def test_run_before_tiling(small_slides, blocked: Path, tmp_path: Path, write_cohort,
+                           capsys) -> None:  # fmt: skip
+    table = write_cohort(tmp_path / "cohort.csv", [["P1", "small", "0"]])
+    code = main(["run", str(small_slides["small"]), str(table), "--out", str(blocked)])
+    _check(code, capsys.readouterr().err, blocked)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _cohort_task(cohort: Path) -> str:
+    from wsi_mil.mil.cohort import read_utf8_text
+
     try:
-        with open(cohort, newline="") as fh:
-            header = next(csv.reader(fh), [])
+        text = read_utf8_text(cohort)  # CohortError for UTF-16 / Windows-1252 tables
     except OSError as exc:
         raise CohortError(f"cannot read cohort table {cohort}: {exc}") from exc
+    header = [h.strip() for h in next(csv.reader(io.StringIO(text, newline="")), [])]
     return "survival" if {"time", "event"} <= set(header) else "classification"
 
 
@@ -108,10 +111,11 @@ def pipeline_steps(args: argparse.Namespace) -> list[list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the stages in order; stop at the first stage that fails outright."""
+    from wsi_mil.outputs import ensure_writable
     from wsi_mil.workflows.cli import main as cli_main
 
     steps = pipeline_steps(args)
-    args.out.mkdir(parents=True, exist_ok=True)
+    ensure_writable(args.out)
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     resolved = {k: v for k, v in resolved.items() if not k.startswith("_")}
     resolved["commands"] = [" ".join(["wsi-mil", *s]) for s in steps]
