@@ -5,10 +5,13 @@ are whole-slide images that go through the real ``tile`` and ``extract`` stages.
 patient has one synthetic H&E-like slide (:func:`wsi_mil.wsi.synthetic.make_synthetic_slide`).
 Half the patients (*positives*) carry one contiguous region of dense, dark "tumour"
 tissue covering about ``fraction`` of their tissue (0.7–1.3 × ``fraction``); the others
-carry none. The region decides the label (``pos`` / ``neg``) and drives the hazard:
-``log hazard = effect × share / fraction`` (0 for negatives), with exponential event times
-and uniform censoring. The ground truth of every slide (its region mask) is saved so the
-planted tiles can be scored against a model's attention (:func:`planted_tiles`).
+carry none. Every slide also carries small scattered specks of the same tissue kind on
+0–``specks`` of its tissue, a distractor: at small fractions the total amount of dense
+tissue no longer tells the classes apart, only its arrangement does. The region decides
+the label (``pos`` / ``neg``) and drives the hazard: ``log hazard = effect × share /
+fraction`` (0 for negatives), with exponential event times and uniform censoring. The
+ground truth of every slide (its region mask, specks excluded) is saved so the planted
+tiles can be scored against a model's attention (:func:`planted_tiles`).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ class PlantedCohort(NamedTuple):
 
     Attributes:
         slides: Folder of the ``.svs`` slides (``<slide_id>.svs``).
-        cohort: Cohort CSV: ``patient_id, slide_id, label, time, event, planted_share``
-            (``planted_share`` is the truth, for reference values; never a model input).
+        cohort: Cohort CSV: ``patient_id, slide_id, label, time, event, planted_share,
+            age`` (``planted_share`` is the truth, for reference values, never a model
+            input; ``age`` is noise, for models that need a clinical input).
         truth: Folder of ``<slide_id>.npz`` region masks (see :func:`planted_tiles`).
         fraction: The signal fraction the cohort was made with.
     """
@@ -51,6 +55,7 @@ def make_planted_cohort(
     slide_px: int = 4096,
     mpp: float = 1.0,
     effect: float = 2.5,
+    specks: float = 0.02,
     seed: int = 0,
 ) -> PlantedCohort:
     """Write slides, truth masks and a cohort table with a planted region.
@@ -65,6 +70,7 @@ def make_planted_cohort(
         slide_px: Level-0 side of each square slide.
         mpp: µm per level-0 pixel.
         effect: Log hazard ratio of a region of size ``fraction`` against none.
+        specks: Largest share of a slide's tissue drawn as scattered specks.
         seed: Seed of slides and outcomes.
 
     Returns:
@@ -88,18 +94,23 @@ def make_planted_cohort(
     rows = []
     for i, pos in enumerate(positive):
         slide_id = f"PL{i:03d}"
-        share = float(fraction * rng.uniform(0.7, 1.3)) if pos else 0.0
+        drawn = float(fraction * rng.uniform(0.7, 1.3)) if pos else 0.0
+        speck_share = float(rng.uniform(0.0, specks))
         path = slides / f"{slide_id}.svs"
         truth_file = truth / f"{slide_id}.npz"
         if not (path.is_file() and truth_file.is_file()):
             synth = make_synthetic_slide(
                 path, slide_px, slide_px, mpp=mpp, seed=seed * 100_003 + i,
-                tumour_fraction=share, tumour_layout="region", associated=False,
+                tumour_fraction=drawn, tumour_layout="region", speck_fraction=speck_share,
+                associated=False,
             )  # fmt: skip
+            region = _largest_component(synth.tumour_mask) if pos else synth.tumour_mask & False
             with atomic_path(truth_file) as tmp, open(tmp, "wb") as fh:
                 np.savez_compressed(
-                    fh, region=synth.tumour_mask, mask_mpp=synth.mask_mpp, mpp=mpp
+                    fh, region=region, tissue=synth.tissue_mask, mask_mpp=synth.mask_mpp, mpp=mpp
                 )
+        with np.load(truth_file) as saved:
+            share = float(saved["region"].sum() / max(1, saved["tissue"].sum()))
         t = rng.exponential(24.0 * np.exp(-effect * share / fraction))
         c = rng.uniform(6.0, 60.0)
         rows.append(
@@ -110,6 +121,7 @@ def make_planted_cohort(
                 "time": round(float(min(t, c)), 3),
                 "event": int(t <= c),
                 "planted_share": round(share, 5),
+                "age": int(rng.integers(40, 85)),  # uninformative clinical covariate
             }
         )
     cohort = root / "cohort.csv"
@@ -118,6 +130,17 @@ def make_planted_cohort(
         writer.writeheader()
         writer.writerows(rows)
     return PlantedCohort(slides, cohort, truth, float(fraction))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a bool mask (the planted region)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if not n:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == 1 + int(np.argmax(sizes))
 
 
 def planted_tiles(

@@ -72,14 +72,14 @@ class TrainConfig:
     folds: int = 5
     steps: int = 1500
     warmup_steps: int = 100
-    eval_every: int = 50
+    eval_every: int = 25
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 8
     max_tiles: int | None = 4096
     level: str = "patient"
     seed: int = 0
-    patience: int = 500
+    patience: int = 200
     val_fraction: float = 0.2
     grad_clip: float = 1.0
     scale: bool = True

@@ -59,7 +59,7 @@ from wsi_mil.mil.scaling import fit_scaler
 from wsi_mil.mil.splits import check_cv_cohort, load_splits, make_splits, save_splits
 from wsi_mil.mil.tabular import TabularPreprocessor
 from wsi_mil.mil.unit_attention import write_unit_attention
-from wsi_mil.outputs import atomic_path
+from wsi_mil.outputs import atomic_path, ensure_writable
 
 __all__ = [
     "Callback",
@@ -78,6 +78,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The inner-validation loss must fall by more than this to count as an improvement
+#: (so a loss creeping towards 0 does not postpone early stopping for ever).
+MIN_DELTA = 1e-3
 
 #: ``callback(event, info)``; events: ``"scale"`` (the feature scaler was fitted on
 #: ``patient_ids``), ``"select"`` (an inner-validation evaluation used for early stopping /
@@ -250,7 +254,8 @@ def _optimise(
     ctx: _Context, model: torch.nn.Module, head: Head, fit: UnitSet, val: UnitSet, k: int
 ) -> tuple[int, dict[str, list[float]]]:
     """Train for up to ``steps`` steps, evaluating the inner validation loss every
-    ``eval_every`` steps; stop after ``patience`` steps without improvement and restore
+    ``eval_every`` steps; stop after ``patience`` steps without an improvement of more
+    than :data:`MIN_DELTA` and restore
     the best checkpoint (the last one when the validation set cannot rank them).
 
     Returns:
@@ -284,7 +289,7 @@ def _optimise(
         history["train"].append(train_loss)
         if use_val:
             history["val"].append(score)
-        if score < best[0]:
+        if score < best[0] - MIN_DELTA:
             best = (score, step, _snapshot(model))
         _emit(ctx, "eval", fold=k, step=step, train_loss=train_loss, val_loss=score)
         log.debug("fold %d step %d: train %.4f val %.4f", k, step, train_loss, score)
@@ -419,13 +424,14 @@ def train_cv(
             cross-validated.
         BagError: Bags with a different feature dim.
         OutputExistsError: ``out`` holds a different configuration.
+        OutputNotWritableError: ``out`` cannot be created or written (before training).
     """
     config.validate()
     cohort, scan, usable = _prepare(config)
     check_cv_cohort(cohort, usable, config.folds)  # before anything is written
     _check_model(config, cohort, usable, scan.dim)
     device = resolve_device(config.device)
-    out = Path(out)
+    out = ensure_writable(out)
     splits = _start_run(config, cohort, usable, device, out)
     ctx = _Context(
         cohort,

@@ -88,6 +88,7 @@ def make_synthetic_slide(
     associated: bool = True,
     tumour_fraction: float = 0.3,
     tumour_layout: Literal["field", "region"] = "field",
+    speck_fraction: float = 0.0,
 ) -> SyntheticSlide:
     """Write a synthetic pyramidal whole-slide image and return its ground truth.
 
@@ -115,7 +116,12 @@ def make_synthetic_slide(
         tumour_fraction: Share of the tissue area drawn as tumour (0–1).
         tumour_layout: ``"field"`` scatters tumour as smooth patches over the tissue;
             ``"region"`` draws it as one contiguous region around a random point
-            inside the tissue (a planted signal of known size and place).
+            inside the tissue (a planted signal of known size and place), covering
+            about ``tumour_fraction`` of the tissue (less where it reaches the tissue
+            border; the returned mask is exact).
+        speck_fraction: With ``"region"``: share of the tissue also drawn as small
+            scattered specks of the same tissue kind (about 100 µm across), a
+            distractor that is not contiguous.
 
     Returns:
         The path and the tissue / tumour masks at ``mask_mpp``.
@@ -131,9 +137,10 @@ def make_synthetic_slide(
         raise ConfigError(f"tumour_fraction must lie in [0, 1], got {tumour_fraction}")
     if tumour_layout not in ("field", "region"):
         raise ConfigError(f"tumour_layout must be 'field' or 'region', got {tumour_layout!r}")
-    scene = _make_scene(
-        width, height, draw_mpp, seed, mask_mpp, tumour_fraction, tumour_layout == "region"
-    )
+    if not 0.0 <= speck_fraction <= 0.5:
+        raise ConfigError(f"speck_fraction must lie in [0, 0.5], got {speck_fraction}")
+    region = (tumour_fraction, speck_fraction) if tumour_layout == "region" else None
+    scene = _make_scene(width, height, draw_mpp, seed, mask_mpp, tumour_fraction, region)
     n_levels = levels if levels is not None else _auto_levels(width, height, level_factor)
     out = Path(path)
     with atomic_path(out) as tmp:
@@ -200,7 +207,7 @@ def _make_scene(
     seed: int,
     field_mpp: float,
     tumour_fraction: float = 0.3,
-    one_region: bool = False,
+    region: tuple[float, float] | None = None,
 ) -> _Scene:
     rng = np.random.default_rng(seed)
     rows = max(2, math.ceil(height * mpp / field_mpp))
@@ -226,26 +233,51 @@ def _make_scene(
     fields[1] = _smooth_noise(rng, (rows, cols), span / 4)
     fields[2] = _smooth_noise(rng, (rows, cols), 3.0)
     inside = tissue > 0
-    if one_region and inside.any():
-        fields[1] = _region_field(rng, tissue, fields[1])
-    tumour_thr = (
-        float(np.quantile(fields[1][inside], 1.0 - tumour_fraction)) if inside.any() else 0.0
-    )
+    if region is not None and inside.any():
+        fields[1] = _region_field(rng, tissue, fields[1], *region, field_mpp)
+        tumour_thr = 0.0
+    else:
+        tumour_thr = (
+            float(np.quantile(fields[1][inside], 1.0 - tumour_fraction)) if inside.any() else 0.0
+        )
     debris = _place_debris(rng, tissue, field_mpp)
     return _Scene(fields, 0.0, tumour_thr, field_mpp, debris, seed)
 
 
-def _region_field(rng: np.random.Generator, tissue: NDArray, noise: NDArray) -> NDArray:
-    """A field whose upper level sets are one blob around a random point well inside
-    the tissue: minus the distance to it (in units of the longer side), with a little
-    of ``noise`` for a ragged border; scaled so the renderer's soft edge is narrow."""
+def _region_field(
+    rng: np.random.Generator,
+    tissue: NDArray,
+    noise: NDArray,
+    share: float,
+    speck_share: float,
+    field_mpp: float,
+) -> NDArray:
+    """A field positive on one disc of ``share`` of the tissue area around a random point
+    well inside the tissue (with a little of ``noise`` for a ragged border), and on small
+    scattered specks covering about ``speck_share``; negative elsewhere. Scaled so the
+    renderer's soft edge is narrow."""
     rows, cols = tissue.shape
-    deep = np.flatnonzero(tissue > np.quantile(tissue[tissue > 0], 0.5))
-    r, c = divmod(int(rng.choice(deep)), cols)
-    yy = np.arange(rows, dtype=np.float32)[:, None] - r
-    xx = np.arange(cols, dtype=np.float32)[None, :] - c
-    dist = np.sqrt(yy * yy + xx * xx) / max(rows, cols)
-    return (10.0 * (-dist + 0.006 * noise)).astype(np.float32)
+    inside = tissue > 0
+    n_inside = int(inside.sum())
+    span = float(max(rows, cols))
+    yy = np.arange(rows, dtype=np.float32)[:, None]
+    xx = np.arange(cols, dtype=np.float32)[None, :]
+    out = np.full((rows, cols), -10.0, dtype=np.float32)
+
+    def disc(r: int, c: int, radius: float) -> NDArray:
+        dist = np.sqrt((yy - r) ** 2 + (xx - c) ** 2)
+        return (10.0 / span) * (radius - dist)
+
+    if share > 0:
+        deep = np.flatnonzero(tissue > np.quantile(tissue[inside], 0.5))
+        r, c = divmod(int(rng.choice(deep)), cols)
+        np.maximum(out, disc(r, c, math.sqrt(share * n_inside / math.pi)) + 0.06 * noise, out=out)
+    speck_radius = max(1.0, 50.0 / field_mpp)
+    n_specks = round(speck_share * n_inside / (math.pi * speck_radius**2))
+    for flat in rng.choice(np.flatnonzero(inside), size=n_specks):
+        r, c = divmod(int(flat), cols)
+        np.maximum(out, disc(r, c, speck_radius), out=out)
+    return out
 
 
 def _place_debris(rng: np.random.Generator, tissue: NDArray, field_mpp: float) -> NDArray:

@@ -100,3 +100,14 @@ def test_run_before_tiling(small_slides, blocked: Path, tmp_path: Path, write_co
     table = write_cohort(tmp_path / "cohort.csv", [["P1", "small", "0"]])
     code = main(["run", str(small_slides["small"]), str(table), "--out", str(blocked)])
     _check(code, capsys.readouterr().err, blocked)
+
+
+def test_train_before_any_training(tmp_path: Path) -> None:
+    from wsi_mil.mil.synthetic import make_synthetic_cohort
+
+    syn = make_synthetic_cohort(tmp_path / "d", n_patients=6, n_tiles=(5, 10), dims=(4,))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = ["train", str(syn.cohort_csv), "--features", str(syn.features_dirs[0]),
+            "--task", "classification", "--folds", "2", "--out", str(blocker / "run")]  # fmt: skip
+    assert main(argv) == 2

@@ -131,9 +131,7 @@ def test_deterministic_on_cpu(tiny_cohort: Any, make_config: Any, tmp_path: Path
 def test_refuses_run_folder_with_other_config(
     tiny_cohort: Any, make_config: Any, tmp_path: Path
 ) -> None:
-    train_cv(
-        make_config(tiny_cohort, "classification", folds=2, steps=4, n_boot=0), tmp_path / "r"
-    )
+    train_cv(make_config(tiny_cohort, "classification", folds=2, steps=4, n_boot=0), tmp_path / "r")
     with pytest.raises(OutputExistsError, match=r"steps: 4 -> 8.*resume it, or pick a new --out"):
         train_cv(
             make_config(tiny_cohort, "classification", folds=2, steps=8, n_boot=0), tmp_path / "r"

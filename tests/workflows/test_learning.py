@@ -1,0 +1,73 @@
+"""Training learns with its defaults on the real path: generated slides → ``tile`` →
+``extract --encoder builtin`` → ``train`` (no training option but task and model)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from wsi_mil.mil.attention import read_attention
+from wsi_mil.mil.planted import make_planted_cohort, planted_tiles
+from wsi_mil.workflows.cli import main
+
+
+@pytest.fixture(scope="module")
+def planted15(tmp_path_factory: pytest.TempPathFactory):
+    """40 patients, a region of ~15 % of the tissue in half of them, tiled and embedded."""
+    root = tmp_path_factory.mktemp("planted15")
+    cohort = make_planted_cohort(root, 0.15, n_patients=40, slide_px=2048, seed=1)
+    tiles, feats = root / "tiles", root / "features"
+    assert main(["tile", str(cohort.slides), "--out", str(tiles), "--target-mpp", "1.0",
+                 "--tile-px", "128", "--workers", "2"]) == 0  # fmt: skip
+    assert main(["extract", str(tiles), "--encoder", "builtin", "--out", str(feats)]) == 0
+    return cohort, feats / "builtin"
+
+
+def test_planted_cohort_has_one_region_of_the_asked_size(planted15) -> None:
+    cohort, _ = planted15
+    table = pd.read_csv(cohort.cohort)
+    assert len(table) == 40 and (table["label"] == "pos").sum() == 20
+    for row in table.itertuples():
+        with np.load(cohort.truth / f"{row.slide_id}.npz") as truth:
+            region, tissue = truth["region"], truth["tissue"]
+        share = region.sum() / tissue.sum()
+        assert share == pytest.approx(row.planted_share, abs=1e-4)
+        if row.label == "neg":
+            assert not region.any()
+        else:
+            assert 0.08 <= share <= 0.2
+            assert ndimage.label(region, structure=np.ones((3, 3)))[1] == 1  # contiguous
+
+
+def test_planted_tiles_reads_the_truth_at_tile_resolution(tmp_path: Path) -> None:
+    region = np.zeros((10, 10), bool)
+    region[2:6, 4:8] = True  # mask px of 8 level-0 px (mask_mpp 4, mpp 0.5)
+    np.savez(tmp_path / "t.npz", region=region, tissue=region | True, mask_mpp=4.0, mpp=0.5)
+    coords = np.array([[32, 16], [48, 32], [0, 0], [56, 40]])  # 16-px tiles
+    assert planted_tiles(tmp_path / "t.npz", coords, 16).tolist() == [True, True, False, False]
+
+
+@pytest.mark.slow
+def test_abmil_learns_with_default_options(planted15, tmp_path: Path) -> None:
+    cohort, bags = planted15
+    run = tmp_path / "run"
+    argv = ["train", str(cohort.cohort), "--features", str(bags), "--task", "classification",
+            "--model", "abmil", "--out", str(run)]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["pooled"]["auc"]["value"] >= 0.9
+    # the out-of-fold attention points at the planted region
+    table = pd.read_csv(cohort.cohort)
+    scores = []
+    for slide_id in table.loc[table["label"] == "pos", "slide_id"]:
+        att = read_attention(run / "attention" / f"{slide_id}.h5")
+        tile = int(att.attrs["tile_level0"])
+        truth = planted_tiles(cohort.truth / f"{slide_id}.npz", att.coords, tile)
+        scores.append(roc_auc_score(truth, att.attention))
+    assert float(np.mean(scores)) >= 0.8
