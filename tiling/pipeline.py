@@ -8,9 +8,12 @@ write the store under a temporary name and rename it when complete, then write t
 overlay PNG and tissue GeoJSON (``<out_dir>/qc/``) and, if asked, the CLAM/TRIDENT
 coordinates h5 (``<out_dir>/coords/``).
 
-A re-run skips a complete store whose parameters and source fingerprint match (filling
-in missing QC/coords files from the store) and rebuilds any other store, saying why in
-the manifest row's ``message``.
+A re-run skips a complete, intact store (every chunk checksum verified, see
+:func:`~wsi_mil.tiling.store.verify_store`) whose parameters and source fingerprint (a
+hash of the whole slide file) match, filling in missing QC/coords files from the store,
+and rebuilds any other store (every store with ``overwrite=True``), saying why in the
+manifest row's ``message`` (e.g. ``rebuilt: damaged store (chunk tiles/c/0/0/0/0 is
+missing)``).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from wsi_mil.tiling.store import (
     create_store,
     open_tile_store,
     source_fingerprint,
+    verify_store,
 )
 from wsi_mil.tiling.tissue import METHOD, TissueParams, check_mask_budget, detect_tissue
 from wsi_mil.wsi.mpp import MPP_RANGE
@@ -143,6 +147,7 @@ def tile_slide(
     tissue: TissueParams | None = None,
     backend: str = "auto",
     read_threads: int = 2,
+    overwrite: bool = False,
     raise_errors: bool = False,
 ) -> dict[str, Any]:
     """Detect tissue, tile one slide and write ``<out_dir>/<slide_id>.zarr``.
@@ -182,6 +187,7 @@ def tile_slide(
         backend: Slide reader (``"auto"``, ``"openslide"``, ``"tiffslide"``).
         read_threads: Threads decoding the slide concurrently (the output does not
             depend on it).
+        overwrite: Rebuild the store even when a complete one matches.
         raise_errors: Raise instead of returning a ``failed`` row.
 
     Returns:
@@ -214,9 +220,9 @@ def tile_slide(
             min_tissue=min_tissue, pixels=pixels, mask_mpp=mask_mpp, mpp=mpp,
             chunk_tiles=chunk_tiles, jpeg_quality=jpeg_quality, tissue=tissue,
         )  # fmt: skip
-        row.update(
-            _tile(slide_path, Path(out_dir), params, export_coords, qc, backend, read_threads)
-        )
+        options = {"export_coords": export_coords, "qc": qc, "backend": backend,
+                   "read_threads": read_threads, "overwrite": overwrite}  # fmt: skip
+        row.update(_tile(slide_path, Path(out_dir), params, **options))
     except Exception as exc:
         if raise_errors:
             raise
@@ -237,10 +243,12 @@ def _tile(
     slide_path: Path,
     out_dir: Path,
     params: dict[str, Any],
+    *,
     export_coords: bool,
     qc: bool,
     backend: str,
     read_threads: int,
+    overwrite: bool,
 ) -> dict[str, Any]:
     from wsi_mil.wsi import open_slide
 
@@ -250,7 +258,7 @@ def _tile(
         source = source_fingerprint(slide_path)
         slide_id = slide.slide_id
         final = store_path(out_dir, slide_id)
-        reason, store = _reuse_reason(final, params, source)
+        reason, store = _reuse_reason(final, params, source, overwrite=overwrite)
         if store is not None:
             extra = _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=True)
             notes = ["complete store with the same parameters", *store.attrs.get("warnings", [])]
@@ -279,11 +287,13 @@ def _remove_stale_temporaries(final: Path) -> None:
 
 
 def _reuse_reason(
-    final: Path, params: dict[str, Any], source: dict[str, Any]
+    final: Path, params: dict[str, Any], source: dict[str, Any], *, overwrite: bool = False
 ) -> tuple[str | None, TileStore | None]:
     """``(None, store)`` when ``final`` can be reused, else ``(why it must be rebuilt, None)``."""
     if not final.exists():
         return "new", None
+    if overwrite:
+        return "--overwrite", None
     try:
         store = open_tile_store(final, allow_incomplete=True)
     except IncompleteStoreError:
@@ -297,13 +307,26 @@ def _reuse_reason(
         if "tissue_params" in changed:
             parts.append("tissue-detection parameters changed")
         return "parameters changed (" + ", ".join(parts) + ")", None
-    old_src = store.attrs.get("source", {})
-    if (old_src.get("size"), old_src.get("sha256_head_tail")) != (
-        source["size"],
-        source["sha256_head_tail"],
-    ):
-        return "source slide changed", None
-    return None, store
+    why = _source_reason(store.attrs.get("source", {}), source)
+    return (why, None) if why else _damage_reason(store)
+
+
+def _source_reason(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why the recorded source fingerprint ``old`` does not match ``new`` (or None)."""
+    if "sha256" not in old:
+        return "store from an older wsi-mil without a full-file source hash"
+    if (old.get("size"), old["sha256"]) != (new["size"], new["sha256"]):
+        return "source slide changed"
+    return None
+
+
+def _damage_reason(store: TileStore) -> tuple[str | None, TileStore | None]:
+    """``(None, store)`` when every chunk checks out, else ``("damaged store (…)", None)``."""
+    problems = verify_store(store.path)
+    if not problems:
+        return None, store
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return f"damaged store ({problems[0]}{more})", None
 
 
 def _build_store(

@@ -98,10 +98,13 @@ def test_fingerprint_sees_content_changes(tmp_path: Path) -> None:
     path.write_bytes(b"x" * (3 << 20))
     first = source_fingerprint(path)
     assert first["size"] == 3 << 20
-    data = bytearray(path.read_bytes())
-    data[-10] = ord("y")  # change inside the last MiB
-    path.write_bytes(bytes(data))
-    assert source_fingerprint(path)["sha256_head_tail"] != first["sha256_head_tail"]
+    for where in (-10, 3 << 19):  # inside the last MiB, then in the middle
+        data = bytearray(path.read_bytes())
+        data[where] = ord("y")
+        path.write_bytes(bytes(data))
+        changed = source_fingerprint(path)
+        assert changed["size"] == first["size"] and changed["sha256"] != first["sha256"]
+        first = changed
 
 
 def test_store_reader_pickles(tmp_path: Path) -> None:
