@@ -17,7 +17,6 @@ run folder gets ``predictions.csv``, ``metrics.json`` and, for survival, the rep
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import time
@@ -180,12 +179,12 @@ def _step_plan(data: UnitSet, config: TrainConfig, fold: int) -> list[tuple[int,
     steps whatever the cohort size.
     """
     plan: list[tuple[int, list[int]]] = []
-    for n_pass in itertools.count():
+    for n_pass in range(config.steps):  # a pass holds at least one step
         seed = config.seed * 1_000_003 + fold * 10_007 + n_pass
         plan += [(seed, idx) for idx in _pass_batches(data, config, np.random.default_rng(seed))]
-        if len(plan) >= config.steps:
-            return plan[: config.steps]
-    raise AssertionError("unreachable")  # pragma: no cover
+        if len(plan) >= config.steps or not len(data):
+            break
+    return plan[: config.steps]
 
 
 def _train_step(

@@ -380,3 +380,42 @@ def test_inner_validation_without_events_does_not_pick_the_checkpoint() -> None:
     assert not _informative(UnitSet([], {}), cox, 0)
     cls = TrainConfig(task="classification", cohort="c.csv", features=["f"])
     assert _informative(UnitSet(units, {"label": torch.zeros(3, dtype=torch.long)}), cls, 0)
+
+
+def test_schedule_is_in_steps_whatever_the_cohort_size() -> None:
+    from wsi_mil.mil.data import Unit
+    from wsi_mil.mil.train import UnitSet, _make_optimizer, _step_plan
+
+    cfg = TrainConfig(task="classification", cohort="c.csv", features=["f"], steps=300,
+                      warmup_steps=20, lr=1e-2, batch_size=8)  # fmt: skip
+    for n in (3, 30, 3000):
+        units = [Unit(f"P{i}", f"P{i}", (f"S{i}",)) for i in range(n)]
+        plan = _step_plan(UnitSet(units, {"label": torch.zeros(n, dtype=torch.long)}), cfg, 0)
+        assert len(plan) == 300  # passes are chained until the budget is spent
+        assert all(1 <= len(idx) <= 8 for _, idx in plan)
+    opt, sched = _make_optimizer(torch.nn.Linear(2, 1), cfg)
+    lrs = []
+    for _ in range(300):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-2 / 20) and lrs[19] == pytest.approx(1e-2)
+    assert all(a < b for a, b in zip(lrs[:19], lrs[1:20], strict=True))  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:], strict=False))  # cosine decay
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_early_stopping_restores_the_best_checkpoint(
+    tiny_cohort: Any, make_config: Any, event_log: Any, tmp_path: Path
+) -> None:
+    config = make_config(tiny_cohort, "classification", folds=2, steps=2000, eval_every=5,
+                         patience=30, n_boot=0)  # fmt: skip
+    train_cv(config, tmp_path / "r", callback=event_log)
+    for k in (0, 1):
+        meta = json.loads((tmp_path / "r" / f"fold_{k}" / "fold.json").read_text())
+        assert meta["steps_run"] < 2000  # stopped early
+        assert meta["steps_run"] - meta["best_step"] >= 30
+        vals = dict(zip(meta["history"]["step"], meta["history"]["val"], strict=True))
+        assert vals[meta["best_step"]] <= min(vals.values()) + 1e-3
+        steps = [i["step"] for i in event_log.of("eval") if i["fold"] == k]
+        assert steps == list(range(5, meta["steps_run"] + 1, 5))
