@@ -3,7 +3,7 @@
 Public API (imported lazily so ``import wsi_mil.features`` stays cheap):
 
 * Bags — :func:`write_bag`, :func:`read_bag`, :func:`bag_info`, :func:`join_bags`,
-  :func:`read_slide_bags`, :func:`bag_path`, :class:`Bag`.
+  :func:`read_slide_bags`, :func:`bag_path`, :func:`verify_bag`, :class:`Bag`.
 * Encoders — :func:`create_encoder`, :func:`list_encoders`, :func:`get_encoder_spec`,
   :func:`register_encoder`, :class:`EncoderSpec`, :class:`Encoder`.
 * Weights — :func:`load_weights`, :func:`file_sha256`.
@@ -33,6 +33,7 @@ __all__ = [
     "read_bag",
     "read_slide_bags",
     "register_encoder",
+    "verify_bag",
     "write_bag",
 ]
 
@@ -45,6 +46,7 @@ _LOCATIONS = {
     "join_bags": "bags",
     "read_bag": "bags",
     "read_slide_bags": "bags",
+    "verify_bag": "bags",
     "write_bag": "bags",
     "Encoder": "registry",
     "EncoderSpec": "registry",

@@ -55,6 +55,7 @@ __all__ = [
     "join_bags",
     "read_bag",
     "read_slide_bags",
+    "verify_bag",
     "write_bag",
 ]
 
@@ -63,6 +64,7 @@ BAG_FORMAT = "wsi-mil.bag/1"
 REQUIRED_ATTRS = ("encoder", "weights_sha256", "target_mpp", "tile_px", "slide_id")
 _JSON_KEYS_ATTR = "json_attrs"
 _CHUNK_BYTES = 1 << 20  # aim for ~1 MiB feature chunks (thousands of rows)
+_VERIFY_ROWS = 1 << 14  # rows read at a time by verify_bag
 
 
 class BagError(WsiMilError, ValueError):
@@ -330,6 +332,59 @@ def bag_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         info.update(n_tiles=int(n), dim=int(d), dtype=str(h5["features"].dtype))
     info["path"] = str(path)
     return info
+
+
+def verify_bag(path: str | os.PathLike[str]) -> list[str]:
+    """Check one bag without loading it whole: readable, consistent, finite.
+
+    Reads the features in blocks of rows, so a bag of any size needs little memory.
+
+    Args:
+        path: The ``.h5`` file.
+
+    Returns:
+        One short text per problem (unreadable file or block of rows, a missing
+        attribute, ``dim`` or ``coords`` that do not match ``features`` (N, D), rows
+        holding NaN or inf); an empty list when the bag is sound.
+    """
+    try:
+        with _open(path) as h5:
+            return _bag_problems(h5)
+    except BagError as exc:
+        return [str(exc)]
+    except (OSError, ValueError, KeyError) as exc:
+        return [f"unreadable ({type(exc).__name__}: {exc}); re-extract it with `wsi-mil extract`"]
+
+
+def _bag_problems(h5: h5py.File) -> list[str]:
+    """Problems of an open bag (see :func:`verify_bag`)."""
+    feats, coords = h5["features"], h5["coords"]
+    attrs = _get_attrs(h5)
+    if feats.ndim != 2 or feats.dtype.kind != "f":
+        return [f"features must be a 2-D float array, got {feats.dtype} {feats.shape}"]
+    n, d = feats.shape
+    found = [f"attribute {k!r} is missing" for k in REQUIRED_ATTRS if attrs.get(k) is None]
+    if attrs.get("dim") != d:
+        found.append(f"attribute dim is {attrs.get('dim')!r}, features have {d} columns")
+    if coords.shape != (n, 2):
+        found.append(f"coords have shape {coords.shape}, features {n} rows")
+    bad: list[int] = []
+    for start in range(0, n, _VERIFY_ROWS):
+        stop = min(n, start + _VERIFY_ROWS)
+        try:
+            block = feats[start:stop]
+        except (OSError, ValueError) as exc:
+            found.append(f"feature rows {start}:{stop} unreadable ({exc})")
+            continue
+        bad += (start + np.flatnonzero(~np.isfinite(block).all(axis=1))).tolist()
+    if bad:
+        more = "..." if len(bad) > 5 else ""
+        found.append(f"{len(bad)} of {n} feature rows contain NaN or inf (rows {bad[:5]}{more})")
+    try:
+        coords[()]
+    except (OSError, ValueError) as exc:
+        found.append(f"coords unreadable ({exc})")
+    return found
 
 
 def join_bags(bags: Sequence[Bag], *, names: Sequence[str] | None = None) -> Bag:

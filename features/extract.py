@@ -9,6 +9,13 @@ Output layout (``out_dir`` is ``wsi-mil extract --out``)::
 ``timm:<name>`` encoders use the folder ``timm_<name>``. A re-run skips slides whose bag
 records the same encoder, weights sha256 and tile-store fingerprint, removes temporary
 files of killed runs and redoes the rest.
+
+A store without tiles (no tissue, or a slide smaller than one tile) gets an empty bag:
+features (0, D), coords (0, 2), the usual attributes, manifest status ``ok`` with the
+message ``no tissue``; training and prediction leave such slides out and count them. A
+damaged store (a chunk missing or of the wrong size, see
+:func:`~wsi_mil.tiling.verify_store`) fails its slide with a message naming the store and
+the chunk and saying to re-run ``wsi-mil tile``, which rebuilds it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ __all__ = [
     "find_stores",
     "plan_extraction",
     "store_fingerprint",
+    "write_empty_bag",
 ]
 
 _DTYPES = ("float16", "float32")
@@ -93,37 +101,132 @@ def plan_extraction(
 
     Returns:
         ``(tasks, rows)``: :class:`~wsi_mil.features.pool.SlideTask` list and manifest
-        rows of stores that need no work (up to date, incomplete, unreadable, empty).
+        rows of stores that need no work (up to date, incomplete, unreadable, damaged).
+        Tasks with ``n_tiles == 0`` (stores without tissue) come last; they need no
+        encoder: write their bags with :func:`write_empty_bag`.
     """
-    from wsi_mil.features.bags import bag_path
     from wsi_mil.features.pool import SlideTask
-    from wsi_mil.tiling import open_tile_store
 
     tasks, rows = [], []
     for path in stores:
         row: dict[str, Any] = {
             "slide_id": path.stem, "path": str(path), "n_tiles": 0, "store": str(path)
         }  # fmt: skip
-        try:
-            st = open_tile_store(path, allow_incomplete=True)
-            if not st.complete:
-                rows.append({**row, "status": "skipped", "error": "tile store incomplete "
-                             "(interrupted tiling?); re-run `wsi-mil tile`"})  # fmt: skip
-                continue
-            fp = store_fingerprint(st)
-            bag = bag_path(out_dir, encoder, st.slide_id)
-            row.update(slide_id=st.slide_id, n_tiles=st.n_tiles, path=str(bag))
-        except Exception as exc:
-            rows.append({**row, "status": "failed", "error": f"unreadable tile store: {exc}"})
-            continue
-        if st.n_tiles == 0:
-            rows.append({**row, "status": "skipped", "error": "store has no tissue tiles"})
-        elif not overwrite and _bag_matches(bag, encoder, weights_sha256, fp):
-            rows.append({**row, "status": "skipped", "error": "", "message": "up to date"})
+        planned = _plan_store(path, row, encoder, out_dir, weights_sha256, overwrite)
+        if isinstance(planned, dict):
+            rows.append(planned)
         else:
-            tasks.append(SlideTask(str(path), st.slide_id, st.n_tiles, str(bag), fp))
-    tasks.sort(key=lambda t: (-t.n_tiles, t.slide_id))
+            tasks.append(SlideTask(str(path), *planned))
+    tasks.sort(key=lambda t: (t.n_tiles == 0, -t.n_tiles, t.slide_id))
     return tasks, rows
+
+
+def _plan_store(
+    path: Path, row: dict[str, Any], encoder: str, out_dir: Path, sha: str, overwrite: bool
+) -> dict[str, Any] | tuple[str, int, str, str]:
+    """A finished manifest row for ``path``, or ``(slide_id, n_tiles, bag, fingerprint)``."""
+    from wsi_mil.features.bags import bag_path
+    from wsi_mil.tiling import open_tile_store, verify_store
+
+    try:
+        st = open_tile_store(path, allow_incomplete=True)
+        if not st.complete:
+            return {**row, "status": "skipped", "error": "tile store incomplete "
+                    "(interrupted tiling?); re-run `wsi-mil tile`"}  # fmt: skip
+        damage = verify_store(path, content=False)  # one stat per chunk
+        if damage:
+            return {**row, "status": "failed", "error": f"damaged tile store {path}: "
+                    f"{'; '.join(damage[:3])}; re-run `wsi-mil tile` (it rebuilds damaged "
+                    "stores)"}  # fmt: skip
+        fp = store_fingerprint(st)
+        bag = bag_path(out_dir, encoder, st.slide_id)
+        row.update(slide_id=st.slide_id, n_tiles=st.n_tiles, path=str(bag))
+    except Exception as exc:
+        return {**row, "status": "failed", "error": f"unreadable tile store: {exc}"}
+    if not overwrite and _bag_matches(bag, encoder, sha, fp):
+        note = "up to date; no tissue" if st.n_tiles == 0 else "up to date"
+        return {**row, "status": "skipped", "error": "", "message": note}
+    return st.slide_id, st.n_tiles, str(bag), fp
+
+
+def write_empty_bag(task: Any, *, encoder: str, weights_sha256: str, dim: int, dtype: str) -> Path:
+    """Write the bag of a store without tiles: features (0, dim), coords (0, 2).
+
+    Args:
+        task: A :class:`~wsi_mil.features.pool.SlideTask` with ``n_tiles == 0``.
+        encoder: Encoder name recorded in the bag.
+        weights_sha256: Recorded in the bag.
+        dim: Embedding dimension D of the encoder.
+        dtype: ``float16`` or ``float32``.
+
+    Returns:
+        The bag path (attributes as for a bag with tiles, see
+        :mod:`wsi_mil.features.bags`).
+    """
+    import numpy as np
+
+    from wsi_mil.features.bags import write_bag
+    from wsi_mil.features.registry import get_encoder_spec
+    from wsi_mil.tiling import open_tile_store
+
+    st = open_tile_store(task.store)
+    spec = get_encoder_spec(encoder)
+    attrs = {
+        "encoder": encoder,
+        "weights_sha256": weights_sha256,
+        "target_mpp": st.target_mpp,
+        "tile_px": st.tile_px,
+        "slide_id": task.slide_id,
+        "mpp": st.attrs.get("mpp"),
+        "tile_level0": st.attrs.get("tile_level0"),
+        "store_fingerprint": task.fingerprint,
+        "store": str(Path(task.store).resolve()),
+        "source": st.attrs.get("source"),
+        "pooling": spec.pooling,
+        "input_px": spec.input_px,
+    }
+    feats = np.zeros((0, int(dim)), np.float32)
+    return write_bag(task.bag, feats, np.zeros((0, 2), np.int64), attrs=attrs, dtype=dtype)
+
+
+def _empty_bags(
+    tasks: list[Any], rows: list[dict[str, Any]], encoder: str, resolved: Any, dtype: str
+) -> list[dict[str, Any]]:
+    """Write the empty bags of ``tasks`` (stores without tiles); their manifest rows."""
+    import time
+
+    if not tasks:
+        return []
+    dim = _encoder_dim(encoder, resolved, rows)
+    out = []
+    for task in tasks:
+        t0 = time.perf_counter()
+        row = {"slide_id": task.slide_id, "path": task.bag, "n_tiles": 0, "store": task.store}
+        try:
+            write_empty_bag(task, encoder=encoder, weights_sha256=resolved.sha256, dim=dim,
+                            dtype=dtype)  # fmt: skip
+            row.update(status="ok", error="", message="no tissue")
+        except (OSError, ValueError) as exc:
+            row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        out.append({**row, "seconds": round(time.perf_counter() - t0, 3)})
+    return out
+
+
+def _encoder_dim(encoder: str, resolved: Any, rows: list[dict[str, Any]]) -> int:
+    """D of ``encoder``: from its spec, a bag of this run, or its architecture (``meta``)."""
+    from wsi_mil.features.bags import BagError, bag_info
+    from wsi_mil.features.registry import build_encoder, get_encoder_spec
+
+    spec = get_encoder_spec(encoder)
+    if spec.dim is not None:
+        return int(spec.dim)
+    for row in rows:
+        if row.get("status") in ("ok", "skipped") and int(row.get("n_tiles") or 0) > 0:
+            try:
+                return int(bag_info(row["path"])["dim"])
+            except BagError:
+                continue
+    return int(build_encoder(spec, resolved, "meta").dim)
 
 
 def _clean_temporaries(folder: Path) -> None:
@@ -188,6 +291,8 @@ def extract_features(
     _clean_temporaries(enc_dir)
     tasks, rows = plan_extraction(stores, encoder, Path(out_dir), resolved.sha256,
                                   overwrite=overwrite)  # fmt: skip
+    empty = [t for t in tasks if t.n_tiles == 0]
+    tasks = [t for t in tasks if t.n_tiles > 0]
     weights_arg = RANDOM_WEIGHTS if weights == RANDOM_WEIGHTS else resolved.path
     job = ExtractJob(
         encoder=encoder,
@@ -215,6 +320,7 @@ def extract_features(
     if manifest:
         _write_config(enc_dir / "config.yaml", config)
     rows += _run(devs[: job.n_procs], job, tasks, progress)
+    rows += _empty_bags(empty, rows, encoder, resolved, dtype)
     order = {str(p): i for i, p in enumerate(stores)}
     rows.sort(key=lambda r: order.get(r["store"], len(order)))
     for row in rows:

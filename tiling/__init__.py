@@ -3,6 +3,7 @@
 Public API (imported lazily, so ``import wsi_mil.tiling`` stays cheap)::
 
     from wsi_mil.tiling import detect_tissue, tile_grid, tile_slide, open_tile_store
+    from wsi_mil.tiling import verify_store  # [] when a store is intact
 
 Coordinates are level-0 ``(x, y)`` of a tile's top-left corner; sizes are
 ``(width, height)``; arrays are ``(rows, cols[, channels])``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 from wsi_mil._lazy import lazy_exports
 
 __all__ = [
+    "DamagedStoreError",
     "IncompleteStoreError",
     "TileGrid",
     "TileStore",
@@ -24,9 +26,11 @@ __all__ = [
     "tile_grid",
     "tile_slide",
     "tissue_geojson",
+    "verify_store",
 ]
 
 _WHERE = {
+    "DamagedStoreError": "store",
     "IncompleteStoreError": "store",
     "TileGrid": "grid",
     "TileStore": "store",
@@ -38,6 +42,7 @@ _WHERE = {
     "tile_grid": "grid",
     "tile_slide": "pipeline",
     "tissue_geojson": "qc",
+    "verify_store": "store",
 }
 
 

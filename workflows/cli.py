@@ -32,6 +32,7 @@ COMMANDS = (
     "heatmap",
     "report",
     "run",
+    "verify",
     "demo",
 )
 

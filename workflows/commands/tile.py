@@ -87,6 +87,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--export-coords", action="store_true", help="also write CLAM/TRIDENT coords h5")
     p.add_argument("--no-qc", action="store_true", help="skip the QC PNG and GeoJSON")
+    p.add_argument("--overwrite", action="store_true", help="rebuild every store (even complete)")
     p.add_argument("--dask-scheduler", default=None, help="run on a Dask cluster (tcp://host:8786)")
     return p
 
@@ -202,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     common = {
         "target_mpp": args.target_mpp, "tile_px": args.tile_px, "stride_px": args.stride_px,
         "min_tissue": args.min_tissue, "pixels": args.pixels, "mask_mpp": args.mask_mpp,
-        "export_coords": args.export_coords, "qc": not args.no_qc,
+        "export_coords": args.export_coords, "qc": not args.no_qc, "overwrite": args.overwrite,
     }  # fmt: skip
     jobs = [
         Job(
