@@ -269,7 +269,9 @@ def extract_features(
 
     Returns:
         Manifest rows (also written to ``<out_dir>/<encoder>/manifest.csv``): slide_id,
-        path (the bag), status (ok / skipped / failed), n_tiles, seconds, error.
+        path (the bag), status (ok / skipped / failed), n_tiles, seconds, error, and
+        ``message`` where there is a note (``up to date``, ``no tissue``: an empty bag
+        for a store without tiles).
 
     Raises:
         EncoderError: Unknown encoder, bad weights, hub unreachable with no weights.
