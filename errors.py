@@ -12,9 +12,11 @@ __all__ = [
     "CohortError",
     "ConfigError",
     "EncoderError",
+    "Interrupted",
     "MissingMPPError",
     "OutputExistsError",
     "OutputNotWritableError",
+    "SchedulerUnreachableError",
     "SlideOpenError",
     "SlideTooLargeError",
     "UnsafePathError",
@@ -60,3 +62,31 @@ class UnsafePathError(WsiMilError, ValueError):
 
 class SlideTooLargeError(WsiMilError, ValueError):
     """A slide needs more pixels decoded than the pixel budget allows (no usable pyramid)."""
+
+
+class SchedulerUnreachableError(WsiMilError, ConnectionError):
+    """A Dask scheduler (``--dask-scheduler``) did not answer within the connect timeout."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A batch was stopped by SIGINT or SIGTERM after cleaning up; carries its rows.
+
+    Not a :class:`WsiMilError`: nothing is wrong with the input, and the command exits
+    with ``128 + signum`` (130 for SIGINT, 143 for SIGTERM) after writing its manifest.
+    A ``KeyboardInterrupt`` so that code not expecting it stops as on Ctrl-C.
+
+    Attributes:
+        signum: The signal received.
+        rows: Manifest rows of the slides finished, and of those interrupted
+            (``status="interrupted"``); slides never started have no row.
+    """
+
+    def __init__(self, signum: int, rows: list[dict]) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+        self.rows = rows
+
+    @property
+    def exit_status(self) -> int:
+        """The conventional exit status: ``128 + signum``."""
+        return 128 + self.signum

@@ -6,6 +6,11 @@ a final path. Every stage records what it did per item in a ``manifest.csv``.
 File names built from ids (slide, patient) go through :func:`contained_path`, so an id
 such as ``../../x`` can never place a file outside its output folder, and every command
 checks its output folder with :func:`ensure_writable` before any compute.
+
+Concurrent runs on one folder coordinate through per-item lock files
+(:func:`acquire_lock`: created with ``O_CREAT | O_EXCL``, holding the pid and host of
+the holder; a lock whose holder process has died is reclaimed), and each run merges
+its rows into the folder's manifest instead of replacing it.
 """
 
 from __future__ import annotations
@@ -13,9 +18,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import shutil
+import signal
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
@@ -23,11 +34,17 @@ from wsi_mil.errors import OutputNotWritableError, UnsafePathError
 
 __all__ = [
     "MANIFEST_FIELDS",
+    "StopRequest",
+    "acquire_lock",
     "atomic_path",
     "contained_path",
     "ensure_writable",
     "id_problem",
+    "lock_holder",
     "read_manifest",
+    "release_lock",
+    "remove_temporaries",
+    "stop_signals",
     "write_manifest",
 ]
 
@@ -74,26 +91,46 @@ def write_manifest(
     path: str | os.PathLike[str],
     rows: Sequence[dict[str, Any]],
     fields: Sequence[str] = MANIFEST_FIELDS,
+    *,
+    merge: bool = True,
 ) -> Path:
     """Write ``rows`` as a CSV manifest atomically; extra keys become extra columns.
+
+    With ``merge`` (the default) the rows of an existing manifest whose ``slide_id`` is
+    not among ``rows`` are kept (in their order, before the new slides), and those
+    whose ``slide_id`` is among ``rows`` are replaced, so a run over some slides of a
+    folder, or two runs on one folder, never drop the others' rows. The
+    read-merge-write holds the lock ``<manifest>.lock``.
 
     Args:
         path: Destination, usually ``<out>/manifest.csv``.
         rows: One mapping per item (slide) with at least the keys in ``fields``.
         fields: Leading column order.
+        merge: Keep the rows of other slides from an existing manifest.
 
     Returns:
         The path written.
     """
-    extra = sorted({k for row in rows for k in row} - set(fields))
-    columns = [*fields, *extra]
     path = Path(path)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _held(path.with_name(f".{path.name}.lock")):
+        merged = _merge_rows(read_manifest(path), rows) if merge else list(rows)
+        extra = sorted({k for row in merged for k in row} - set(fields))
+        columns = [*fields, *extra]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            for row in merged:
+                writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
     return path
+
+
+def _merge_rows(
+    old: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """``old`` rows whose slide is not in ``new`` (same order), then every ``new`` row."""
+    replaced = {str(row.get("slide_id")) for row in new}
+    return [row for row in old if str(row.get("slide_id")) not in replaced] + list(new)
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, str]]:
@@ -101,7 +138,7 @@ def read_manifest(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists():
         return []
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
@@ -203,3 +240,220 @@ def ensure_writable(folder: str | os.PathLike[str], *, what: str = "--out") -> P
             f"choose another {what} or fix its permissions or free space"
         ) from exc
     return folder
+
+
+# ------------------------------------------------------------------ per-item locks
+
+#: Seconds after which an empty or unreadable lock file (a holder that died between
+#: creating and writing it) counts as stale.
+_UNWRITTEN_LOCK_S = 10.0
+
+
+def acquire_lock(path: str | os.PathLike[str]) -> bool:
+    """Create the lock file ``path`` (``O_CREAT | O_EXCL``) holding ``"<pid> <host>"``.
+
+    A lock left by a process of this host that is no longer running is stale and is
+    reclaimed (under the short-lived lock ``<path>.reclaim``, so two reclaimers cannot
+    both win). Release it with :func:`release_lock`.
+
+    Args:
+        path: The lock file, e.g. ``<out>/.<slide_id>.zarr.lock``.
+
+    Returns:
+        True when this process now holds the lock; False when a live process holds it
+        (see :func:`lock_holder`).
+    """
+    path = Path(path)
+    for _ in range(3):
+        if _create_lock(path):
+            return True
+        if lock_holder(path) is not None or not _reclaim(path):
+            return False
+    return False
+
+
+def release_lock(path: str | os.PathLike[str], *, pid: int | None = None) -> None:
+    """Remove the lock file ``path`` if it is held by ``pid`` (default: this process).
+
+    Args:
+        path: The lock file.
+        pid: The holder to release for, e.g. a worker process that died holding it.
+    """
+    path = Path(path)
+    owner = _read_lock(path)
+    if owner is not None and owner[0] == (os.getpid() if pid is None else pid):
+        if owner[1] == socket.gethostname():
+            path.unlink(missing_ok=True)
+
+
+def lock_holder(path: str | os.PathLike[str]) -> str | None:
+    """Who holds the lock ``path``: ``"pid N"`` (``"pid N on host H"`` for another host).
+
+    Returns:
+        None when the lock is free or stale (its holder on this host is not running, or
+        it stayed empty for more than 10 s).
+    """
+    path = Path(path)
+    owner = _read_lock(path)
+    if owner is None:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return "a process that is starting" if age < _UNWRITTEN_LOCK_S else None
+    pid, host = owner
+    if host != socket.gethostname():
+        return f"pid {pid} on host {host}"
+    return f"pid {pid}" if _pid_alive(pid) else None
+
+
+def remove_temporaries(folder: str | os.PathLike[str], name: str) -> list[Path]:
+    """Delete the temporaries of the output ``folder/name`` left by an interrupted run.
+
+    Temporaries are those of :func:`atomic_path`: ``.<name>.<random>.tmp``. Call it only
+    while holding the item's lock, so no live process is still writing them.
+
+    Args:
+        folder: The output's folder.
+        name: The output's final file name, e.g. ``slide.zarr``.
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    pattern = re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{8}}\.tmp")
+    for tmp in folder.glob(f".{_glob_escape(name)}.*.tmp"):
+        if not pattern.fullmatch(tmp.name):
+            continue  # e.g. of the id "<name>.x", which starts like this one
+        with contextlib.suppress(FileNotFoundError):
+            _remove(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in name)
+
+
+def _create_lock(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+    return True
+
+
+def _read_lock(path: Path) -> tuple[int, str] | None:
+    """``(pid, host)`` written in a lock file; None when absent, empty or unreadable."""
+    try:
+        pid, host = path.read_text(encoding="utf-8").split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """True when ``pid`` has exited but not been reaped (Linux ``/proc``; else False)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def _reclaim(path: Path) -> bool:
+    """Remove the stale lock ``path``; False when another process is reclaiming it."""
+    guard = path.with_name(path.name + ".reclaim")
+    if not _create_lock(guard):
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - guard.stat().st_mtime > _UNWRITTEN_LOCK_S:
+                guard.unlink()  # a reclaimer died here
+        return False
+    try:
+        if lock_holder(path) is None:
+            path.unlink(missing_ok=True)
+        return True
+    finally:
+        guard.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _held(lock: Path, timeout: float = 60.0) -> Iterator[None]:
+    """Hold the lock file ``lock`` for a short critical section (waits up to ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while not acquire_lock(lock):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{lock} is held by {lock_holder(lock)} for more than {timeout:g} s; "
+                "if no wsi-mil process is running, delete it"
+            )
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        release_lock(lock)
+
+
+# ------------------------------------------------------------------ stop signals
+
+
+@dataclass
+class StopRequest:
+    """Set by :func:`stop_signals` when SIGINT or SIGTERM arrives.
+
+    Attributes:
+        signum: The signal received, or None.
+    """
+
+    signum: int | None = None
+
+
+_ACTIVE: list[StopRequest] = []
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[StopRequest]:
+    """Turn SIGINT and SIGTERM into a :class:`StopRequest` that long loops poll.
+
+    Batches check ``request.signum`` between steps, stop their workers, remove the
+    temporaries of the items they were on and write their manifest, instead of dying
+    half-way. Nested uses share the outermost request. Outside the main thread (where
+    handlers cannot be installed) the request is never set.
+
+    Yields:
+        The request (``signum`` stays None until a signal arrives).
+    """
+    if _ACTIVE:
+        yield _ACTIVE[-1]
+        return
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        request.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _ACTIVE.append(request)
+    try:
+        yield request
+    finally:
+        _ACTIVE.pop()
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -39,10 +39,18 @@ Re-running skips complete stores with the same parameters and rebuilds the other
 row in --mpp-csv; a slide with no tissue, or smaller than one tile, gets an empty store
 (status ok, with a warning).
 
+Each slide runs in a worker process: a slide whose reader crashes (e.g. a segfault in
+a C library) fails alone, named with the signal. Two `tile` runs on one --out folder
+share the work: a slide being tiled by the other (lock file .<slide_id>.zarr.lock)
+is left to the end and then waited for. manifest.csv keeps the rows of slides not
+in this run. SIGINT/SIGTERM stop the workers, remove the temporaries of the slides
+they were on and write the manifest with those slides "interrupted".
+
 Exit status: 0 when every slide is ok or skipped; 1 when any slide failed (listed
 on the console and in manifest.csv with the reason and the fix); 2 on invalid
 arguments, before any work (bad input path, duplicate slide ids, unwritable output
-folder, bad --mpp-csv)."""
+folder, bad --mpp-csv, unreachable --dask-scheduler); 130 / 143 when interrupted
+by SIGINT / SIGTERM."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -73,7 +81,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=min(4, os.cpu_count() or 1),
-        help="parallel slide processes (default: min(4, CPUs))",
+        help="parallel slide processes; each slide runs in one, so a slide that crashes its "
+        "reader fails alone (0 = in this process, for debugging) (default: min(4, CPUs))",
     )
     p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for every slide")
     p.add_argument(
@@ -184,12 +193,13 @@ def run(args: argparse.Namespace) -> int:
     """Tile every slide; returns 1 when any slide failed, else 0."""
     import yaml
 
+    from wsi_mil.errors import Interrupted
     from wsi_mil.outputs import atomic_path, ensure_writable, write_manifest
-    from wsi_mil.tiling.pipeline import tile_params, tile_slide
-    from wsi_mil.workflows.batch import Job, run_batch
+    from wsi_mil.tiling.pipeline import tile_params
+    from wsi_mil.workflows.batch import run_batch
 
-    if args.workers < 1:
-        raise ConfigError(f"--workers={args.workers} is invalid; expected at least 1")
+    if args.workers < 0:
+        raise ConfigError(f"--workers={args.workers} is invalid; expected 0 or more")
     params = tile_params(
         target_mpp=args.target_mpp, tile_px=args.tile_px, stride_px=args.stride_px,
         min_tissue=args.min_tissue, pixels=args.pixels, mask_mpp=args.mask_mpp, mpp=args.mpp,
@@ -198,28 +208,15 @@ def run(args: argparse.Namespace) -> int:
     ids = {s: slide_id_from_path(s) for s in slides}
     _check_duplicates(ids)
     mpp_map = read_mpp_csv(args.mpp_csv) if args.mpp_csv else {}
-    out: Path = args.out
+    out: Path = args.out.resolve()  # jobs may run elsewhere (Dask workers)
     ensure_writable(out)
     common = {
         "target_mpp": args.target_mpp, "tile_px": args.tile_px, "stride_px": args.stride_px,
         "min_tissue": args.min_tissue, "pixels": args.pixels, "mask_mpp": args.mask_mpp,
         "export_coords": args.export_coords, "qc": not args.no_qc, "overwrite": args.overwrite,
     }  # fmt: skip
-    jobs = [
-        Job(
-            slide_id=ids[s],
-            path=str(s),
-            fn=tile_slide,
-            kwargs={
-                **common,
-                "slide_path": str(s),
-                "out_dir": str(out),
-                "mpp": mpp_map.get(ids[s], args.mpp),
-                "backend": args.backend,
-            },
-        )
-        for s in slides
-    ]
+    jobs = [_job(s, ids[s], out, common, mpp_map.get(ids[s], args.mpp), args.backend)
+            for s in slides]  # fmt: skip
     unused = sorted(set(mpp_map) - set(ids.values()))
     if unused:
         print(f"note: --mpp-csv rows match no slide of this run: {', '.join(unused)}")
@@ -241,17 +238,46 @@ def run(args: argparse.Namespace) -> int:
     }
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    rows = run_batch(jobs, workers=args.workers, scheduler=args.dask_scheduler, desc="tiling")
+    status = 0
+    try:
+        rows = run_batch(jobs, workers=args.workers, scheduler=args.dask_scheduler,
+                         desc="tiling", action="tiling")  # fmt: skip
+    except Interrupted as stop:
+        rows, status = stop.rows, stop.exit_status
     manifest = write_manifest(out / "manifest.csv", rows)
-    counts = {k: sum(r.get("status") == k for r in rows) for k in ("ok", "skipped", "failed")}
+    states = ("ok", "skipped", "failed", "interrupted")
+    counts = {k: sum(r.get("status") == k for r in rows) for k in states}
+    stopped = f", {counts['interrupted']} interrupted" if status else ""
     print(
         f"tiled {len(rows)} slides: {counts['ok']} ok, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed; tiles: {sum(int(r.get('n_tiles') or 0) for r in rows)}; "
-        f"manifest: {manifest}"
+        f"{counts['failed']} failed{stopped}; "
+        f"tiles: {sum(int(r.get('n_tiles') or 0) for r in rows)}; manifest: {manifest}"
     )
     for r in rows:
-        if r.get("status") == "failed":
-            print(f"  failed {r.get('slide_id')}: {r.get('error')}")
+        if r.get("status") in ("failed", "interrupted"):
+            print(f"  {r.get('status')} {r.get('slide_id')}: {r.get('error')}")
+        elif r.get("status") == "skipped" and str(r.get("error") or "").startswith("locked"):
+            print(f"  skipped {r.get('slide_id')}: {r.get('error')}")
         elif r.get("status") == "ok" and r.get("message"):
             print(f"  note {r.get('slide_id')}: {r.get('message')}")
+    if status:
+        print(f"interrupted: {len(slides) - len(rows)} slides not started; re-run to resume")
+        return status
     return 1 if counts["failed"] else 0
+
+
+def _job(
+    slide: Path, slide_id: str, out: Path, common: dict[str, Any], mpp: float | None, backend: str
+) -> Any:
+    """The batch job tiling ``slide`` into ``out`` (its lock and outputs named)."""
+    from wsi_mil.outputs import contained_path
+    from wsi_mil.tiling.pipeline import tile_slide
+    from wsi_mil.workflows.batch import Job
+
+    lock = contained_path(out, f".{slide_id}.zarr.lock")
+    outputs = ((out, f"{slide_id}.zarr"), (out / "qc", f"{slide_id}.png"),
+               (out / "qc", f"{slide_id}.geojson"), (out / "coords", f"{slide_id}.h5"))  # fmt: skip
+    kwargs = {**common, "slide_path": str(slide), "out_dir": str(out), "mpp": mpp,
+              "backend": backend}  # fmt: skip
+    return Job(slide_id=slide_id, path=str(slide), fn=tile_slide, kwargs=kwargs, lock=str(lock),
+               outputs=tuple((str(f), n) for f, n in outputs))  # fmt: skip
