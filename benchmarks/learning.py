@@ -6,11 +6,13 @@ covering about that share of a positive slide's tissue decides the label and dri
 hazard) goes through the real ``wsi-mil tile`` and ``wsi-mil extract --encoder builtin``.
 Then, for each task and aggregator, :func:`wsi_mil.mil.train.train_cv` runs with the
 default options (only task, model and the cohort are given) and the out-of-fold AUC
-(classification) or Harrell's C (survival) is reported with its bootstrap CI and the wall
-time. The baseline, in the same run and on the same outer folds (``splits.json``), is a
-linear model on mean-pooled slide features: logistic regression (scikit-learn) or a
-ridge Cox model (scikit-survival), standardised on the training patients, with the
-regularisation chosen by 3-fold cross-validation inside the outer training set. For
+(classification) or Harrell's C (survival) is reported with its bootstrap CI and the
+training time summed over the folds (finished runs in ``--data`` are reused, so a grid
+can be completed in several invocations). The baseline, in the same run and on the same
+outer folds (``splits.json``), is a linear model on mean-pooled slide features:
+logistic regression (scikit-learn) or a ridge Cox model (scikit-survival), standardised
+on the training patients, with the regularisation chosen by 3-fold cross-validation
+inside the outer training set. For
 aggregators with attention, the planted-tile AUROC is the mean over positive slides of
 the ROC AUC of the out-of-fold attention against the per-tile truth mask. The oracle
 line gives the C of the true planted share (the ceiling of any model). Usage::
@@ -63,14 +65,15 @@ def prepare(
 def run_model(
     cohort: PlantedCohort, bags: Path, task: str, model: str, out: Path, overrides: dict[str, Any]
 ) -> tuple[dict[str, Any], float, Path]:
-    """Train with the defaults; returns the pooled metric, wall seconds and run folder."""
+    """Train with the defaults (a finished run in ``out`` is reused); returns the pooled
+    metric, the training seconds summed over folds (from ``fold.json``) and the run folder."""
     # dual_xattn needs a second modality: it gets the cohort's uninformative ``age``
     clinical = ["age"] if model == "dual_xattn" else []
     config = TrainConfig(task=task, cohort=str(cohort.cohort), features=[str(bags)], model=model,
                          clinical=clinical, n_boot=500, **overrides)  # fmt: skip
-    t0 = time.perf_counter()
     result = train_cv(config, out)
-    return result.metrics["pooled"][METRIC[task]], time.perf_counter() - t0, out
+    seconds = sum(json.loads(f.read_text())["seconds"] for f in out.glob("fold_*/fold.json"))
+    return result.metrics["pooled"][METRIC[task]], seconds, out
 
 
 def attention_auroc(cohort: PlantedCohort, run: Path) -> float | None:
@@ -180,7 +183,7 @@ def main() -> None:
     root = args.data or Path(tempfile.mkdtemp(prefix="wsi-mil-learning-"))
     header = (
         f"{'fraction':>8}  {'task':<14} {'model':<22} {'metric (95% CI)':<22} "
-        f"{'att AUROC':>9} {'wall s':>7}"
+        f"{'att AUROC':>9} {'train s':>7}"
     )
     lines = []
     t_all = time.perf_counter()
@@ -198,12 +201,12 @@ def main() -> None:
             for model in args.models:
                 tag = json.dumps(overrides, sort_keys=True) if overrides else "defaults"
                 out = data / "runs" / f"{model}-{task}-{abs(hash(tag)) % 10**8}"
-                metric, wall, run = run_model(cohort, bags, task, model, out, overrides)
+                metric, seconds, run = run_model(cohort, bags, task, model, out, overrides)
                 att = attention_auroc(cohort, run)
                 splits = run / "splits.json"
                 lines.append(
                     f"{fraction:>8g}  {task:<14} {model:<22} {_fmt(metric):<22} "
-                    f"{'—' if att is None else f'{att:.3f}':>9} {wall:>7.0f}"
+                    f"{'—' if att is None else f'{att:.3f}':>9} {seconds:>7.0f}"
                 )
                 print(lines[-1], flush=True)
             if splits is not None:
