@@ -65,7 +65,7 @@ Row = dict[str, Any]
 CRASH_ENV = "WSI_MIL_TEST_CRASH"
 
 #: Seconds to wait for a Dask scheduler to answer before giving up.
-DASK_CONNECT_TIMEOUT = 10.0
+DASK_CONNECT_TIMEOUT = 5.0
 
 _POLL_S = 0.2
 
@@ -274,6 +274,14 @@ class _Worker:
         self.proc.join(timeout=5)
         raise ChildProcessError(signal_name(self.proc.exitcode))
 
+    def close(self) -> None:
+        """Let an idle process exit on its own (it releases its resources), else stop it."""
+        if self.index is None and self.proc.is_alive():
+            with contextlib.suppress(OSError):
+                self.conn.send(None)
+                self.proc.join(timeout=5)
+        self.stop()
+
     def stop(self) -> None:
         """Stop the process now (SIGTERM, then SIGKILL after 5 s)."""
         if self.proc.is_alive():
@@ -310,7 +318,7 @@ class _LocalPool:
             yield from self.claims.drain()
         finally:
             for worker in self.pool:
-                worker.stop()
+                worker.close()
 
     def _busy(self) -> list[_Worker]:
         return [w for w in self.pool if w.index is not None]
@@ -463,9 +471,9 @@ class _DaskRun:
                 if not self.futures:
                     time.sleep(_POLL_S)
                     continue
-                done, _ = wait(
-                    list(self.futures), timeout=_POLL_S * 2, return_when="FIRST_COMPLETED"
-                )
+                with contextlib.suppress(TimeoutError):
+                    wait(list(self.futures), timeout=_POLL_S * 2, return_when="FIRST_COMPLETED")
+                done = [fut for fut in self.futures if fut.done()]
                 yield from self._finished(done)
                 if not done and self._cluster_lost(client):
                     yield from self._abandon(client, self._lost_message(), "failed")

@@ -90,9 +90,10 @@ def test_tile_fails_the_over_budget_slide_only(small_slides, tmp_path: Path, mon
     budget = 500_000  # between small (196,608 px) and large (786,432 px)
     monkeypatch.setattr(tissue, "MASK_PIXEL_BUDGET", budget)
     out = tmp_path / "tiles"
+    # --workers 0: in this process, where the budget is patched
     code = main(["tile", str(small_slides["small"]), str(small_slides["large"]), "--out",
                  str(out), "--mask-mpp", "0.5", "--pixels", "none", "--no-qc", "--workers",
-                 "0"])  # fmt: skip (in this process: the budget is patched here)
+                 "0"])  # fmt: skip
     assert code == 1
     rows = {r["slide_id"]: r for r in read_manifest(out / "manifest.csv")}
     assert rows["small"]["status"] == "ok"
