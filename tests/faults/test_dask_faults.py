@@ -42,6 +42,7 @@ def test_relative_out_is_resolved_before_jobs_leave(small_slides, tmp_path: Path
     assert (tmp_path / "here" / "rel" / "small.zarr").is_dir()
 
 
+@pytest.mark.slow
 def test_lost_worker_and_nanny_fail_after_a_timeout(tmp_path: Path) -> None:
     with _cluster(0) as cluster:
         worker = subprocess.Popen(
