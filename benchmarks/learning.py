@@ -25,6 +25,7 @@ line gives the C of the true planted share (the ceiling of any model). Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import time
@@ -200,7 +201,7 @@ def main() -> None:
             splits = None
             for model in args.models:
                 tag = json.dumps(overrides, sort_keys=True) if overrides else "defaults"
-                out = data / "runs" / f"{model}-{task}-{abs(hash(tag)) % 10**8}"
+                out = data / "runs" / f"{model}-{task}-{hashlib.sha1(tag.encode()).hexdigest()[:8]}"
                 metric, seconds, run = run_model(cohort, bags, task, model, out, overrides)
                 att = attention_auroc(cohort, run)
                 splits = run / "splits.json"
