@@ -104,7 +104,9 @@ def make_planted_cohort(
                 tumour_fraction=drawn, tumour_layout="region", speck_fraction=speck_share,
                 associated=False,
             )  # fmt: skip
-            region = _largest_component(synth.tumour_mask) if pos else synth.tumour_mask & False
+            region = (
+                _largest_component(synth.tumour_mask) if pos else np.zeros_like(synth.tumour_mask)
+            )
             with atomic_path(truth_file) as tmp, open(tmp, "wb") as fh:
                 np.savez_compressed(
                     fh, region=region, tissue=synth.tissue_mask, mask_mpp=synth.mask_mpp, mpp=mpp
