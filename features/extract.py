@@ -7,8 +7,16 @@ Output layout (``out_dir`` is ``wsi-mil extract --out``)::
     <out_dir>/<encoder>/config.yaml       the fully resolved settings of the last run
 
 ``timm:<name>`` encoders use the folder ``timm_<name>``. A re-run skips slides whose bag
-records the same encoder, weights sha256 and tile-store fingerprint, removes temporary
-files of killed runs and redoes the rest.
+records the same encoder, weights sha256 and tile-store fingerprint and redoes the rest.
+Each slide's bag is locked while it is extracted (``<bags>/.<slide_id>.h5.lock``, see
+:func:`~wsi_mil.outputs.acquire_lock`): temporaries of killed runs are removed under the
+lock, and a slide another ``extract`` on the folder is embedding is waited for, then
+re-planned, so concurrent runs never fail each other's slides.
+
+A slide whose decoding crashes natively (a segfault in a decode worker) fails alone,
+named with the signal, and the batch goes on (see :mod:`~wsi_mil.features.pool`).
+SIGINT/SIGTERM stop the workers and write the manifest with the slides in flight
+``interrupted`` (:class:`~wsi_mil.errors.Interrupted`).
 
 A store without tiles (no tissue, or a slide smaller than one tile) gets an empty bag:
 features (0, D), coords (0, 2), the usual attributes, manifest status ``ok`` with the
@@ -24,10 +32,11 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import ConfigError, Interrupted
 
 __all__ = [
     "extract_features",
@@ -229,11 +238,70 @@ def _encoder_dim(encoder: str, resolved: Any, rows: list[dict[str, Any]]) -> int
     return int(build_encoder(spec, resolved, "meta").dim)
 
 
-def _clean_temporaries(folder: Path) -> None:
-    """Remove ``.<name>.h5.<id>.tmp`` files left by a killed run."""
-    if folder.is_dir():
-        for tmp in folder.glob(".*.h5.*.tmp"):
-            tmp.unlink(missing_ok=True)
+def _lock_of(task: Any) -> Path:
+    """The lock file of a slide's bag: ``<bags>/.<slide_id>.h5.lock``."""
+    from wsi_mil.outputs import contained_path
+
+    bag = Path(task.bag)
+    return contained_path(bag.parent, f".{bag.name}.lock")
+
+
+def _claim(tasks: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Lock the bags of ``tasks`` and remove their temporaries left by a killed run.
+
+    Returns:
+        ``(claimed, deferred)``: the tasks now locked by this process, and those another
+        live process is extracting (left for later, see :func:`_wait_for_locks`).
+    """
+    from wsi_mil.outputs import acquire_lock, remove_temporaries
+
+    claimed, deferred = [], []
+    for task in tasks:
+        Path(task.bag).parent.mkdir(parents=True, exist_ok=True)
+        if acquire_lock(_lock_of(task)):
+            remove_temporaries(Path(task.bag).parent, Path(task.bag).name)
+            claimed.append(task)
+        else:
+            deferred.append(task)
+    return claimed, deferred
+
+
+def _release(tasks: list[Any]) -> None:
+    from wsi_mil.outputs import release_lock
+
+    for task in tasks:
+        release_lock(_lock_of(task))
+
+
+def _wait_for_locks(deferred: list[Any], stop: Any, lock_wait: float) -> list[Any]:
+    """Wait until the lock of some of ``deferred`` is free; the tasks now free.
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM arrived while waiting.
+    """
+    import time
+
+    from wsi_mil.errors import Interrupted
+    from wsi_mil.outputs import lock_holder
+
+    deadline = time.monotonic() + lock_wait
+    while True:
+        free = [t for t in deferred if lock_holder(_lock_of(t)) is None]
+        if free or time.monotonic() > deadline:
+            return free
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, [])
+        time.sleep(0.2)
+
+
+def _locked_rows(deferred: list[Any], lock_wait: float) -> list[dict[str, Any]]:
+    """``skipped`` rows of slides another process kept locked for ``lock_wait`` seconds."""
+    from wsi_mil.outputs import lock_holder
+
+    return [{"slide_id": t.slide_id, "path": t.bag, "n_tiles": t.n_tiles, "store": t.store,
+             "status": "skipped", "error": f"locked by {lock_holder(_lock_of(t))} (another "
+             f"`wsi-mil extract` on this folder) for {lock_wait:g} s; re-run when it ends"}
+            for t in deferred]  # fmt: skip
 
 
 def extract_features(
@@ -249,6 +317,7 @@ def extract_features(
     overwrite: bool = False,
     progress: bool = True,
     manifest: bool = True,
+    lock_wait: float = 600.0,
 ) -> list[dict[str, Any]]:
     """Embed every tile of every store and write one bag per slide.
 
@@ -266,22 +335,29 @@ def extract_features(
         overwrite: Redo slides whose bag is up to date.
         progress: Show a progress bar (tiles) on stderr.
         manifest: Write ``manifest.csv`` and ``config.yaml`` (off for per-slide calls).
+        lock_wait: Seconds to wait for slides another ``extract`` on this folder is
+            embedding (lock ``<bags>/.<slide_id>.h5.lock``), once the others are done;
+            they are then re-planned (usually up to date) or ``skipped``, naming the holder.
 
     Returns:
         Manifest rows (also written to ``<out_dir>/<encoder>/manifest.csv``): slide_id,
-        path (the bag), status (ok / skipped / failed), n_tiles, seconds, error, and
+        path (the bag), status (ok / skipped / failed; a slide whose decoding crashed
+        natively fails alone, its error naming the signal), n_tiles, seconds, error, and
         ``message`` where there is a note (``up to date``, ``no tissue``: an empty bag
         for a store without tiles).
 
     Raises:
         EncoderError: Unknown encoder, bad weights, hub unreachable with no weights.
         ConfigError: Bad arguments or no stores.
+        Interrupted: SIGINT or SIGTERM arrived: the decode workers and device processes
+            were stopped and the manifest written (slides in flight ``interrupted``,
+            slides not started without a row); carries the rows.
     """
     from wsi_mil.features.bags import bag_path
     from wsi_mil.features.pool import ExtractJob, default_workers, parse_devices
     from wsi_mil.features.registry import get_encoder_spec
     from wsi_mil.features.weights import RANDOM_WEIGHTS, resolve_weights
-    from wsi_mil.outputs import write_manifest
+    from wsi_mil.outputs import stop_signals, write_manifest
 
     devs = parse_devices(devices)
     workers = default_workers(devs) if workers is None else workers
@@ -290,11 +366,8 @@ def extract_features(
     resolved = resolve_weights(spec, weights)
     stores = find_stores(tiles)
     enc_dir = bag_path(out_dir, encoder, "x").parent
-    _clean_temporaries(enc_dir)
     tasks, rows = plan_extraction(stores, encoder, Path(out_dir), resolved.sha256,
                                   overwrite=overwrite)  # fmt: skip
-    empty = [t for t in tasks if t.n_tiles == 0]
-    tasks = [t for t in tasks if t.n_tiles > 0]
     weights_arg = RANDOM_WEIGHTS if weights == RANDOM_WEIGHTS else resolved.path
     job = ExtractJob(
         encoder=encoder,
@@ -303,7 +376,7 @@ def extract_features(
         batch_size=batch_size,
         workers=workers,
         dtype=dtype,
-        n_procs=min(len(devs), max(1, len(tasks))),
+        n_procs=min(len(devs), max(1, sum(t.n_tiles > 0 for t in tasks))),
     )
     config = {
         "stage": "extract",
@@ -321,8 +394,14 @@ def extract_features(
     }
     if manifest:
         _write_config(enc_dir / "config.yaml", config)
-    rows += _run(devs[: job.n_procs], job, tasks, progress)
-    rows += _empty_bags(empty, rows, encoder, resolved, dtype)
+    run = _Settings(devs[: job.n_procs], job, resolved, Path(out_dir), overwrite, progress,
+                    lock_wait)  # fmt: skip
+    stopped = None
+    with stop_signals() as stop:
+        try:
+            rows += _extract_rounds(tasks, run, stop)
+        except Interrupted as exc:
+            rows, stopped = rows + exc.rows, exc
     order = {str(p): i for i, p in enumerate(stores)}
     rows.sort(key=lambda r: order.get(r["store"], len(order)))
     for row in rows:
@@ -330,7 +409,59 @@ def extract_features(
         row["encoder"] = encoder
     if manifest:
         write_manifest(enc_dir / "manifest.csv", rows)
+    if stopped is not None:
+        raise Interrupted(stopped.signum, rows)
     return rows
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What every round of :func:`_extract_rounds` needs."""
+
+    devices: list[str]
+    job: Any
+    resolved: Any
+    out_dir: Path
+    overwrite: bool
+    progress: bool
+    lock_wait: float
+
+
+def _extract_rounds(tasks: list[Any], run: _Settings, stop: Any) -> list[dict[str, Any]]:
+    """Extract ``tasks``; those another process holds are waited for, then re-planned.
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM; carries the rows so far.
+    """
+    rows: list[dict[str, Any]] = []
+    try:
+        deferred = _extract_claimed(tasks, run, rows)
+        while deferred:
+            free = _wait_for_locks(deferred, stop, run.lock_wait)
+            if not free:
+                return rows + _locked_rows(deferred, run.lock_wait)
+            deferred = [t for t in deferred if t not in free]
+            again, planned = plan_extraction([Path(t.store) for t in free], run.job.encoder,
+                                             run.out_dir, run.resolved.sha256,
+                                             overwrite=run.overwrite)  # fmt: skip
+            rows += planned
+            deferred += _extract_claimed(again, run, rows)
+    except Interrupted as exc:
+        raise Interrupted(exc.signum, rows + exc.rows) from None
+    return rows
+
+
+def _extract_claimed(tasks: list[Any], run: _Settings, rows: list[dict[str, Any]]) -> list[Any]:
+    """Extract the tasks this process can lock (rows appended to ``rows``); the others."""
+    claimed, deferred = _claim(tasks)
+    try:
+        full = [t for t in claimed if t.n_tiles > 0]
+        rows += _run(run.devices, run.job, full, run.progress)
+        empty = [t for t in claimed if t.n_tiles == 0]
+        rows += _empty_bags(empty, rows, run.job.encoder, run.resolved, run.job.dtype)
+    finally:
+        _release(claimed)
+    return deferred
 
 
 def _check_args(batch_size: int, workers: int, dtype: str) -> None:
@@ -361,6 +492,7 @@ def _run(devices: list[str], job: Any, tasks: list[Any], progress: bool) -> list
     )
 
     from wsi_mil.features.pool import run_pool
+    from wsi_mil.outputs import stop_signals
 
     rows: list[dict[str, Any]] = []
     if not tasks:
@@ -384,13 +516,18 @@ def _run(devices: list[str], job: Any, tasks: list[Any], progress: bool) -> list
                 rows.append(payload)
                 bar.update(tid, slides=len(rows))
 
-        run_pool(devices, job, tasks, emit)
+        with stop_signals() as stop:
+            run_pool(devices, job, tasks, emit)
+    stores = {t.slide_id: t.store for t in tasks}
+    if stop.signum is not None:
+        for r in rows:
+            r["store"] = stores[r["slide_id"]]
+        raise Interrupted(stop.signum, rows)
     done = {r["slide_id"] for r in rows}
     for t in tasks:  # a device process died before reporting these
         if t.slide_id not in done:
             rows.append({"slide_id": t.slide_id, "path": t.bag, "status": "failed",
                          "n_tiles": t.n_tiles, "error": "device process died; re-run"})  # fmt: skip
-    stores = {t.slide_id: t.store for t in tasks}
     for r in rows:
         r["store"] = stores[r["slide_id"]]
     return rows

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
+import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -153,6 +154,7 @@ class _Chunk:
     """
 
     seq: int
+    slide_id: str
     store: str
     start: int
     stop: int
@@ -181,11 +183,12 @@ class _ChunkPlan:
                 if task.n_tiles < 1:
                     raise ValueError(f"{task.store} has no tiles to embed")
             except _SLIDE_ERRORS as exc:
-                yield _Chunk(seq, task.store, 0, 0, _one_line(exc))
+                yield _Chunk(seq, task.slide_id, task.store, 0, 0, _one_line(exc))
                 continue
             rows = max(chunk, round(self.batch_size / chunk) * chunk)  # whole store chunks
             for start in range(0, task.n_tiles, rows):
-                yield _Chunk(seq, task.store, start, min(task.n_tiles, start + rows))
+                stop = min(task.n_tiles, start + rows)
+                yield _Chunk(seq, task.slide_id, task.store, start, stop)
 
 
 class _ChunkDataset(Dataset):
@@ -212,12 +215,52 @@ class _ChunkDataset(Dataset):
     def __getitem__(self, item: _Chunk) -> tuple[int, int, torch.Tensor | str]:
         if item.error:
             return item.seq, item.start, item.error
+        _crash_hook(item.slide_id)
         try:
             tiles = self._reader(item.store)(item.start, item.stop)
         except _SLIDE_ERRORS as exc:
             where = f"{item.store}: tiles {item.start}:{item.stop} unreadable"
             return item.seq, item.start, f"{where} ({_one_line(exc)}); re-tile this slide"
         return item.seq, item.start, torch.from_numpy(np.ascontiguousarray(tiles))
+
+
+def _crash_hook(slide_id: str) -> None:
+    """Fault injection (tests): the process decoding ``slide_id`` dies with SIGSEGV, as in
+    a native reader crash, when ``WSI_MIL_TEST_CRASH`` names it (see
+    :data:`~wsi_mil.workflows.batch.CRASH_ENV`)."""
+    from wsi_mil.workflows.batch import CRASH_ENV
+
+    if os.environ.get(CRASH_ENV) == slide_id:
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def _worker_death(exc: BaseException) -> str | None:
+    """How a decode worker died, from torch's error (``SIGSEGV``); None for other errors.
+
+    Torch raises ``RuntimeError("DataLoader worker (pid N) is killed by signal:
+    Segmentation fault.")`` (or ``... exited unexpectedly``) in the loading process.
+    """
+    text = str(exc).strip()
+    if not isinstance(exc, RuntimeError) or not text.startswith("DataLoader worker"):
+        return None
+    found = re.search(r"killed by signal: ([^.]+)", text)
+    if not found:
+        return "an unexpected exit"
+    for sig in signal.Signals:
+        if signal.strsignal(sig) == found.group(1).strip():
+            return sig.name
+    return found.group(1).strip()
+
+
+def _exit_signal(loader: Any) -> str | None:
+    """The signal (``SIGSEGV``) a decode worker of ``loader`` (a DataLoader iterator) died
+    of; None when none is known (torch's error then says "exited unexpectedly")."""
+    from wsi_mil.workflows.batch import signal_name
+
+    for worker in getattr(loader, "_workers", None) or []:
+        if worker.exitcode is not None and worker.exitcode < 0:
+            return signal_name(worker.exitcode)
+    return None
 
 
 class _SlideReader:
@@ -295,6 +338,8 @@ class _Slide:
             x = tiles.to(dev, non_blocking=True)
             self.out[start : start + len(x)] = encoder(x).float()
         except _SLIDE_ERRORS as exc:
+            if _worker_death(exc):
+                raise  # torch's SIGCHLD handler: a decode worker died, not this slide
             self.error = _one_line(exc)
             return 0
         self.n_done += len(x)
@@ -334,17 +379,154 @@ def _write(task: SlideTask, feats: torch.Tensor, job: ExtractJob, encoder: Any) 
     write_bag(task.bag, feats.numpy(), st.coords, attrs=attrs, dtype=job.dtype)
 
 
+@dataclass(frozen=True)
+class _Broken:
+    """Why a DataLoader stopped before its slides were done.
+
+    Attributes:
+        how: The signal of a dead decode worker (``SIGSEGV``), or of the stop request.
+        tasks: The slides in flight (taken, no row yet).
+        stopped: True for SIGINT/SIGTERM, False for a decode worker that died.
+    """
+
+    how: str
+    tasks: list[SlideTask]
+    stopped: bool = False
+
+
+class _Device:
+    """The encoder of one device and the slides it embeds, one DataLoader at a time."""
+
+    def __init__(self, dev: torch.device, job: ExtractJob, encoder: Any, emit: Emit,
+                 stop: Any) -> None:  # fmt: skip
+        self.dev, self.job, self.encoder, self.emit, self.stop = dev, job, encoder, emit, stop
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bag-writer")
+        self.pending: list[Future[dict[str, Any]]] = []
+        self.closed: set[int] = set()
+
+    def run(self, tasks: Iterator[SlideTask]) -> None:
+        """Embed every slide of ``tasks``; a decode worker that dies fails its slide only.
+
+        The slides in flight when a decode worker died are embedded again one at a time
+        in a fresh DataLoader, so only the one that crashes again fails; the rest of
+        ``tasks`` goes on in a new DataLoader.
+        """
+        try:
+            while (broken := self.drain(tasks)) is not None and not broken.stopped:
+                broken = self.retry_alone(broken.tasks)
+                if broken is not None:
+                    break
+            self.flush(keep=0)
+            if broken is not None:
+                self.interrupted(broken.tasks)
+        finally:
+            self.writer.shutdown(wait=True)
+
+    def retry_alone(self, suspects: list[SlideTask]) -> _Broken | None:
+        """Embed each of ``suspects`` alone; fail those whose decode worker dies again."""
+        for k, task in enumerate(suspects):
+            broken = self.drain(iter([task]))
+            if broken is not None and broken.stopped:
+                return _Broken(broken.how, suspects[k:], stopped=True)
+            if broken is not None:
+                self.fail(task, broken.how)
+        return None
+
+    def drain(self, tasks: Iterator[SlideTask]) -> _Broken | None:
+        """Embed the slides of ``tasks`` through one DataLoader; None when all are done."""
+        plan = _ChunkPlan(tasks, self.job.batch_size)
+        loader = iter(_loader(plan, self.job.workers, pin=self.dev.type == "cuda"))
+        self.closed = set()
+        try:
+            return self._loop(loader, plan)
+        except RuntimeError as exc:
+            how = _worker_death(exc)
+            if how is None:
+                raise
+            how = _exit_signal(loader) or how
+            return _Broken(how, [t for i, t in enumerate(plan.taken) if i not in self.closed])
+        finally:
+            shutdown = getattr(loader, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def _loop(self, loader: Iterator[Any], plan: _ChunkPlan) -> _Broken | None:
+        slide: _Slide | None = None
+        for seq, start, tiles in loader:
+            if slide is not None and slide.seq != seq:
+                self.close(slide)  # incomplete: its missing batches are reported
+                slide = None
+            if self.stop.signum is not None:
+                left = [t for i, t in enumerate(plan.taken) if i not in self.closed]
+                return _Broken(_signal_name(self.stop.signum), left, stopped=True)
+            if slide is None:
+                slide = _Slide(seq, plan.taken[seq])
+            n = slide.add(start, tiles, self.encoder, self.dev)
+            if n:
+                self.emit(("progress", n))
+            if slide.complete:
+                self.close(slide)
+                slide = None
+        if slide is not None:
+            self.close(slide)
+        return None
+
+    def close(self, slide: _Slide) -> None:
+        """Hand ``slide`` to the bag writer; report the slide written before it."""
+        row, feats = slide.result()
+        args = (slide.task, row, feats, slide.t0, self.job, self.encoder)
+        self.pending.append(self.writer.submit(_finish, *args))
+        self.closed.add(slide.seq)
+        self.flush(keep=1)  # at most one slide's features wait to be written
+
+    def flush(self, keep: int) -> None:
+        """Report written bags until at most ``keep`` are still being written."""
+        while len(self.pending) > keep:
+            row = self.pending[0].result()
+            self.pending.pop(0)
+            self.emit(("row", row))
+
+    def fail(self, task: SlideTask, how: str) -> None:
+        """Report ``task`` failed: its decode worker died with ``how``."""
+        self.emit(("row", _row(task, "failed", (
+            f"decode worker died with {how} while reading {task.store} (a crash in the "
+            "slide or tile reader: this store or its slide is damaged or unsupported; "
+            "other slides are not affected; check it with `wsi-mil verify` or re-tile it)"
+        ))))  # fmt: skip
+
+    def interrupted(self, tasks: list[SlideTask]) -> None:
+        """Report ``tasks`` interrupted (no bag of theirs was started)."""
+        for task in tasks:
+            error = f"interrupted by {_signal_name(self.stop.signum)} while embedding it; re-run"
+            self.emit(("row", _row(task, "interrupted", error + " to resume")))
+
+
+def _row(task: SlideTask, status: str, error: str) -> dict[str, Any]:
+    return {"slide_id": task.slide_id, "path": task.bag, "n_tiles": task.n_tiles,
+            "status": status, "error": error, "seconds": 0.0}  # fmt: skip
+
+
+def _signal_name(signum: int | None) -> str:
+    from wsi_mil.workflows.batch import signal_name
+
+    return signal_name(-(signum or 0))
+
+
 def run_device(device: str, job: ExtractJob, tasks: Iterator[SlideTask], emit: Emit) -> None:
     """Embed every slide ``tasks`` yields on ``device``; report through ``emit``.
 
     One DataLoader serves every slide (decode workers fork once and read ahead across
     slides); each finished slide's bag is written by a background thread while the
     device embeds the next. Messages: ``("progress", n_tiles)`` and ``("row", manifest
-    row)``. A failing slide gives a ``failed`` row and the loop goes on; a failure to
-    build the encoder raises.
+    row)``. A failing slide gives a ``failed`` row and the loop goes on; so does a slide
+    whose decode worker dies (a native crash: the row names the signal). On SIGINT or
+    SIGTERM (see :func:`~wsi_mil.outputs.stop_signals`) the slides in flight get
+    ``interrupted`` rows and the remaining ones none. A failure to build the encoder
+    raises.
     """
     from wsi_mil.features.registry import build_encoder, get_encoder_spec
     from wsi_mil.features.weights import RANDOM_WEIGHTS, ResolvedWeights
+    from wsi_mil.outputs import stop_signals
 
     dev = torch.device(device)
     if dev.type == "cpu" and job.n_procs > 1:
@@ -353,35 +535,8 @@ def run_device(device: str, job: ExtractJob, tasks: Iterator[SlideTask], emit: E
     path = None if job.weights in (None, RANDOM_WEIGHTS) else Path(job.weights)
     resolved = ResolvedWeights(path, job.weights_sha256)
     encoder = build_encoder(get_encoder_spec(job.encoder), resolved, dev)
-    plan = _ChunkPlan(tasks, job.batch_size)
-    loader = _loader(plan, job.workers, pin=dev.type == "cuda")
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bag-writer") as writer:
-        pending: list[Future[dict[str, Any]]] = []
-
-        def close(slide: _Slide) -> None:
-            row, feats = slide.result()
-            if pending:  # at most one slide's features wait to be written
-                emit(("row", pending.pop().result()))
-            pending.append(writer.submit(_finish, slide.task, row, feats, slide.t0, job, encoder))
-
-        slide: _Slide | None = None
-        with torch.inference_mode(), _autocast(dev, encoder):
-            for seq, start, tiles in loader:
-                if slide is not None and slide.seq != seq:
-                    close(slide)  # incomplete: its missing batches are reported
-                    slide = None
-                if slide is None:
-                    slide = _Slide(seq, plan.taken[seq])
-                n = slide.add(start, tiles, encoder, dev)
-                if n:
-                    emit(("progress", n))
-                if slide.complete:
-                    close(slide)
-                    slide = None
-        if slide is not None:
-            close(slide)
-        if pending:
-            emit(("row", pending.pop().result()))
+    with stop_signals() as stop, torch.inference_mode(), _autocast(dev, encoder):
+        _Device(dev, job, encoder, emit, stop).run(tasks)
 
 
 _SLIDE_ERRORS = (WsiMilError, OSError, ValueError, RuntimeError)
@@ -414,83 +569,186 @@ def _one_line(exc: BaseException) -> str:
 # ------------------------------------------------------------- several processes
 
 
-def _queue_iter(tasks: Any) -> Iterator[SlideTask]:
+def _queue_iter(tasks: Any, emit: Emit) -> Iterator[SlideTask]:
     """Slides from the shared queue until its end marker, or until the parent has died
-    (device processes are not daemonic, so they must not outlive a killed parent)."""
+    (device processes are not daemonic, so they must not outlive a killed parent).
+
+    Each slide is announced (``("take", slide_id)``) before its first chunk is read, so
+    the parent knows which slides a device process that dies was on.
+    """
     import multiprocessing as mp
 
     parent = mp.parent_process()
     while parent is None or parent.is_alive():
         task = tasks.get()
         if task is None:
+            emit(("end", None))  # its end marker is taken: a replacement needs another
             return
+        emit(("take", task.slide_id))
         yield task
 
 
-def _process_main(device: str, job: ExtractJob, tasks: Any, results: Any) -> None:
-    """Entry point of a device process (spawned)."""
+def _process_main(device: str, job: ExtractJob, tasks: Any, conn: Any) -> None:
+    """Entry point of a device process (spawned); reports over the pipe ``conn``."""
     try:
-        run_device(device, job, _queue_iter(tasks), results.put)
+        run_device(device, job, _queue_iter(tasks, conn.send), conn.send)
     except BaseException as exc:
-        results.put(("fatal", f"{device}: {_one_line(exc)}"))
+        conn.send(("fatal", f"{device}: {_one_line(exc)}"))
     finally:
-        results.put(("done", device))
+        conn.send(("done", device))
+
+
+class _DeviceProcess:
+    """A spawned device process, the pipe it reports on and the slides it is on."""
+
+    def __init__(
+        self, ctx: Any, device: str, job: ExtractJob, tasks: Any, alone: bool = False
+    ) -> None:
+        self.device, self.alone = device, alone
+        self.tasks = tasks  # kept: the child unpickles it after start() returns
+        self.conn, child = ctx.Pipe(duplex=False)
+        # not daemonic: a device process starts its own decode workers
+        self.proc = ctx.Process(target=_process_main, args=(device, job, tasks, child))
+        self.proc.start()
+        child.close()
+        self.inflight: list[str] = []
+        self.done = False  # it said so: no slide of its left without a row
+        self.ended = False  # the process has exited
+        self.took_end = False  # it took its end marker from the queue
+
+    def messages(self) -> Iterator[tuple[str, Any]]:
+        """The messages received so far."""
+        with contextlib.suppress(EOFError, OSError):
+            while self.conn.poll():
+                yield self.conn.recv()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Wait for the process to exit, then terminate it."""
+        self.proc.join(timeout=timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=5)
+
+
+class _Pool:
+    """Device processes sharing one queue of slides; a process that dies fails the slide
+    it was on (named with the signal) and is replaced, so the others go on."""
+
+    def __init__(self, devices: list[str], job: ExtractJob, tasks: list[SlideTask], emit: Emit,
+                 stop: Any) -> None:  # fmt: skip
+        import multiprocessing as mp
+
+        self.ctx = mp.get_context("spawn")
+        self.job, self.emit, self.stop = job, emit, stop
+        self.tasks = {t.slide_id: t for t in tasks}
+        self.queue: Any = self.ctx.Queue()
+        for task in tasks:
+            self.queue.put(task)
+        for _ in devices:
+            self.queue.put(None)
+        self.procs = [_DeviceProcess(self.ctx, d, job, self.queue) for d in devices]
+        self.restarts = len(tasks)
+        self.fatal: list[str] = []
+        self.signalled = False
+
+    def run(self) -> None:
+        """Collect the messages of every process until all have ended."""
+        from multiprocessing.connection import wait
+
+        try:
+            while live := [p for p in self.procs if not p.ended]:
+                if self.stop.signum is not None and not self.signalled:
+                    self.signalled = True
+                    for p in live:
+                        with contextlib.suppress(OSError):
+                            p.proc.terminate()  # SIGTERM: it reports its slides interrupted
+                wait([p.conn for p in live] + [p.proc.sentinel for p in live], timeout=1.0)
+                for p in live:
+                    self._read(p)
+        finally:
+            for p in self.procs:
+                p.stop()
+
+    def _read(self, p: _DeviceProcess) -> None:
+        for kind, payload in p.messages():
+            if kind == "take":
+                p.inflight.append(payload)
+            elif kind == "row":
+                with contextlib.suppress(ValueError):
+                    p.inflight.remove(payload["slide_id"])
+                self.emit((kind, payload))
+            elif kind == "fatal":
+                self.fatal.append(str(payload))
+            elif kind == "done":
+                p.done = True
+            elif kind == "end":
+                p.took_end = True
+            else:
+                self.emit((kind, payload))
+        if not p.proc.is_alive():
+            p.proc.join(timeout=5)
+            p.ended = True
+            if not p.done:
+                self._died(p)
+
+    def _died(self, p: _DeviceProcess) -> None:
+        """Report or retry the slides ``p`` was on, and replace it on the shared queue.
+
+        One slide in flight fails, named with the signal. Several (one being decoded,
+        one whose bag was being written) are each embedded again alone in a new
+        process, so only the one that crashes again fails.
+        """
+        if self.stop.signum is not None:
+            for sid in p.inflight:
+                error = f"interrupted by {_signal_name(self.stop.signum)}; re-run to resume"
+                self.emit(("row", _row(self.tasks[sid], "interrupted", error)))
+            return
+        if len(p.inflight) == 1 or p.alone:
+            for sid in p.inflight:
+                self.emit(("row", _row(self.tasks[sid], "failed", self._crash_error(p, sid))))
+        else:
+            for sid in p.inflight:
+                private: Any = self.ctx.Queue()
+                private.put(self.tasks[sid])
+                private.put(None)
+                self.procs.append(_DeviceProcess(self.ctx, p.device, self.job, private, True))
+        if not p.alone and self.restarts > 0:
+            self.restarts -= 1
+            if p.took_end:
+                self.queue.put(None)  # the replacement's end marker
+            self.procs.append(_DeviceProcess(self.ctx, p.device, self.job, self.queue))
+
+    def _crash_error(self, p: _DeviceProcess, sid: str) -> str:
+        from wsi_mil.workflows.batch import signal_name
+
+        return (
+            f"device process {p.device} died with {signal_name(p.proc.exitcode)} while "
+            f"embedding {self.tasks[sid].store} (a crash in the slide or tile reader or the "
+            "encoder: this store or its slide is damaged or unsupported; other slides are "
+            "not affected; check it with `wsi-mil verify` or re-tile it)"
+        )
 
 
 def run_pool(devices: list[str], job: ExtractJob, tasks: list[SlideTask], emit: Emit) -> None:
     """Embed ``tasks`` (already ordered largest first) on ``devices``.
 
     One device: in this process. Several: one spawned process per device pulling from
-    a shared queue, so a free device always takes the next-largest slide.
+    a shared queue, so a free device always takes the next-largest slide. A device
+    process that dies (a native crash) fails the slides it was on, named with the
+    signal, and is replaced. On SIGINT/SIGTERM the device processes are stopped and
+    report their slides ``interrupted``.
 
     Raises:
         wsi_mil.errors.EncoderError: A device process could not build the encoder.
     """
+    from wsi_mil.errors import EncoderError
+    from wsi_mil.outputs import stop_signals
+
     if len(devices) == 1:
         run_device(devices[0], job, iter(tasks), emit)
         return
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    task_q: Any = ctx.Queue()
-    result_q: Any = ctx.Queue()
-    for task in tasks:
-        task_q.put(task)
-    for _ in devices:
-        task_q.put(None)
-    procs = [
-        # not daemonic: a device process starts its own decode workers
-        ctx.Process(target=_process_main, args=(d, job, task_q, result_q))
-        for d in devices
-    ]
-    for p in procs:
-        p.start()
-    try:
-        _collect(procs, result_q, emit)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-
-
-def _collect(procs: list[Any], result_q: Any, emit: Emit) -> None:
-    from wsi_mil.errors import EncoderError
-
-    done = 0
-    fatal: list[str] = []
-    while done < len(procs):
-        try:
-            kind, payload = result_q.get(timeout=1.0)
-        except queue.Empty:
-            if not any(p.is_alive() for p in procs):
-                break  # a process died without reporting; its slides get no row
-            continue
-        if kind == "done":
-            done += 1
-        elif kind == "fatal":
-            fatal.append(str(payload))
-        else:
-            emit((kind, payload))
-    if fatal:
-        raise EncoderError("device process failed: " + " | ".join(fatal))
+    with stop_signals() as stop:
+        pool = _Pool(devices, job, tasks, emit, stop)
+        pool.run()
+    if pool.fatal:
+        raise EncoderError("device process failed: " + " | ".join(pool.fatal))

@@ -347,19 +347,23 @@ def test_run_device_reports_a_task_without_tiles(tiles):
 def test_device_process_stops_taking_slides_when_its_parent_died(monkeypatch):
     import multiprocessing
     import queue
+    from types import SimpleNamespace
 
     import wsi_mil.features.pool as pool
 
+    a, b, c = (SimpleNamespace(slide_id=s) for s in "abc")
     tasks = queue.Queue()
-    for item in ("a", "b", None):
+    for item in (a, b, None):
         tasks.put(item)
-    assert list(pool._queue_iter(tasks)) == ["a", "b"]  # no parent (main process)
-    tasks.put("c")
+    said = []
+    assert list(pool._queue_iter(tasks, said.append)) == [a, b]  # no parent (main process)
+    assert said == [("take", "a"), ("take", "b"), ("end", None)]  # announced to the parent
+    tasks.put(c)
 
     class Dead:
         def is_alive(self):
             return False
 
     monkeypatch.setattr(multiprocessing, "parent_process", lambda: Dead())
-    assert list(pool._queue_iter(tasks)) == []
+    assert list(pool._queue_iter(tasks, said.append)) == []
     assert tasks.qsize() == 1  # the slide is left for nobody, not embedded

@@ -23,8 +23,17 @@ anything but tensors are refused. Without --weights the hub is tried. `builtin` 
 weights. Re-running skips bags with the same encoder, weights and tile store; incomplete
 stores are skipped and listed in the manifest.
 
+Tiles are decoded in worker processes (--workers): a slide whose decoding crashes (e.g.
+a segfault in a C library) fails alone, named with the signal, and a re-run retries
+it. With --workers 0 decoding runs in the device process (no crash isolation with one
+device). Two `extract` runs on one --out folder share the work: a slide being embedded
+by the other (lock file .<slide_id>.h5.lock) is waited for. SIGINT/SIGTERM stop the
+workers, remove temporaries and write the manifest with the slides in flight
+"interrupted".
+
 Exit status: 0 when every slide is ok or skipped; 1 when any slide failed (see
-manifest.csv); 2 on invalid arguments (unknown encoder, bad weights, no stores)."""
+manifest.csv); 2 on invalid arguments (unknown encoder, bad weights, no stores);
+130 / 143 when interrupted by SIGINT / SIGTERM."""
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -60,26 +69,39 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``wsi-mil extract``; 1 if any slide failed."""
+    """Run ``wsi-mil extract``; 1 if any slide failed, 128 + signal when interrupted."""
+    from wsi_mil.errors import Interrupted
     from wsi_mil.features import extract_features
     from wsi_mil.outputs import ensure_writable
 
     ensure_writable(args.out)
-    rows = extract_features(
-        args.tiles,
-        args.encoder,
-        args.out,
-        weights=args.weights,
-        devices=args.devices,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
+    status = 0
+    try:
+        rows = extract_features(
+            args.tiles,
+            args.encoder,
+            args.out,
+            weights=args.weights,
+            devices=args.devices,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except Interrupted as stop:
+        rows, status = stop.rows, stop.exit_status
+    states = ("ok", "skipped", "failed", "interrupted")
+    counts = {s: sum(r["status"] == s for r in rows) for s in states}
+    stopped = f", {counts['interrupted']} interrupted" if status else ""
+    print(
+        f"extract: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed"
+        f"{stopped}"
     )
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "skipped", "failed")}
-    print(f"extract: {counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed")
     for r in rows:
         if r["status"] != "ok" and r.get("error"):
             print(f"  {r['slide_id']}: {r['status']}: {r['error']}")
+    if status:
+        print("interrupted: re-run to resume (finished bags are kept)")
+        return status
     return 1 if counts["failed"] else 0
