@@ -8,6 +8,20 @@ CUDA, and read ahead across slide boundaries, so the device never waits for the 
 slide. The device process moves tiles as uint8, normalises them on the device, and runs
 the encoder under ``inference_mode`` (bf16/fp16 autocast on CUDA); each bag is written
 by a background thread while the device embeds the next slide.
+
+Crash isolation: when a decode worker dies (a native crash, e.g. a segfault in a C
+library; torch raises "DataLoader worker ... is killed by signal"), the slides in flight
+are embedded again one at a time in a fresh DataLoader, so only the one that crashes
+again fails (its row names the signal), and the rest of the queue goes on in a new
+DataLoader. A device process that dies fails the slide it was on (several in flight:
+each is retried alone in a new process) and is replaced. With ``workers=0`` decoding
+runs in the device process, which with one device is the caller's: no isolation then.
+SIGINT/SIGTERM (:func:`~wsi_mil.outputs.stop_signals`) stop the loaders and device
+processes; the slides in flight get ``interrupted`` rows.
+
+Fault injection (tests only): when ``WSI_MIL_TEST_CRASH``
+(:data:`~wsi_mil.workflows.batch.CRASH_ENV`) names a slide id, the process decoding
+that slide kills itself with SIGSEGV.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ Check every tile store (*.zarr, from `wsi-mil tile`) and feature bag (*.h5, from
   feature bags  not readable as HDF5, missing attributes, coords and features of
                 different lengths, rows holding NaN or inf
 
-Other .h5 files (coordinate exports, attention maps) are left out. One line per damaged
+Other .h5 files (coordinate exports, attention maps), temporaries and lock files
+(.<id>.zarr.lock, .<id>.h5.lock, .manifest.csv.lock) are left out. One line per damaged
 item, then a summary. Fix a damaged store by re-running `wsi-mil tile` on its slide (it
 rebuilds damaged stores), a damaged bag by deleting it and re-running `wsi-mil extract`.
 
@@ -94,7 +95,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def find_outputs(folder: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
-    """Tile stores and feature bags under ``folder`` (recursively, temporaries left out).
+    """Tile stores and feature bags under ``folder`` (recursively; temporaries, lock files
+    such as ``.<id>.zarr.lock`` / ``.<id>.h5.lock`` / ``.manifest.csv.lock`` and hidden
+    folders left out).
 
     Returns:
         ``(stores, bags)``: sorted ``*.zarr`` folders and ``*.h5`` files that are bags
@@ -113,7 +116,7 @@ def find_outputs(folder: str | os.PathLike[str]) -> tuple[list[Path], list[Path]
 
 
 def _hidden(path: Path, root: Path) -> bool:
-    """True for temporaries and anything in a hidden folder (``.name``)."""
+    """True for temporaries, lock files and anything in a hidden folder (``.name``)."""
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
