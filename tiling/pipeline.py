@@ -220,7 +220,7 @@ def tile_slide(
             min_tissue=min_tissue, pixels=pixels, mask_mpp=mask_mpp, mpp=mpp,
             chunk_tiles=chunk_tiles, jpeg_quality=jpeg_quality, tissue=tissue,
         )  # fmt: skip
-        options = {"export_coords": export_coords, "qc": qc, "backend": backend,
+        options: dict[str, Any] = {"export_coords": export_coords, "qc": qc, "backend": backend,
                    "read_threads": read_threads, "overwrite": overwrite}  # fmt: skip
         row.update(_tile(slide_path, Path(out_dir), params, **options))
     except Exception as exc:

@@ -521,10 +521,10 @@ class _DaskRun:
             self.claims.release(i, clean=True)
             yield i, _row(self.jobs[i], status, error)
         self.futures.clear()
-        while (i := self.claims.take()) is not None:  # not submitted yet
-            self.claims.release(i)
+        while (j := self.claims.take()) is not None:  # not submitted yet
+            self.claims.release(j)
             if status == "failed":
-                yield i, _row(self.jobs[i], status, error)
+                yield j, _row(self.jobs[j], status, error)
         self.claims.deferred.clear()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -400,8 +401,8 @@ def test_schedule_is_in_steps_whatever_the_cohort_size() -> None:
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(1e-2 / 20) and lrs[19] == pytest.approx(1e-2)
-    assert all(a < b for a, b in zip(lrs[:19], lrs[1:20], strict=True))  # linear warmup
-    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:], strict=False))  # cosine decay
+    assert all(a < b for a, b in itertools.pairwise(lrs[:20]))  # linear warmup
+    assert all(a >= b for a, b in itertools.pairwise(lrs[19:]))  # cosine decay
     assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
 
 
