@@ -83,3 +83,13 @@ def test_run_cli_refuses_before_tiling(small_slides, tmp_path: Path, write_cohor
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert str(table) in err and "re-save it as UTF-8" in err
     assert not (out / "tiles").exists()
+
+
+def test_run_validates_the_whole_cohort_before_tiling(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text("patient_id,slide_id,label\nP1,S1,a\nP2,,b\nP3,../x,a\n")
+    out = tmp_path / "out"
+    assert main(["run", str(slides), str(cohort), "--out", str(out)]) == 2
+    assert not (out / "tiles").exists()

@@ -75,6 +75,17 @@ def _cohort_task(cohort: Path) -> str:
     return "survival" if {"time", "event"} <= set(header) else "classification"
 
 
+def _validate_cohort(args: argparse.Namespace) -> None:
+    """Check the cohort table (columns, ids, targets) as ``train`` will, without bags.
+
+    Raises:
+        CohortError: Listing every problem as ``file:line: column: message``.
+    """
+    from wsi_mil.mil.cohort import load_cohort
+
+    load_cohort(args.cohort, task=args.task or _cohort_task(Path(args.cohort)))
+
+
 def pipeline_steps(args: argparse.Namespace) -> list[list[str]]:
     """The stage command lines that ``run`` executes, in order.
 
@@ -115,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from wsi_mil.workflows.cli import main as cli_main
 
     steps = pipeline_steps(args)
+    _validate_cohort(args)  # every problem of the table, before hours of tiling
     ensure_writable(args.out)
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     resolved = {k: v for k, v in resolved.items() if not k.startswith("_")}
