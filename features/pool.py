@@ -20,7 +20,7 @@ SIGINT/SIGTERM (:func:`~wsi_mil.outputs.stop_signals`) stop the loaders and devi
 processes; the slides in flight get ``interrupted`` rows.
 
 Fault injection (tests only): when ``WSI_MIL_TEST_CRASH``
-(:data:`~wsi_mil.workflows.batch.CRASH_ENV`) names a slide id, the process decoding
+(:data:`~wsi_mil.processes.CRASH_ENV`) names a slide id, the process decoding
 that slide kills itself with SIGSEGV.
 """
 
@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from wsi_mil.errors import WsiMilError
+from wsi_mil.processes import crash_hook, interrupted_by, signal_name
 
 __all__ = [
     "ExtractJob",
@@ -229,23 +230,13 @@ class _ChunkDataset(Dataset):
     def __getitem__(self, item: _Chunk) -> tuple[int, int, torch.Tensor | str]:
         if item.error:
             return item.seq, item.start, item.error
-        _crash_hook(item.slide_id)
+        crash_hook(item.slide_id)
         try:
             tiles = self._reader(item.store)(item.start, item.stop)
         except _SLIDE_ERRORS as exc:
             where = f"{item.store}: tiles {item.start}:{item.stop} unreadable"
             return item.seq, item.start, f"{where} ({_one_line(exc)}); re-tile this slide"
         return item.seq, item.start, torch.from_numpy(np.ascontiguousarray(tiles))
-
-
-def _crash_hook(slide_id: str) -> None:
-    """Fault injection (tests): the process decoding ``slide_id`` dies with SIGSEGV, as in
-    a native reader crash, when ``WSI_MIL_TEST_CRASH`` names it (see
-    :data:`~wsi_mil.workflows.batch.CRASH_ENV`)."""
-    from wsi_mil.workflows.batch import CRASH_ENV
-
-    if os.environ.get(CRASH_ENV) == slide_id:
-        os.kill(os.getpid(), signal.SIGSEGV)
 
 
 def _worker_death(exc: BaseException) -> str | None:
@@ -269,8 +260,6 @@ def _worker_death(exc: BaseException) -> str | None:
 def _exit_signal(loader: Any) -> str | None:
     """The signal (``SIGSEGV``) a decode worker of ``loader`` (a DataLoader iterator) died
     of; None when none is known (torch's error then says "exited unexpectedly")."""
-    from wsi_mil.workflows.batch import signal_name
-
     for worker in getattr(loader, "_workers", None) or []:
         if worker.exitcode is not None and worker.exitcode < 0:
             return signal_name(worker.exitcode)
@@ -472,7 +461,7 @@ class _Device:
                 slide = None
             if self.stop.signum is not None:
                 left = [t for i, t in enumerate(plan.taken) if i not in self.closed]
-                return _Broken(_signal_name(self.stop.signum), left, stopped=True)
+                return _Broken(signal_name(-(self.stop.signum or 0)), left, stopped=True)
             if slide is None:
                 slide = _Slide(seq, plan.taken[seq])
             n = slide.add(start, tiles, self.encoder, self.dev)
@@ -511,19 +500,13 @@ class _Device:
     def interrupted(self, tasks: list[SlideTask]) -> None:
         """Report ``tasks`` interrupted (no bag of theirs was started)."""
         for task in tasks:
-            error = f"interrupted by {_signal_name(self.stop.signum)} while embedding it; re-run"
+            error = f"{interrupted_by(self.stop.signum)} while embedding it; re-run"
             self.emit(("row", _row(task, "interrupted", error + " to resume")))
 
 
 def _row(task: SlideTask, status: str, error: str) -> dict[str, Any]:
     return {"slide_id": task.slide_id, "path": task.bag, "n_tiles": task.n_tiles,
             "status": status, "error": error, "seconds": 0.0}  # fmt: skip
-
-
-def _signal_name(signum: int | None) -> str:
-    from wsi_mil.workflows.batch import signal_name
-
-    return signal_name(-(signum or 0))
 
 
 def run_device(device: str, job: ExtractJob, tasks: Iterator[SlideTask], emit: Emit) -> None:
@@ -714,7 +697,7 @@ class _Pool:
         """
         if self.stop.signum is not None:
             for sid in p.inflight:
-                error = f"interrupted by {_signal_name(self.stop.signum)}; re-run to resume"
+                error = f"{interrupted_by(self.stop.signum)}; re-run to resume"
                 self.emit(("row", _row(self.tasks[sid], "interrupted", error)))
             return
         if len(p.inflight) == 1 or p.alone:
@@ -733,8 +716,6 @@ class _Pool:
             self.procs.append(_DeviceProcess(self.ctx, p.device, self.job, self.queue))
 
     def _crash_error(self, p: _DeviceProcess, sid: str) -> str:
-        from wsi_mil.workflows.batch import signal_name
-
         return (
             f"device process {p.device} died with {signal_name(p.proc.exitcode)} while "
             f"embedding {self.tasks[sid].store} (a crash in the slide or tile reader or the "

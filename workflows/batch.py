@@ -24,9 +24,7 @@ Isolation and interruption:
   (:class:`~wsi_mil.errors.SchedulerUnreachableError`), and a cluster left without any
   worker fails the outstanding slides after ``worker_timeout`` seconds instead of hanging.
 
-Fault injection (tests only): when the environment variable :data:`CRASH_ENV` names a
-slide id, the process running that slide's job kills itself with SIGSEGV, as a native
-reader crash would.
+Fault injection (tests only): see :data:`wsi_mil.processes.CRASH_ENV`.
 """
 
 from __future__ import annotations
@@ -56,13 +54,13 @@ from wsi_mil.outputs import (
     remove_temporaries,
     stop_signals,
 )
+from wsi_mil.processes import crash_hook, interrupted_by, signal_name
 
-__all__ = ["CRASH_ENV", "DASK_CONNECT_TIMEOUT", "Job", "run_batch", "signal_name"]
+__all__ = ["DASK_CONNECT_TIMEOUT", "Job", "run_batch"]
 
 Row = dict[str, Any]
 
 #: Fault-injection hook for tests: a slide id whose job process kills itself (SIGSEGV).
-CRASH_ENV = "WSI_MIL_TEST_CRASH"
 
 #: Seconds to wait for a Dask scheduler to answer before giving up.
 DASK_CONNECT_TIMEOUT = 5.0
@@ -96,28 +94,10 @@ class Job:
     outputs: tuple[tuple[str, str], ...] = ()
 
 
-def signal_name(exitcode: int | None) -> str:
-    """How a process ended, from its exit code: ``SIGSEGV`` (negative codes) or ``exit code N``."""
-    if exitcode is None:
-        return "an unknown status"
-    if exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"
-
-
-def _crash_hook(slide_id: str) -> None:
-    """Fault injection for tests: die like a native crash when :data:`CRASH_ENV` names the slide."""
-    if os.environ.get(CRASH_ENV) == slide_id:
-        os.kill(os.getpid(), signal.SIGSEGV)
-
-
 def _execute(job: Job) -> Row:
     """Run one job, turning any exception into a ``failed`` row."""
     start = time.perf_counter()
-    _crash_hook(job.slide_id)
+    crash_hook(job.slide_id)
     try:
         row = dict(job.fn(**job.kwargs))
     except Exception as exc:
@@ -382,7 +362,7 @@ class _LocalPool:
 
 
 def _stopped(stop: StopRequest) -> str:
-    return f"interrupted by {signal_name(-(stop.signum or 0))}"
+    return interrupted_by(stop.signum)
 
 
 def _in_process(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wsi_mil.outputs import read_manifest
-from wsi_mil.workflows.batch import CRASH_ENV
+from wsi_mil.processes import CRASH_ENV
 from wsi_mil.workflows.cli import main
 
 _TILE = ["--tile-px", "64", "--pixels", "none", "--no-qc", "--mask-mpp", "4"]
