@@ -90,6 +90,10 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where:
         log.info("%s predates feature scaling: features are used unscaled, as trained", where)
 
 
+#: Options whose default changed, with the value that folds saved before the change were
+#: trained with (their ``fold.json`` does not name it).
+_LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"transmil": {"attention": "exact"}}
+
 #: The feature scaler's tensors in a state dict.
 _SCALER_KEYS = frozenset({"scaler.mean", "scaler.std"})
 
@@ -142,7 +146,7 @@ class FoldModel:
             state = load_file(str(fold_dir / "model.safetensors"), device=str(device))
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{fold_dir}: cannot load the fold ({exc}); retrain it") from exc
-        cfg = dict(meta["aggregator"])
+        cfg = {**_LEGACY_DEFAULTS.get(meta["aggregator"]["name"], {}), **meta["aggregator"]}
         model = create_aggregator(cfg.pop("name"), cfg.pop("in_dim"), cfg.pop("n_outputs"), **cfg)
         _load_weights(model, state, fold_dir)
         model.to(device).eval()

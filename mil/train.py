@@ -203,8 +203,8 @@ def _train_step(
     labels = None if labels is None else labels.to(ctx.device)
     out = forward_batch(model, batch, data.extras(idx, ctx.device), ctx.device, labels)
     loss = head.loss(out.logits, targets)
-    if out.aux_loss is not None:
-        loss = loss + out.aux_loss.float()
+    if out.aux_loss is not None:  # CLAM: bag_weight * bag loss + instance loss
+        loss = getattr(model, "task_weight", 1.0) * loss + out.aux_loss.float()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if ctx.config.grad_clip > 0:

@@ -218,6 +218,9 @@ class Aggregator(nn.Module, abc.ABC):
     """
 
     name: str = "aggregator"
+    #: Factor on the task (bag) loss in training; the trainer adds ``aux_loss`` to
+    #: ``task_weight * task_loss``.
+    task_weight: float = 1.0
 
     def __init__(self, in_dim: int, n_outputs: int) -> None:
         super().__init__()

@@ -71,8 +71,9 @@ class CLAMSingleBranch(Aggregator):
 
     Bag path as :class:`~wsi_mil.mil.models.abmil.ABMIL`. When ``labels`` are passed (in
     training or evaluation) ``aux_loss = instance_weight * L_inst``, the mean over the bags
-    of the instance loss described in the module docstring; add it to the task loss
-    (the paper weighs bag and instance losses 0.7 / 0.3). ``k`` is
+    of the instance loss described in the module docstring; the trainer adds it to
+    ``bag_weight * L_bag`` (:attr:`task_weight`), so by default bag and instance losses
+    weigh 0.7 / 0.3 as in the paper. ``k`` is
     ``min(k_sample, n_real // 2)`` per bag; a bag with fewer than 2 tiles, or with label
     -1 (unknown, e.g. a survival patient censored early), adds nothing; with no bag left
     ``aux_loss`` is 0 (still attached to the graph).
@@ -90,6 +91,7 @@ class CLAMSingleBranch(Aggregator):
             the other classes' instance classifiers.
         instance_loss: ``"svm"`` (smooth top-1 SVM) or ``"ce"``.
         instance_weight: factor on the instance loss in ``aux_loss`` (0.3).
+        bag_weight: factor on the task (bag) loss in training (0.7).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class CLAMSingleBranch(Aggregator):
         subtyping: bool = False,
         instance_loss: str = "svm",
         instance_weight: float = 0.3,
+        bag_weight: float = 0.7,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         if instance_loss not in ("svm", "ce"):
@@ -119,6 +122,9 @@ class CLAMSingleBranch(Aggregator):
         self.subtyping = subtyping
         self.instance_loss = instance_loss
         self.instance_weight = instance_weight
+        if not bag_weight > 0:
+            raise ConfigError(f"clam_sb: bag_weight must be > 0, got {bag_weight}")
+        self.task_weight = bag_weight
         self.encoder = mlp_block(in_dim, hidden_dim, dropout)
         self.attention = GatedAttention(hidden_dim, attn_dim, 1, dropout)
         self.classifier = nn.Linear(hidden_dim, n_outputs)

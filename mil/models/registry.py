@@ -144,7 +144,8 @@ def create_aggregator(name: str, in_dim: int, n_outputs: int, **kwargs: Any) -> 
 
     Returns:
         The ``nn.Module``; its ``aggregator_config`` attribute holds ``name``, ``in_dim``,
-        ``n_outputs`` and the kwargs, enough to rebuild it before loading weights.
+        ``n_outputs``, the scalar defaults and the kwargs, enough to rebuild it before
+        loading weights.
 
     Raises:
         ConfigError: unknown name, unknown option, or a non-positive ``in_dim``/``n_outputs``.
@@ -155,5 +156,22 @@ def create_aggregator(name: str, in_dim: int, n_outputs: int, **kwargs: Any) -> 
             raise ConfigError(f"aggregator {name!r}: {arg} must be a positive int, got {value!r}")
     _check_kwargs(info, kwargs)
     model = info.cls(in_dim, n_outputs, **kwargs)
-    model.aggregator_config = {"name": name, "in_dim": in_dim, "n_outputs": n_outputs, **kwargs}
+    model.aggregator_config = {
+        "name": name,
+        "in_dim": in_dim,
+        "n_outputs": n_outputs,
+        **_scalar_defaults(info.cls),
+        **kwargs,
+    }
     return model
+
+
+def _scalar_defaults(cls: type) -> dict[str, Any]:
+    """The constructor's int/float/str/bool defaults, recorded with every model so that a
+    saved fold is rebuilt as trained even after a default changes."""
+    params = inspect.signature(cls).parameters.values()
+    return {
+        p.name: p.default
+        for p in params
+        if p.name not in ("in_dim", "n_outputs") and isinstance(p.default, int | float | str)
+    }

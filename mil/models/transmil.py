@@ -5,32 +5,35 @@ Written from the paper: project tiles to 512, lay the sequence out on a square g
 self-attention layer, the PPEG block (depthwise 7/5/3 convs on the grid, summed with the
 identity), a second attention layer, LayerNorm, and classify the class token.
 
-Differences: attention is exact multi-head attention through
-``torch.nn.functional.scaled_dot_product_attention`` (memory-efficient kernels on GPU)
-rather than the Nyström approximation, with a key mask so that bags of different sizes
-share a batch. Each bag keeps its own ``ceil(sqrt(n))`` grid, placed in the top-left
-corner of the batch's grid with zeros around it, so a padded batch gives the same result
-as each bag alone. The model depends on tile order (not permutation invariant).
+Attention is Nyström attention with 256 landmarks and a 6-step iterative pseudo-inverse
+(``attention="nystrom"``, the paper's choice; :mod:`~wsi_mil.mil.models.nystrom`), so
+time and memory grow linearly with the number of tiles; bags of at most 256 tokens get
+exact attention (Nyström would cost more and approximate nothing there).
+``attention="exact"`` uses exact attention for every bag
+(``torch.nn.functional.scaled_dot_product_attention``; memory-efficient kernels on GPU).
+Unlike the paper's code, the Nyström block has no convolutional residual over the values
+(it would mix tokens across grid rows and across bags of a padded batch). Key masks let
+bags of different sizes share a batch; each bag keeps its own ``ceil(sqrt(n))`` grid,
+placed in the top-left corner of the batch's grid with zeros around it, so a padded
+batch gives the same result as each bag alone. The model depends on tile order (not
+permutation invariant).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wsi_mil.errors import ConfigError
-from wsi_mil.mil.models.base import (
-    Aggregator,
-    MILOutput,
-    masked_softmax,
-    mlp_block,
-)
+from wsi_mil.mil.models.base import Aggregator, MILOutput, mlp_block
+from wsi_mil.mil.models.nystrom import compact, exact_attention, nystrom_attention
 from wsi_mil.mil.models.registry import register_aggregator
 
-__all__ = ["PPEG", "TransMIL"]
+__all__ = ["MAX_PINV_ITERATIONS", "PPEG", "TransMIL"]
+
+#: Most steps of the iterative pseudo-inverse (beyond, float32 rounding noise blows up).
+MAX_PINV_ITERATIONS = 20
 
 
 class _SelfAttentionLayer(nn.Module):
@@ -40,50 +43,78 @@ class _SelfAttentionLayer(nn.Module):
         dim: token dim.
         n_heads: heads (``dim`` must be divisible by it).
         dropout: attention and output dropout.
+        attention: ``nystrom`` or ``exact`` (see :class:`TransMIL`).
+        landmarks: Nyström landmarks ``m``.
+        pinv_iterations: steps of the iterative pseudo-inverse.
     """
 
-    def __init__(self, dim: int, n_heads: int, dropout: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        dropout: float,
+        attention: str = "nystrom",
+        landmarks: int = 256,
+        pinv_iterations: int = 6,
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
+        self.attention = attention
+        self.landmarks = landmarks
+        self.pinv_iterations = pinv_iterations
 
     def forward(self, x: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Attend over the unmasked tokens.
+        """Attend over the unmasked tokens (padded tokens are left unchanged).
 
         Args:
             x: ``(B, T, C)`` tokens (class token first).
             key_mask: ``(B, T)`` bool, tokens that may be attended to.
 
         Returns:
-            ``(x (B, T, C), cls_attention (B, H, T))`` — the class token's attention.
+            ``(x (B, T, C), cls_attention (B, H, T))`` — the class token's attention,
+            float32, 0 on masked tokens.
         """
         b, t, c = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, t, 3, self.n_heads, c // self.n_heads).unbind(2)
-        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # (B, H, T, c/H)
-        attn_mask = key_mask[:, None, None, :]
+        idx = compact(key_mask)  # every bag's real tokens first, in order
+        spread = idx[..., None].expand(-1, -1, c)
+        mask = key_mask.gather(1, idx)
+        qkv = self.qkv(self.norm(x.gather(1, spread))).view(
+            b, -1, 3, self.n_heads, c // self.n_heads
+        )
+        q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))  # (B, H, T', c/H)
+        out, first = self._attend(q, k, v, mask)
+        out = out.transpose(1, 2).reshape(b, -1, c)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
-        out = out.transpose(1, 2).reshape(b, t, c)
-        x = x + F.dropout(self.proj(out), p, self.training)
-        return x, self._cls_attention(q[:, :, 0], k, key_mask)
+        update = F.dropout(self.proj(out), p, self.training) * mask[..., None]
+        heads = idx[:, None, :].expand(-1, self.n_heads, -1)
+        cls_attention = first.new_zeros(b, self.n_heads, t).scatter(2, heads, first)
+        return x.scatter_add(1, spread, update), cls_attention
 
-    @staticmethod
-    def _cls_attention(q_cls: Tensor, k: Tensor, key_mask: Tensor) -> Tensor:
-        """Softmax attention of the class token (computed apart: SDPA returns no weights).
-
-        Args:
-            q_cls: ``(B, H, d)`` class-token queries.
-            k: ``(B, H, T, d)`` keys.
-            key_mask: ``(B, T)`` bool.
-
-        Returns:
-            ``(B, H, T)`` float32, 0 on masked keys.
-        """
-        scores = torch.einsum("bhd,bhtd->bht", q_cls.float(), k.float()) / math.sqrt(k.shape[-1])
-        return masked_softmax(scores, key_mask[:, None, :])
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact attention for bags of at most ``landmarks`` tokens (or all, in ``exact``
+        mode), Nyström for the others; shapes as :func:`exact_attention`."""
+        p = self.dropout if self.training else 0.0
+        n = mask.sum(dim=1)
+        large = n > self.landmarks if self.attention == "nystrom" else torch.zeros_like(mask[:, 0])
+        if not bool(large.any()):
+            return exact_attention(q, k, v, mask, p)
+        if bool(large.all()):
+            return nystrom_attention(q, k, v, mask, self.landmarks, self.pinv_iterations)
+        small, ts = ~large, int(n[~large].max())
+        out_s, first_s = exact_attention(
+            q[small, :, :ts], k[small, :, :ts], v[small, :, :ts], mask[small, :ts], p
+        )
+        out_l, first_l = nystrom_attention(
+            q[large], k[large], v[large], mask[large], self.landmarks, self.pinv_iterations
+        )
+        out, first = q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=torch.float32)
+        out[small, :, :ts], first[small, :, :ts] = out_s, first_s
+        out[large], first[large] = out_l, first_l
+        return out, first
 
 
 class PPEG(nn.Module):
@@ -129,6 +160,12 @@ class TransMIL(Aggregator):
         hidden_dim: token dim (512).
         n_heads: attention heads (8).
         dropout: dropout after the projection and in attention (0.1).
+        attention: ``nystrom`` (the paper's, default) or ``exact``.
+        landmarks: Nyström landmarks (256, half the token dim as in the paper); bags of
+            at most this many tokens get exact attention.
+        pinv_iterations: steps of the iterative pseudo-inverse (6, as in the paper; up to
+            20 — more steps make it more exact until float32 rounding in the null space,
+            amplified about 3× per step, takes over).
     """
 
     def __init__(
@@ -138,17 +175,30 @@ class TransMIL(Aggregator):
         hidden_dim: int = 512,
         n_heads: int = 8,
         dropout: float = 0.1,
+        attention: str = "nystrom",
+        landmarks: int = 256,
+        pinv_iterations: int = 6,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         if hidden_dim % n_heads:
             raise ConfigError(
                 f"transmil: hidden_dim={hidden_dim} must be divisible by n_heads={n_heads}"
             )
+        if attention not in ("nystrom", "exact"):
+            raise ConfigError(
+                f"transmil: attention must be 'nystrom' or 'exact', got {attention!r}"
+            )
+        if landmarks < 1 or not 1 <= pinv_iterations <= MAX_PINV_ITERATIONS:
+            raise ConfigError(
+                f"transmil: landmarks must be positive (got {landmarks}) and pinv_iterations "
+                f"in 1..{MAX_PINV_ITERATIONS} (got {pinv_iterations})"
+            )
+        layer = dict(attention=attention, landmarks=landmarks, pinv_iterations=pinv_iterations)
         self.encoder = mlp_block(in_dim, hidden_dim, dropout)
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
-        self.layer1 = _SelfAttentionLayer(hidden_dim, n_heads, dropout)
+        self.layer1 = _SelfAttentionLayer(hidden_dim, n_heads, dropout, **layer)
         self.ppeg = PPEG(hidden_dim)
-        self.layer2 = _SelfAttentionLayer(hidden_dim, n_heads, dropout)
+        self.layer2 = _SelfAttentionLayer(hidden_dim, n_heads, dropout, **layer)
         self.norm = nn.LayerNorm(hidden_dim)
         self.classifier = nn.Linear(hidden_dim, n_outputs)
 

@@ -26,7 +26,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "max": {"hidden_dim": 16},
     "abmil": {"hidden_dim": 16, "attn_dim": 8},
     "clam_sb": {"hidden_dim": 16, "attn_dim": 8, "k_sample": 2},
-    "transmil": {"hidden_dim": 16, "n_heads": 2},
+    # 4 landmarks: bags of more than 4 tokens take the Nyström path, smaller ones exact
+    "transmil": {"hidden_dim": 16, "n_heads": 2, "landmarks": 4},
     "dual_xattn": {
         "omics_groups": [[0, 1], [2, 3, 4], [5, 6]],
         "n_clinical": N_CLINICAL,
@@ -591,3 +592,12 @@ def test_dual_xattn_learns_label_carried_by_one_omics_group() -> None:
     with torch.no_grad():
         accuracy = (run(model.eval(), test).logits.argmax(1) == yt).float().mean()
     assert accuracy >= 0.85
+
+
+def test_clam_weighs_bag_and_instance_losses_as_published() -> None:
+    model = build("clam_sb")
+    assert (model.task_weight, model.instance_weight) == (0.7, 0.3)
+    assert build("abmil").task_weight == 1.0
+    assert build("clam_sb", bag_weight=1.0).aggregator_config["bag_weight"] == 1.0
+    with pytest.raises(ConfigError, match="bag_weight"):
+        build("clam_sb", bag_weight=0.0)
