@@ -7,7 +7,7 @@ Shared by training (validation and final predictions of a fold) and by
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -138,10 +138,15 @@ class Predictions:
     Attributes:
         logits: (U, n_outputs) float32.
         attention: Per unit, (N_u,) attention over all its tiles, or None.
+        context_attention: Per unit, (T, N_u) attention of each context token over the
+            tiles (fusion aggregators), or None.
+        context_weights: Per unit, (T,) context pooling weights, or None.
     """
 
     logits: torch.Tensor
     attention: list[np.ndarray | None]
+    context_attention: list[np.ndarray | None] = field(default_factory=list)
+    context_weights: list[np.ndarray | None] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -163,6 +168,8 @@ def predict_units(
     jobs = [list(range(i, min(i + batch_size, len(data)))) for i in range(0, len(data), batch_size)]
     logits: list[torch.Tensor] = []
     attention: list[np.ndarray | None] = []
+    context: list[np.ndarray | None] = []
+    weights: list[np.ndarray | None] = []
     pin = device.type == "cuda"
     loader = prefetch(
         jobs, lambda idx: load_batch(store, [data.units[i] for i in idx], pin=pin), prefetch_depth
@@ -172,10 +179,20 @@ def predict_units(
         logits.append(out.logits.float().cpu())
         for b in range(len(idx)):
             n = int(batch.mask[b].sum())
-            att = out.attention
-            attention.append(None if att is None else att[b, :n].float().cpu().numpy())
+            attention.append(_numpy(out.attention, b, n))
+            context.append(_numpy(out.context_attention, b, n))
+            weights.append(_numpy(out.context_weights, b))
     n_out = logits[0].shape[1] if logits else 1
-    return Predictions(torch.cat(logits) if logits else torch.zeros(0, n_out), attention)
+    all_logits = torch.cat(logits) if logits else torch.zeros(0, n_out)
+    return Predictions(all_logits, attention, context, weights)
+
+
+def _numpy(values: torch.Tensor | None, b: int, n: int | None = None) -> np.ndarray | None:
+    """Row ``b`` of a batched output (cut to its ``n`` real tiles on the last axis)."""
+    if values is None:
+        return None
+    row = values[b] if n is None else values[b, ..., :n]
+    return row.float().cpu().numpy()
 
 
 def patient_rows(

@@ -17,6 +17,7 @@ tiles can be scored against a model's attention (:func:`planted_tiles`).
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -26,7 +27,13 @@ import numpy as np
 from wsi_mil.errors import ConfigError
 from wsi_mil.outputs import atomic_path
 
-__all__ = ["PlantedCohort", "make_planted_cohort", "planted_tiles"]
+__all__ = [
+    "MultimodalCohort",
+    "PlantedCohort",
+    "make_multimodal_cohort",
+    "make_planted_cohort",
+    "planted_tiles",
+]
 
 
 class PlantedCohort(NamedTuple):
@@ -171,3 +178,105 @@ def planted_tiles(
     inside = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
     area = np.maximum((r1 - r0) * (c1 - c0), 1)
     return inside / area >= 0.5
+
+
+class MultimodalCohort(NamedTuple):
+    """A planted-signal cohort whose outcome depends on histology *and* omics.
+
+    Attributes:
+        cohort: Cohort CSV: ``patient_id, slide_id, label, time, event, planted_share,
+            omics_signal, risk, age`` (``planted_share``, ``omics_signal`` and ``risk``
+            (the true log hazard) are truth, never model inputs).
+        omics: Omics CSV keyed by ``patient_id`` (patients without omics have no row).
+        groups: Gene-group JSON ``{group: [column, ...]}``; group ``G00`` carries the signal.
+        base: The histology cohort (slides and truth masks).
+    """
+
+    cohort: Path
+    omics: Path
+    groups: Path
+    base: PlantedCohort
+
+
+def make_multimodal_cohort(
+    base: PlantedCohort,
+    out: str | os.PathLike[str],
+    *,
+    histology_effect: float = 1.6,
+    omics_effect: float = 0.8,
+    interaction: float = 0.0,
+    n_groups: int = 20,
+    group_size: int = 10,
+    missing: float = 0.0,
+    seed: int = 0,
+) -> MultimodalCohort:
+    """Give a planted cohort an omics table and an outcome driven by both modalities.
+
+    The histology score is the planted share over the cohort's fraction (0 for
+    negatives, about 0.7–1.3 for positives); the omics signal ``z ~ N(0, 1)`` per patient
+    is carried by every gene of group ``G00`` (``gene = 0.8 z + 0.6 noise``); the other
+    ``n_groups - 1`` groups are pure noise. The log hazard is
+    ``histology_effect · h + omics_effect · z + interaction · h · z`` (exponential event
+    times, uniform censoring), and the label is ``pos`` where the log hazard plus
+    logistic noise exceeds its median. With the defaults each modality carries about
+    half of the variance of the log hazard. A share ``missing`` of the patients, drawn at
+    random, has no omics row.
+
+    Args:
+        base: A cohort of :func:`make_planted_cohort` (its slides are used as they are).
+        out: Folder for ``cohort.csv``, ``omics.csv`` and ``groups.json``.
+        histology_effect: Log hazard ratio of a planted region of typical size.
+        omics_effect: Log hazard ratio per standard deviation of the omics signal.
+        interaction: Coefficient of ``h · z``.
+        n_groups: Gene groups (one informative).
+        group_size: Genes per group.
+        missing: Share of patients without omics, in [0, 1).
+        seed: Seed of omics and outcomes.
+
+    Returns:
+        :class:`MultimodalCohort`.
+
+    Raises:
+        ConfigError: ``missing`` outside [0, 1) or fewer than 2 groups.
+    """
+    if not 0 <= missing < 1:
+        raise ConfigError(
+            f"missing={missing}: the share of patients without omics must be in [0, 1)"
+        )
+    if n_groups < 2 or group_size < 1:
+        raise ConfigError(f"n_groups={n_groups}, group_size={group_size}: need >= 2 groups of >= 1")
+    import pandas as pd
+
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    table = pd.read_csv(base.cohort, dtype={"patient_id": str, "slide_id": str})
+    rng = np.random.default_rng([seed, 17, round(base.fraction * 1e6)])
+    n = len(table)
+    h = table["planted_share"].to_numpy(float) / base.fraction
+    z = rng.standard_normal(n)
+    genes = rng.standard_normal((n, n_groups * group_size))
+    genes[:, :group_size] = 0.8 * z[:, None] + 0.6 * genes[:, :group_size]
+    risk = histology_effect * h + omics_effect * z + interaction * h * z
+    t = rng.exponential(24.0 * np.exp(-(risk - risk.mean())))
+    c = rng.uniform(6.0, 60.0, n)
+    noisy = risk + rng.logistic(0.0, 0.5, n)
+    table["label"] = np.where(noisy > np.median(noisy), "pos", "neg")
+    table["time"] = np.round(np.minimum(t, c), 3)
+    table["event"] = (t <= c).astype(int)
+    table["omics_signal"] = np.round(z, 5)
+    table["risk"] = np.round(risk, 5)
+    table = table[[c for c in table.columns if c != "age"] + ["age"]]
+    names = [f"G{g:02d}_{j:02d}" for g in range(n_groups) for j in range(group_size)]
+    omics = pd.DataFrame(np.round(genes, 4), columns=names)
+    omics.insert(0, "patient_id", table["patient_id"])
+    keep = rng.permutation(n) >= round(missing * n)
+    groups = {f"G{g:02d}": names[g * group_size : (g + 1) * group_size] for g in range(n_groups)}
+    paths = MultimodalCohort(root / "cohort.csv", root / "omics.csv", root / "groups.json", base)
+    for path, write in (
+        (paths.cohort, lambda f: table.to_csv(f, index=False)),
+        (paths.omics, lambda f: omics[keep].to_csv(f, index=False)),
+        (paths.groups, lambda f: f.write(json.dumps(groups, indent=1))),
+    ):
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+            write(fh)
+    return paths

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from wsi_mil.mil.co_attention import write_unit_co_attention
 from wsi_mil.mil.cohort import Cohort, load_cohort
 from wsi_mil.mil.data import (
     BagBatch,
@@ -367,12 +368,28 @@ def _finish_fold(ctx: _Context, fm: FoldModel, fold_spec: dict[str, Any]) -> pd.
                 source=f"fold_{k}",
                 model_name=ctx.config.model,
             )
+            write_unit_co_attention(
+                ctx.out / "co_attention",
+                ctx.store,
+                data.units,
+                preds.context_attention,
+                preds.context_weights,
+                tokens=_context_tokens(ctx, fm.pre),
+                source=f"fold_{k}",
+                model_name=ctx.config.model,
+            )
     table = pd.concat(frames, ignore_index=True)
     with atomic_path(fold_dir(ctx.out, k)) as tmp:
         tmp.mkdir()
         fm.save(tmp)
         table.to_csv(tmp / "predictions.csv", index=False)
     return table
+
+
+def _context_tokens(ctx: _Context, pre: TabularPreprocessor) -> list[str]:
+    """Names of a fusion model's context tokens: the omics groups, then ``clinical``."""
+    groups = ctx.cohort.omics.group_names if ctx.cohort.omics is not None and pre.n_omics else []
+    return [*groups, *(["clinical"] if pre.n_clinical else [])]
 
 
 def _prepare(config: TrainConfig) -> tuple[Cohort, BagScan, list[str]]:
@@ -490,7 +507,7 @@ def _remove_stale_temps(out: Path) -> None:
     """Delete temporaries (``.<name>.<random>.tmp``) that a killed run left behind."""
     import shutil
 
-    for folder in (out, out / "attention"):
+    for folder in (out, out / "attention", out / "co_attention"):
         for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
             log.info("removing %s left by an interrupted run", tmp)
             if tmp.is_dir():

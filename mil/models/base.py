@@ -38,11 +38,18 @@ class MILOutput(NamedTuple):
             1 over the real tiles of each bag; ``None`` for aggregators without one.
         aux_loss: scalar auxiliary loss to add to the task loss (CLAM's instance loss), or
             ``None``.
+        context_attention: fusion aggregators only: ``(B, T, N)`` attention of each
+            context token (omics group, clinical) over the tiles (0 on padded tiles, mean
+            over heads, last block), else ``None``.
+        context_weights: fusion aggregators only: ``(B, T)`` pooling weight of each
+            context token (0 where the modality is missing), else ``None``.
     """
 
     logits: Tensor
     attention: Tensor | None
     aux_loss: Tensor | None
+    context_attention: Tensor | None = None
+    context_weights: Tensor | None = None
 
 
 def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:

@@ -111,7 +111,7 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> Tensor:
+    def forward(self, queries: Tensor, keys: Tensor, key_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Attend.
 
         Args:
@@ -120,16 +120,18 @@ class CrossAttention(nn.Module):
             key_mask: ``(B, K)`` bool, keys that may be attended to.
 
         Returns:
-            ``(B, Q, C)``; exactly 0 for a bag without any valid key.
+            ``(out (B, Q, C), weights (B, Q, K))``: ``out`` is exactly 0 for a bag without
+            any valid key; ``weights`` are the attention weights averaged over heads
+            (before dropout).
         """
         b, nq, c = queries.shape
         nk, h = keys.shape[1], self.n_heads
         q = self.q(queries).view(b, nq, h, c // h).transpose(1, 2)  # (B, H, Q, d)
         k, v = self.kv(keys).view(b, nk, 2, h, c // h).permute(2, 0, 3, 1, 4)  # (B, H, K, d)
         scores = q @ k.transpose(-1, -2) / math.sqrt(c // h)  # (B, H, Q, K)
-        weights = self.dropout(masked_softmax(scores, key_mask[:, None, None, :]))
-        out = self.out((weights @ v).transpose(1, 2).reshape(b, nq, c))
-        return out * key_mask.any(dim=1)[:, None, None]
+        weights = masked_softmax(scores, key_mask[:, None, None, :])
+        out = self.out((self.dropout(weights) @ v).transpose(1, 2).reshape(b, nq, c))
+        return out * key_mask.any(dim=1)[:, None, None], weights.mean(dim=1)
 
 
 class _FeedForward(nn.Sequential):
@@ -157,7 +159,7 @@ class _DualBlock(nn.Module):
 
     def forward(
         self, tiles: Tensor, tile_mask: Tensor, context: Tensor, context_mask: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Update both streams.
 
         Args:
@@ -165,12 +167,14 @@ class _DualBlock(nn.Module):
             context: ``(B, T, C)``; context_mask ``(B, T)`` bool.
 
         Returns:
-            ``(tiles (B, N, C), context (B, T, C))``.
+            ``(tiles (B, N, C), context (B, T, C), co_attention (B, T, N))`` — the
+            context tokens' attention over the tiles.
         """
         t, c = self.norm_tiles(tiles), self.norm_context(context)
-        tiles = tiles + self.tiles_to_context(t, c, context_mask)
-        context = context + self.context_to_tiles(c, t, tile_mask)
-        return tiles + self.ff_tiles(tiles), context + self.ff_context(context)
+        tiles = tiles + self.tiles_to_context(t, c, context_mask)[0]
+        update, co_attention = self.context_to_tiles(c, t, tile_mask)
+        context = context + update
+        return tiles + self.ff_tiles(tiles), context + self.ff_context(context), co_attention
 
 
 def _check_groups(omics_groups: list[list[int]] | None) -> list[list[int]]:
@@ -197,7 +201,10 @@ def _check_groups(omics_groups: list[list[int]] | None) -> list[list[int]]:
 class DualCrossAttentionMIL(Aggregator):
     """Token-level dual cross-attention fusion (see the module docstring).
 
-    ``attention`` is the histology stream's gated-attention weights over tiles.
+    ``attention`` is the histology stream's gated-attention weights over tiles;
+    ``context_attention`` the last block's context-to-tile attention (which tiles each
+    omics group / the clinical token reads) and ``context_weights`` the context pooling
+    weights (how much each token counts for the bag).
 
     Args:
         in_dim: tile feature dim ``D``.
@@ -236,6 +243,8 @@ class DualCrossAttentionMIL(Aggregator):
             )
         if dim % n_heads:
             raise ConfigError(f"dual_xattn: dim={dim} must be divisible by n_heads={n_heads}")
+        if n_layers < 1:
+            raise ConfigError(f"dual_xattn: n_layers must be >= 1, got {n_layers}")
         self.n_groups = len(groups)
         self.n_omics_columns = max((max(g) + 1 for g in groups), default=0)
         self.n_clinical = n_clinical
@@ -339,14 +348,19 @@ class DualCrossAttentionMIL(Aggregator):
             b, omics, clinical, omics_present, clinical_present, tiles
         )
         for block in self.blocks:
-            tiles, context = block(tiles, mask, context, context_mask)
+            tiles, context, co_attention = block(tiles, mask, context, context_mask)
         tiles, context = self.norm_tiles(tiles), self.norm_context(context)
         h_tiles, attention = attention_pool(tiles, self.tile_pool(tiles), mask)
-        h_context = attention_pool(context, self.context_pool(context), context_mask)[0]
+        h_context, context_weights = attention_pool(
+            context, self.context_pool(context), context_mask
+        )
         h_context = h_context[:, 0]
         if self.missing_omics is not None:
             h_context = h_context + (~omics_present)[:, None] * self.missing_omics
         if self.missing_clinical is not None:
             h_context = h_context + (~clinical_present)[:, None] * self.missing_clinical
         fused = self.fusion(torch.cat([h_tiles[:, 0], h_context], dim=-1))
-        return MILOutput(self.classifier(fused), attention[:, 0], None)
+        co_attention = co_attention * context_mask[..., None]
+        return MILOutput(
+            self.classifier(fused), attention[:, 0], None, co_attention, context_weights[:, 0]
+        )

@@ -487,8 +487,11 @@ def test_cross_attention_without_keys_leaves_queries_alone() -> None:
     from wsi_mil.mil.models.dual_xattn import CrossAttention
 
     attn = CrossAttention(8, 2, 0.0)
-    out = attn(torch.randn(2, 5, 8), torch.randn(2, 3, 8), torch.tensor([[False] * 3, [True] * 3]))
+    out, weights = attn(
+        torch.randn(2, 5, 8), torch.randn(2, 3, 8), torch.tensor([[False] * 3, [True] * 3])
+    )
     assert torch.all(out[0] == 0) and out[1].abs().sum() > 0
+    assert torch.all(weights[0] == 0) and torch.allclose(weights[1].sum(-1), torch.ones(5))
 
 
 @pytest.mark.parametrize(
@@ -516,6 +519,7 @@ def test_dual_xattn_single_extra_modality(options: dict[str, Any]) -> None:
         ({"omics_groups": [[0], []]}, r"omics_groups\[1\]"),
         ({"omics_groups": [[0, -1]]}, "non-negative"),
         ({"dim": 10, "n_heads": 4}, "n_heads"),
+        ({"n_layers": 0}, "n_layers"),
     ],
 )
 def test_dual_xattn_bad_config(options: dict[str, Any], match: str) -> None:
@@ -601,3 +605,18 @@ def test_clam_weighs_bag_and_instance_losses_as_published() -> None:
     assert build("clam_sb", bag_weight=1.0).aggregator_config["bag_weight"] == 1.0
     with pytest.raises(ConfigError, match="bag_weight"):
         build("clam_sb", bag_weight=0.0)
+
+
+def test_dual_xattn_context_attention_over_real_tiles_and_present_tokens() -> None:
+    model = build("dual_xattn").eval()
+    inputs = make_inputs(lengths=[9, 4, 1])
+    inputs["omics_mask"] = torch.tensor([True, False, True])
+    out = run(model, inputs)
+    co, weights = out.context_attention, out.context_weights
+    assert co is not None and weights is not None
+    assert co.shape == (3, 3 + 1, 9) and weights.shape == (3, 4)  # 3 groups + clinical
+    assert torch.all(co[~inputs["mask"][:, None, :].expand_as(co)] == 0)
+    assert torch.all(co[1, :3] == 0) and torch.all(weights[1, :3] == 0)  # no omics
+    assert torch.allclose(co[0].sum(-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(weights.sum(-1), torch.ones(3), atol=1e-5)
+    assert build("abmil")(inputs["features"], inputs["mask"]).context_attention is None

@@ -254,6 +254,28 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
         "risk",
     ]
     assert not result.predictions.duplicated(["patient_id", "fold", "split"]).any()
+    _check_co_attention(result.out, syn, without_omics=set(patients[-2:]))
+
+
+def _check_co_attention(run: Path, syn: Any, without_omics: set[str]) -> None:
+    """One co-attention file per out-of-fold slide, aligned with its bag's tiles."""
+    from wsi_mil.features.bags import read_bag
+    from wsi_mil.mil.co_attention import read_co_attention
+
+    files = sorted((run / "co_attention").glob("*.h5"))
+    assert [f.stem for f in files] == sorted(syn.patients)  # every slide is out of fold once
+    for path in files:
+        co = read_co_attention(path)
+        assert co.tokens == ["group_0", "group_1", "clinical"]
+        assert co.attrs["patient_id"] == syn.patients[path.stem]
+        bag = read_bag(syn.features_dirs[0] / f"{path.stem}.h5")
+        np.testing.assert_array_equal(co.coords, bag.coords)
+        assert co.co_attention.shape == (3, len(bag.coords))
+        # slide-level bags: each present token's attention sums to 1 over the slide
+        present = co.weights > 0
+        assert np.allclose(co.co_attention.sum(1)[present], 1, atol=1e-4)
+        assert present[:2].any() != (co.attrs["patient_id"] in without_omics)
+        assert np.isclose(co.weights.sum(), 1, atol=1e-4)
 
 
 def test_test_bags_are_not_read_before_the_model_is_chosen(

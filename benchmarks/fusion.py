@@ -1,0 +1,206 @@
+"""Does ``dual_xattn`` fuse? Histology alone, omics alone, late fusion and dual cross-attention.
+
+A planted-signal cohort of generated *slides* (:func:`wsi_mil.mil.planted.make_planted_cohort`,
+one contiguous region of dense tissue on about ``--fraction`` of a positive slide's
+tissue) goes through the real ``wsi-mil tile`` and ``wsi-mil extract --encoder builtin``.
+:func:`wsi_mil.mil.planted.make_multimodal_cohort` then gives it an omics table (20
+gene groups of 10 genes; one group carries a per-patient signal, the rest is noise) and
+an outcome whose log hazard is ``1.6 h + 0.8 z`` (histology score ``h``, omics signal
+``z``; each carries about half of its variance) — or only one of the two with
+``--omics-effect 0`` / ``--histology-effect 0``. The label is the log hazard plus
+logistic noise above its median. A share of the patients (``--missing``) has no omics.
+
+On the same outer folds (``splits.json`` of the first run; every run uses the same seed
+and cohort), for each task:
+
+* ``abmil`` — histology only, ``train`` defaults;
+* ``omics linear`` — logistic regression / ridge Cox (scikit-learn / scikit-survival) on
+  the standardised omics (missing rows imputed with the training mean), regularisation
+  chosen by 3-fold CV inside the outer training set;
+* ``late fusion`` — the mean of the two models' outputs, each standardised with the
+  outputs of the fold's training patients;
+* ``dual_xattn`` — the fusion aggregator with the omics groups (and with ``age``, an
+  uninformative clinical column, as ``+clinical``), ``train`` defaults.
+
+Prints out-of-fold AUC or Harrell's C with bootstrap CIs and the oracle (the true log
+hazard). Finished runs in ``--data`` are reused. Usage::
+
+    python benchmarks/fusion.py [--data DIR] [--patients 100] [--missing 0 0.25 0.5]
+        [--tasks survival classification] [--omics-effect 0.8] [--histology-effect 1.6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from learning import _fmt, prepare
+
+from wsi_mil.mil.metrics import classification_metrics, survival_metrics
+from wsi_mil.mil.planted import MultimodalCohort, make_multimodal_cohort
+from wsi_mil.mil.run import TrainConfig
+from wsi_mil.mil.train import train_cv
+
+
+def train(mm: MultimodalCohort, bags: Path, task: str, variant: str, out: Path) -> pd.DataFrame:
+    """Train one MIL variant with the defaults (reused when finished); its predictions
+    with a ``score`` column (:func:`score`)."""
+    extra: dict[str, Any] = {}
+    if variant.startswith("dual_xattn"):
+        extra = {"omics": str(mm.omics), "omics_groups": str(mm.groups)}
+        if variant.endswith("+clinical"):
+            extra["clinical"] = ["age"]
+    config = TrainConfig(
+        task=task, cohort=str(mm.cohort), features=[str(bags)], n_boot=0,
+        model=variant.split("+")[0], **extra,
+    )  # fmt: skip
+    train_cv(config, out)
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"patient_id": str})
+    return predictions.assign(score=score(predictions, task))
+
+
+def score(predictions: pd.DataFrame, task: str) -> pd.Series:
+    """One number per row that orders patients (risk, or the logit of ``pos``)."""
+    if task == "survival":
+        return predictions["risk"]
+    p = predictions["prob_pos"].clip(1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def omics_linear(mm: MultimodalCohort, task: str, splits: dict[str, Any]) -> pd.DataFrame:
+    """The omics-only linear model per outer fold: ``patient_id, fold, split, score``."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sksurv.linear_model import CoxPHSurvivalAnalysis
+    from sksurv.util import Surv
+
+    table = pd.read_csv(mm.cohort, dtype={"patient_id": str}).set_index("patient_id")
+    omics = pd.read_csv(mm.omics, dtype={"patient_id": str}).set_index("patient_id")
+    x_all = omics.reindex(table.index)
+    rows = []
+    for fold in splits["folds"]:
+        train_ids = fold["train"] + fold["val"]
+        x_tr = x_all.loc[train_ids]
+        fill = x_tr.mean()
+        x_tr = x_tr.fillna(fill).to_numpy()
+        if task == "classification":
+            model = make_pipeline(
+                StandardScaler(), LogisticRegressionCV(Cs=10, cv=3, max_iter=5000)
+            )
+            model.fit(x_tr, (table.loc[train_ids, "label"] == "pos").to_numpy(int))
+            predict = model.decision_function
+        else:
+            y = Surv.from_arrays(
+                table.loc[train_ids, "event"].astype(bool), table.loc[train_ids, "time"]
+            )
+            pipe = make_pipeline(StandardScaler(), CoxPHSurvivalAnalysis())
+            grid = {"coxphsurvivalanalysis__alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]}
+            model = GridSearchCV(pipe, grid, cv=KFold(3, shuffle=True, random_state=0))
+            model.fit(x_tr, y)
+            predict = model.predict
+        for split, ids in (("train", train_ids), ("test", fold["test"])):
+            values = predict(x_all.loc[ids].fillna(fill).to_numpy())
+            rows += [(p, fold["fold"], split, float(v)) for p, v in zip(ids, values, strict=True)]
+    return pd.DataFrame(rows, columns=["patient_id", "fold", "split", "score"])
+
+
+def late_fusion(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Mean of two models' scores, each standardised on the fold's training patients."""
+    parts = []
+    for frame in (a, b):
+        f = frame[["patient_id", "fold", "split", "score"]].copy()
+        train = f[f["split"] == "train"].groupby("fold")["score"].agg(["mean", "std"])
+        f["score"] = (f["score"] - f["fold"].map(train["mean"])) / f["fold"].map(train["std"])
+        parts.append(f.set_index(["patient_id", "fold", "split"])["score"])
+    return (parts[0] + parts[1]).div(2).rename("score").reset_index()
+
+
+def metric(mm: MultimodalCohort, task: str, oof: pd.DataFrame) -> dict[str, Any]:
+    """Pooled out-of-fold AUC or Harrell's C of ``oof`` (``patient_id, split, score``)."""
+    test = oof[oof["split"] == "test"]
+    table = pd.read_csv(mm.cohort, dtype={"patient_id": str}).set_index("patient_id")
+    rows = table.loc[test["patient_id"]]
+    s = test["score"].to_numpy(float)
+    if task == "classification":
+        y = (rows["label"] == "pos").to_numpy(int)
+        prob = 1 / (1 + np.exp(-s))
+        return classification_metrics(y, np.stack([1 - prob, prob], 1), n_boot=500)["auc"]
+    return survival_metrics(rows["time"], rows["event"], s, n_boot=500)["harrell_c"]
+
+
+def oracle(mm: MultimodalCohort, task: str) -> dict[str, Any]:
+    """The metric of the true log hazard on all patients."""
+    table = pd.read_csv(mm.cohort, dtype={"patient_id": str})
+    oof = pd.DataFrame({"patient_id": table["patient_id"], "split": "test", "score": table["risk"]})
+    return metric(mm, task, oof)
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="reuse generated data here")
+    parser.add_argument("--patients", type=int, default=100)
+    parser.add_argument("--fraction", type=float, default=0.15)
+    parser.add_argument("--missing", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    parser.add_argument("--tasks", nargs="+", default=["survival", "classification"])
+    parser.add_argument("--histology-effect", type=float, default=1.6)
+    parser.add_argument("--omics-effect", type=float, default=0.8)
+    parser.add_argument("--variants", nargs="+", default=["dual_xattn", "dual_xattn+clinical"])
+    args = parser.parse_args()
+    root = args.data or Path(tempfile.mkdtemp(prefix="wsi-mil-fusion-"))
+    t_all = time.perf_counter()
+    base, bags = prepare(root / f"slides-{args.fraction:g}-{args.patients}", args.fraction,
+                         args.patients, 2560)  # fmt: skip
+    effects = f"h{args.histology_effect:g}-o{args.omics_effect:g}"
+    lines = []
+    for task in args.tasks:
+        first = True
+        for missing in args.missing:
+            data = root / f"{effects}-missing{missing:g}"
+            mm = make_multimodal_cohort(base, data, missing=missing,
+                                        histology_effect=args.histology_effect,
+                                        omics_effect=args.omics_effect)  # fmt: skip
+            if first:
+                first = False
+                lines.append(f"# oracle (true log hazard): {task} {_fmt(oracle(mm, task))}")
+            # histology alone does not depend on the omics: train it once per task
+            hist_run = root / f"{effects}-missing0" / "runs" / f"abmil-{task}"
+            t0 = time.perf_counter()
+            hist = train(mm, bags, task, "abmil", hist_run)
+            splits = json.loads((hist_run / "splits.json").read_text())
+            omics = omics_linear(mm, task, splits)
+            results = {
+                "abmil (histology)": (hist, time.perf_counter() - t0),
+                "omics linear": (omics, 0.0),
+                "late fusion": (late_fusion(hist, omics), 0.0),
+            }
+            for variant in args.variants:
+                t0 = time.perf_counter()
+                pred = train(mm, bags, task, variant, data / "runs" / f"{variant}-{task}")
+                results[variant] = (pred, time.perf_counter() - t0)
+            for name, (oof, seconds) in results.items():
+                line = (f"{task:<14} {missing:>7.0%} {name:<22} "
+                        f"{_fmt(metric(mm, task, oof)):<22} {seconds:>7.0f}")  # fmt: skip
+                lines.append(line)
+                print(line, flush=True)
+    print()
+    print(
+        f"fusion benchmark: {args.patients} patients, planted fraction {args.fraction:g}, "
+        f"log hazard {args.histology_effect:g} h + {args.omics_effect:g} z; data in {root}"
+    )
+    print(f"{'task':<14} {'missing':>7} {'model':<22} {'metric (95% CI)':<22} {'wall s':>7}")
+    print("\n".join(lines))
+    print(f"total wall time: {time.perf_counter() - t_all:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Per-slide co-attention files of fusion models: ``co_attention/<slide_id>.h5``.
+
+For a fusion aggregator (``dual_xattn``) each context token — one per omics gene group,
+one for the clinical covariates — attends over the bag's tiles, and the context pooling
+weighs the tokens against each other. Training writes both for every out-of-fold bag,
+split by slide like the attention files, so one can ask which tiles a gene group reads
+and how much that group counts.
+
+| name | dtype, shape | meaning |
+| --- | --- | --- |
+| ``co_attention`` | float32 (T, N) | attention of token ``t`` over the slide's tiles |
+| ``weights`` | float32 (T,) | context pooling weight of each token in the bag |
+| ``coords`` | int64 (N, 2) | level-0 (x, y) of each tile, same order |
+
+A token's attention sums to 1 over all tiles of its bag (all the patient's slides for a
+patient-level bag) and is 0 when its modality is missing; the weights sum to 1 over the
+present tokens. File attributes: ``format`` (``"wsi-mil.co_attention/1"``),
+``slide_id``, ``patient_id``, ``tokens`` (JSON list of T names: gene groups, then
+``clinical``), ``model``, ``source`` (``"fold_<k>"``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import h5py
+import numpy as np
+
+from wsi_mil.errors import WsiMilError
+from wsi_mil.mil.data import BagStore, Unit
+from wsi_mil.outputs import atomic_path, contained_path
+
+__all__ = [
+    "CO_ATTENTION_FORMAT",
+    "CoAttention",
+    "read_co_attention",
+    "write_unit_co_attention",
+]
+
+CO_ATTENTION_FORMAT = "wsi-mil.co_attention/1"
+
+
+class CoAttention(NamedTuple):
+    """Co-attention of one slide.
+
+    Attributes:
+        co_attention: (T, N) float32, token × tile.
+        weights: (T,) float32 token pooling weights of the slide's bag.
+        coords: (N, 2) int64 level-0 (x, y).
+        tokens: T token names (gene groups, then ``clinical``).
+        attrs: The other file attributes.
+    """
+
+    co_attention: np.ndarray
+    weights: np.ndarray
+    coords: np.ndarray
+    tokens: list[str]
+    attrs: dict[str, Any]
+
+
+def write_unit_co_attention(
+    out_dir: Path,
+    store: BagStore,
+    units: Sequence[Unit],
+    co_attention: Sequence[np.ndarray | None],
+    weights: Sequence[np.ndarray | None],
+    *,
+    tokens: Sequence[str],
+    source: str,
+    model_name: str,
+) -> None:
+    """Write ``<out_dir>/<slide_id>.h5`` for every slide of every unit with a
+    co-attention.
+
+    Args:
+        out_dir: Output folder.
+        store: The bags (tile coordinates and slide of each tile).
+        units: The bags, aligned with ``co_attention`` and ``weights``.
+        co_attention: Per unit, (T, N_u) or None (skipped).
+        weights: Per unit, (T,) or None.
+        tokens: T token names.
+        source: ``fold_<k>``.
+        model_name: The aggregator's name.
+
+    Raises:
+        UnsafePathError: A slide id would place its file outside ``out_dir``.
+    """
+    for unit, co, w in zip(units, co_attention, weights, strict=True):
+        if co is None or w is None:
+            continue
+        _, coords, which = store.unit(unit)
+        for j, slide_id in enumerate(unit.slide_ids):
+            sel = which == j
+            path = contained_path(out_dir, f"{slide_id}.h5")
+            with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+                h5.create_dataset("co_attention", data=np.asarray(co[:, sel], np.float32))
+                h5.create_dataset("weights", data=np.asarray(w, np.float32))
+                h5.create_dataset("coords", data=np.asarray(coords[sel], np.int64))
+                h5.attrs.update(
+                    format=CO_ATTENTION_FORMAT,
+                    slide_id=slide_id,
+                    patient_id=unit.patient_id,
+                    tokens=json.dumps(list(tokens)),
+                    model=model_name,
+                    source=source,
+                )
+
+
+def read_co_attention(path: str | os.PathLike[str]) -> CoAttention:
+    """Read a file written by :func:`write_unit_co_attention`.
+
+    Raises:
+        WsiMilError: Missing or not a co-attention file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WsiMilError(f"co-attention file {path} does not exist; train a fusion model")
+    with h5py.File(path, "r") as h5:
+        if h5.attrs.get("format") != CO_ATTENTION_FORMAT:
+            raise WsiMilError(f"{path} is not a wsi-mil co-attention file ({CO_ATTENTION_FORMAT})")
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in h5.attrs.items()}
+        tokens = json.loads(attrs.pop("tokens"))
+        return CoAttention(
+            h5["co_attention"][()], h5["weights"][()], h5["coords"][()], tokens, attrs
+        )
