@@ -38,6 +38,8 @@ __all__ = [
     "CO_ATTENTION_FORMAT",
     "CoAttention",
     "read_co_attention",
+    "summarise_co_attention",
+    "write_co_attention_summary",
     "write_unit_co_attention",
 ]
 
@@ -127,3 +129,94 @@ def read_co_attention(path: str | os.PathLike[str]) -> CoAttention:
         return CoAttention(
             h5["co_attention"][()], h5["weights"][()], h5["coords"][()], tokens, attrs
         )
+
+
+def summarise_co_attention(run: str | os.PathLike[str], predictions: Any) -> Any:
+    """Per context token: how much it counts and whether that goes with the prediction.
+
+    For every out-of-fold patient, the token's pooling weight (averaged over the
+    patient's bags) is paired with the patient's out-of-fold score (``risk``, or the
+    probability of the last class); Spearman's ρ between the two across patients tells
+    whether patients for whom a gene group counts more are predicted at higher risk.
+
+    Args:
+        run: Run folder with ``co_attention/``.
+        predictions: The run's predictions table (``patient_id``, ``split``, and ``risk``
+            or ``prob_<class>`` columns).
+
+    Returns:
+        A DataFrame ``token, n_patients, mean_weight, sd_weight, spearman_rho,
+        spearman_p`` (one row per token, in model order), or None without co-attention.
+    """
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    files = sorted((Path(run) / "co_attention").glob("*.h5"))
+    if not files:
+        return None
+    rows, tokens = [], []
+    for path in files:
+        co = read_co_attention(path)
+        tokens = co.tokens
+        rows.append({"patient_id": str(co.attrs["patient_id"]), **dict(enumerate(co.weights))})
+    weights = pd.DataFrame(rows).groupby("patient_id").mean()
+    test = predictions[predictions["split"] == "test"].astype({"patient_id": str})
+    score_column = "risk" if "risk" in test else [c for c in test if c.startswith("prob_")][-1]
+    score = test.groupby("patient_id")[score_column].mean().reindex(weights.index)
+    out = []
+    for t, name in enumerate(tokens):
+        w = weights[t].to_numpy(float)
+        present = w > 0  # a patient without the modality gives the token no weight
+        rho, p = (np.nan, np.nan)
+        if present.sum() >= 3 and np.ptp(w[present]) > 0:
+            rho, p = spearmanr(w[present], score.to_numpy(float)[present])
+        out.append(
+            {
+                "token": name,
+                "n_patients": int(present.sum()),
+                "mean_weight": float(w[present].mean()) if present.any() else np.nan,
+                "sd_weight": float(w[present].std(ddof=1)) if present.sum() > 1 else np.nan,
+                "spearman_rho": float(rho),
+                "spearman_p": float(p),
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def write_co_attention_summary(run: str | os.PathLike[str], predictions: Any) -> Path | None:
+    """Write ``co_attention_summary.csv`` and ``co_attention.png`` into the run folder.
+
+    Returns:
+        The CSV path, or None when the run has no co-attention (not a fusion model).
+    """
+    summary = summarise_co_attention(run, predictions)
+    if summary is None:
+        return None
+    run = Path(run)
+    with atomic_path(run / "co_attention_summary.csv") as tmp:
+        summary.to_csv(tmp, index=False)
+    with atomic_path(run / "co_attention.png") as tmp:
+        _figure(summary).savefig(tmp, format="png", dpi=120)
+    return run / "co_attention_summary.csv"
+
+
+def _figure(summary: Any) -> Any:
+    """Two panels per token: mean pooling weight (± SD) and Spearman ρ with the score."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.0, 0.3 * len(summary) + 1.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, sharey=True)
+    y = np.arange(len(summary))
+    left.barh(y, summary["mean_weight"], xerr=summary["sd_weight"], color="#4575b4")
+    left.set_yticks(y, [str(t).replace("$", r"\$") for t in summary["token"]])
+    left.invert_yaxis()
+    left.set_xlabel("context pooling weight (mean ± SD over patients)")
+    colours = ["#d73027" if r > 0 else "#4575b4" for r in summary["spearman_rho"].fillna(0)]
+    right.barh(y, summary["spearman_rho"].fillna(0), color=colours)
+    right.axvline(0, color="black", lw=0.8)
+    right.set_xlim(-1, 1)
+    right.set_xlabel("Spearman ρ of the weight with the out-of-fold score")
+    fig.suptitle("Which context tokens count, and with which prediction")
+    return fig

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_mil.mil.co_attention import write_unit_co_attention
+from wsi_mil.mil.co_attention import write_co_attention_summary, write_unit_co_attention
 from wsi_mil.mil.cohort import Cohort, load_cohort
 from wsi_mil.mil.data import (
     BagBatch,
@@ -463,6 +463,7 @@ def train_cv(
     predictions, metrics = write_run_outputs(
         out, frames, cohort, config, excluded=scan.empty, n_patients=len(usable)
     )
+    write_co_attention_summary(out, predictions)
     return RunResult(out, predictions, metrics, done)
 
 

@@ -276,6 +276,11 @@ def _check_co_attention(run: Path, syn: Any, without_omics: set[str]) -> None:
         assert np.allclose(co.co_attention.sum(1)[present], 1, atol=1e-4)
         assert present[:2].any() != (co.attrs["patient_id"] in without_omics)
         assert np.isclose(co.weights.sum(), 1, atol=1e-4)
+    summary = pd.read_csv(run / "co_attention_summary.csv")
+    assert list(summary["token"]) == ["group_0", "group_1", "clinical"]
+    assert list(summary["n_patients"]) == [8, 8, 10]  # two patients without omics
+    assert summary["spearman_rho"].between(-1, 1).all()
+    assert (run / "co_attention.png").stat().st_size > 0
 
 
 def test_test_bags_are_not_read_before_the_model_is_chosen(
