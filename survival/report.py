@@ -3,8 +3,10 @@
 Input is a predictions table (``runs/<name>/predictions.csv``): one row per fold and
 patient with ``patient_id``, ``fold``, ``split`` (``train`` or ``test``), ``time``,
 ``event``, ``risk`` (higher = earlier event) and optional clinical columns.
-Out-of-fold statistics use the **test** rows; risk-group cut-offs and the Breslow
-baseline of the Brier score are learnt on each fold's **train** rows.
+Out-of-fold statistics use the **test** rows; risk-group cut-offs, the Breslow
+baseline of the Brier score (on the optional ``linear_predictor`` column, the model's
+own log relative hazard, else on ``risk``) and its Kaplan–Meier reference are learnt on
+each fold's **train** rows.
 
 Outputs (in the run folder, or ``out_dir``), each written atomically:
 ``report.html`` (self-contained: figures embedded as base64 PNG, no network, template
@@ -250,7 +252,10 @@ def make_report(
         covariates: clinical columns to adjust the hazard ratios for.
         n_groups: number of risk groups (2 = median split of train risks).
         times: evaluation times of the time-dependent AUC.
-        tau: truncation time of Uno's C (default: 80th percentile of follow-up).
+        tau: the run's horizon (Uno's C, Brier-score grid, calibration table); default
+            the 80th percentile of the follow-up of the patients in the training rows
+            (:func:`~wsi_mil.survival.calibration.run_tau`), which is also the τ of the
+            run's ``metrics.json``.
         n_bootstrap: bootstrap resamples per confidence interval.
         seed: bootstrap seed.
         force: replace a report made from a different input.
