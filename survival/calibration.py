@@ -377,9 +377,7 @@ def default_n_groups(n: int) -> int:
 def _km_at(t: np.ndarray, e: np.ndarray, tau: float, alpha: float) -> tuple[float, float, float]:
     from sksurv.nonparametric import kaplan_meier_estimator
 
-    times, surv, conf = kaplan_meier_estimator(
-        e, t, conf_level=1 - alpha, conf_type="log-log"
-    )
+    times, surv, conf = kaplan_meier_estimator(e, t, conf_level=1 - alpha, conf_type="log-log")
     pos = int(np.searchsorted(times, tau, side="right")) - 1
     if pos < 0:
         return 1.0, 1.0, 1.0

@@ -254,7 +254,9 @@ def _fig_brier(data: dict) -> Any | None:
     fig = new_figure(6.5, 3.0)
     ax = fig.add_subplot()
     t = np.asarray(b["times"], dtype=float)
-    ax.plot(t, _floats(b["brier"]), "o-", color="#b2182b", label=f"model (IBS {fmt_num(b['ibs'], 3)})")
+    ax.plot(
+        t, _floats(b["brier"]), "o-", color="#b2182b", label=f"model (IBS {fmt_num(b['ibs'], 3)})"
+    )
     ax.plot(
         t,
         _floats(b["brier_km"]),
@@ -302,5 +304,7 @@ def draw_figures(data: dict[str, Any]) -> list[DrawnFigure]:
     for name, (title, draw) in FIGURES.items():
         fig = draw(data)
         if fig is not None:
-            drawn.append(DrawnFigure(name, title, {fmt: encode_figure(fig, fmt) for fmt in FORMATS}))
+            drawn.append(
+                DrawnFigure(name, title, {fmt: encode_figure(fig, fmt) for fmt in FORMATS})
+            )
     return drawn

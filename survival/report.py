@@ -43,9 +43,12 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "ReportResult",
     "analyse_predictions",
+    "check_overwrite",
+    "file_sha256",
     "load_predictions",
     "make_report",
     "resolve_report_paths",
+    "write_atomic",
 ]
 
 REPORT_FORMAT = "wsi-mil.survival-report/1"
@@ -199,7 +202,8 @@ def load_predictions(
 # ---- writing --------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file (streamed)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -207,12 +211,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a temporary name."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
 
 
-def _check_overwrite(out: Path, csv: Path, digest: str, force: bool) -> None:
+def check_overwrite(out: Path, csv: Path, digest: str, force: bool) -> None:
+    """Refuse to replace ``report.html``/``report.json`` in ``out`` made from another input.
+
+    Raises:
+        OutputExistsError: a report from a different input exists and not ``force``.
+    """
     html, js = out / "report.html", out / "report.json"
     if force or not (html.exists() or js.exists()):
         return
@@ -275,8 +285,8 @@ def make_report(
 
     csv, out = resolve_report_paths(source, out_dir)
     covariates = [c.strip() for c in covariates if c.strip()]
-    digest = _sha256(csv)
-    _check_overwrite(out, csv, digest, force)
+    digest = file_sha256(csv)
+    check_overwrite(out, csv, digest, force)
     df = load_predictions(csv, covariates)
     data, grouped = analyse_predictions(
         df,
@@ -303,11 +313,11 @@ def make_report(
     for f in drawn:
         for fmt, payload in f.files.items():
             figures.append(out / data["figures"][f.name][fmt])
-            _write_bytes(figures[-1], payload)
+            write_atomic(figures[-1], payload)
     config = {
         "report": {"source": str(csv.resolve()), "out": str(out.resolve()), **data["parameters"]}
     }
-    _write_bytes(out / "report_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
-    _write_bytes(out / "report.html", html.encode("utf-8"))
-    _write_bytes(out / "report.json", json.dumps(data, indent=2, allow_nan=False).encode())
+    write_atomic(out / "report_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    write_atomic(out / "report.html", html.encode("utf-8"))
+    write_atomic(out / "report.json", json.dumps(data, indent=2, allow_nan=False).encode())
     return ReportResult(out / "report.html", out / "report.json", figures, data)
