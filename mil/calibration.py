@@ -86,7 +86,7 @@ def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.959963984540054) -> np.nd
         phat = k / n
         centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
         half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return np.stack([centre - half, centre + half])
+    return np.clip(np.stack([centre - half, centre + half]), 0.0, 1.0)
 
 
 def reliability_bins(y: Any, probs: Any, n_bins: int = 10) -> Reliability:

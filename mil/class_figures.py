@@ -98,7 +98,7 @@ def _fig_reliability(data: dict) -> Any | None:
     ax.errorbar(
         pred[used],
         obs[used],
-        yerr=[obs[used] - lo[used], hi[used] - obs[used]],
+        yerr=np.clip([obs[used] - lo[used], hi[used] - obs[used]], 0, None),
         fmt="o-",
         color="#b2182b",
         capsize=3,

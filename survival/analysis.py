@@ -489,7 +489,7 @@ def analyse_predictions(
     tau_used = float(tau) if tau is not None else run_tau(df)
     data: dict[str, Any] = {
         "tau": _num(tau_used),
-        "tau_rule": "given" if tau is not None else TAU_RULE,
+        "tau_rule": TAU_RULE if tau_used == run_tau(df) else "given (tau / --tau)",
         "cohort": _cohort(df, p, notes),
     }
     if test.empty:
