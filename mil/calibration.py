@@ -27,7 +27,7 @@ class Reliability(NamedTuple):
 
     Attributes:
         edges: (B + 1,) bin edges on [0, 1].
-        count: (B,) rows per bin.
+        counts: (B,) rows per bin.
         predicted: (B,) mean predicted probability per bin (NaN when empty).
         observed: (B,) observed frequency per bin (NaN when empty).
         lower: (B,) Wilson 95% lower bound of ``observed``.
@@ -36,7 +36,7 @@ class Reliability(NamedTuple):
     """
 
     edges: np.ndarray
-    count: np.ndarray
+    counts: np.ndarray
     predicted: np.ndarray
     observed: np.ndarray
     lower: np.ndarray
@@ -114,9 +114,9 @@ def reliability_bins(y: Any, probs: Any, n_bins: int = 10) -> Reliability:
 def expected_calibration_error(y: Any, probs: Any, n_bins: int = 10) -> float:
     """ECE: ``sum_b (n_b / N) |observed_b - predicted_b|`` over :func:`reliability_bins`."""
     rel = reliability_bins(y, probs, n_bins)
-    used = rel.count > 0
+    used = rel.counts > 0
     gap = np.abs(rel.observed[used] - rel.predicted[used])
-    return float(np.sum(rel.count[used] / rel.count.sum() * gap))
+    return float(np.sum(rel.counts[used] / rel.counts.sum() * gap))
 
 
 def balanced_decision(probs: Any, prior: Any | None = None) -> np.ndarray:

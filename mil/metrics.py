@@ -147,7 +147,7 @@ def classification_metrics(
         out["reliability"] = {
             "kind": rel.kind,
             "edges": rel.edges.tolist(),
-            "count": rel.count.tolist(),
+            "count": rel.counts.tolist(),
             "predicted": [_finite(v) for v in rel.predicted],
             "observed": [_finite(v) for v in rel.observed],
             "lower": [_finite(v) for v in rel.lower],

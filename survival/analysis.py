@@ -205,14 +205,25 @@ def _pooled_concordance(
 
     args = (test["time"], test["event"], test["risk"])
     ref = _train_patients(df)
-    kw = {"train_time": ref["time"], "train_event": ref["event"]} if ref["event"].any() else {}
+    has_ref = bool(ref["event"].any())
+
+    def uno() -> dict[str, Any]:
+        return _ci(
+            uno_c(
+                *args,
+                tau=tau,
+                train_time=ref["time"] if has_ref else None,
+                train_event=ref["event"] if has_ref else None,
+                n_bootstrap=p.n_bootstrap,
+                seed=p.seed,
+            )
+        )
+
     return {
         "n_test": len(test),
         "events_test": int(test["event"].sum()),
         "harrell": _attempt(lambda: _ci(harrell_c(*args, **p.boot)), "Harrell's C, pooled", notes),
-        "uno": _attempt(
-            lambda: _ci(uno_c(*args, tau=tau, **kw, **p.boot)), "Uno's C, pooled", notes
-        ),
+        "uno": _attempt(uno, "Uno's C, pooled", notes),
     }
 
 

@@ -158,6 +158,20 @@ def _stack(parts: list[Callable[[np.ndarray], np.ndarray]]) -> Callable[[Any], n
     return at
 
 
+def _breslow_curves(base: Any, risk: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    def at(grid: np.ndarray) -> np.ndarray:
+        return np.asarray(base.survival(risk, grid))
+
+    return at
+
+
+def _km_curves(curve: StepCurve, n: int) -> Callable[[np.ndarray], np.ndarray]:
+    def at(grid: np.ndarray) -> np.ndarray:
+        return np.tile(curve.at(grid), (n, 1))
+
+    return at
+
+
 def out_of_fold_survival(df: pd.DataFrame) -> FoldSurvival:
     """Per fold, fit a Breslow baseline and a Kaplan–Meier curve on the training rows and
     apply them to the fold's test rows.
@@ -177,7 +191,9 @@ def out_of_fold_survival(df: pd.DataFrame) -> FoldSurvival:
     test = df[df["split"] == "test"]
     if test.empty:
         raise UndefinedStatisticError("no test rows")
-    model, km, order = [], [], []
+    model: list[Callable[[np.ndarray], np.ndarray]] = []
+    km: list[Callable[[np.ndarray], np.ndarray]] = []
+    order = []
     folds = sorted(test["fold"].unique().tolist(), key=lambda f: (str(type(f)), f))
     for fold in folds:
         tr = df[(df["fold"] == fold) & (df["split"] == "train")]
@@ -189,8 +205,8 @@ def out_of_fold_survival(df: pd.DataFrame) -> FoldSurvival:
         base = breslow_survival(tr["time"], tr["event"], tr[lp])
         risk = test[lp].to_numpy(float)[idx]
         curve = kaplan_meier_fit(tr["time"], tr["event"])
-        model.append(lambda g, b=base, r=risk: b.survival(r, g))
-        km.append(lambda g, c=curve, n=idx.size: np.tile(c.at(g), (n, 1)))
+        model.append(_breslow_curves(base, risk))
+        km.append(_km_curves(curve, idx.size))
         order.append(idx)
     rows = np.concatenate(order)
     return FoldSurvival(

@@ -88,7 +88,7 @@ def test_brier_ece_and_reliability_match_sklearn() -> None:
     assert brier_score(y, probs) == pytest.approx(brier_score_loss(y, p1))
     true, pred = calibration_curve(y, p1, n_bins=10, strategy="uniform")
     rel = reliability_bins(y, probs, 10)
-    used = rel.count > 0
+    used = rel.counts > 0
     np.testing.assert_allclose(rel.observed[used], true)
     np.testing.assert_allclose(rel.predicted[used], pred)
     counts = np.histogram(p1, np.linspace(0, 1, 11))[0]

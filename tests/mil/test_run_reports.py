@@ -33,9 +33,9 @@ def test_metrics_and_report_share_tau_and_uno_c(survival_run: Any) -> None:
     # the linear predictor is the fold's own scale: risk is its z-score on training rows
     for _, rows in preds.groupby("fold"):
         tr = rows[rows["split"] == "train"]
-        z = (tr["linear_predictor"] - tr["linear_predictor"].mean()) / tr[
-            "linear_predictor"
-        ].std(ddof=0)
+        z = (tr["linear_predictor"] - tr["linear_predictor"].mean()) / tr["linear_predictor"].std(
+            ddof=0
+        )
         np.testing.assert_allclose(z, tr["risk"], atol=1e-9)
     assert report["calibration"]["groups"]
 
