@@ -1,7 +1,8 @@
 """Task heads: how aggregator logits become a loss and a prediction.
 
 * :class:`ClassificationHead` — binary or multiclass, class-weighted cross-entropy;
-  predictions are class probabilities (B, C).
+  predictions are class probabilities (B, C), corrected by prior shift for the class
+  weights so that they are calibrated to the training prevalence.
 * :class:`CoxHead` — one logit = log relative hazard, weighted Cox partial likelihood
   (:func:`wsi_mil.survival.loss.cox_ph_loss`); predictions are risks (B,), z-scored
   against the fold's training patients.
@@ -38,6 +39,7 @@ __all__ = [
     "SurvivalHead",
     "create_head",
     "head_from_state",
+    "prior_shift",
     "survival_pseudo_labels",
 ]
 
@@ -81,6 +83,14 @@ class Head(abc.ABC):
 class ClassificationHead(Head):
     """Class-weighted cross-entropy over ``len(classes)`` logits (2 for binary).
 
+    Weighting class ``c`` by ``w_c`` trains the softmax towards the class posterior of a
+    population whose class prior is ``pi_c * w_c`` (balanced for the default weights
+    ``w_c = n / (C * n_c)``), not the training prevalence ``pi_c``. :meth:`predict`
+    undoes this by prior shift, ``p_c = (q_c / w_c) / sum_j (q_j / w_j)`` with ``q`` the
+    softmax, so the probabilities users see are calibrated to the training prevalence
+    (an intercept-only model predicts the prevalence). :meth:`balanced_probabilities`
+    gives ``q``; its argmax equals that of ``p_c / pi_c`` (the balanced decision).
+
     Args:
         classes: Class names; logit ``k`` is class ``classes[k]``.
         class_weights: (C,) loss weight per class (default all 1).
@@ -111,8 +121,14 @@ class ClassificationHead(Head):
         weight = torch.tensor(self.class_weights, dtype=torch.float32, device=logits.device)
         return F.cross_entropy(logits.float(), targets["label"].to(logits.device), weight=weight)
 
-    def predict(self, logits: torch.Tensor) -> np.ndarray:
+    def balanced_probabilities(self, logits: torch.Tensor) -> np.ndarray:
+        """(B, C) softmax of the logits: posteriors under the class-weighted prior."""
         return torch.softmax(logits.float(), dim=1).detach().cpu().double().numpy()
+
+    def predict(self, logits: torch.Tensor) -> np.ndarray:
+        """(B, C) class probabilities calibrated to the training prevalence (prior shift
+        of :meth:`balanced_probabilities` by the class weights)."""
+        return prior_shift(self.balanced_probabilities(logits), self.class_weights)
 
     def instance_labels(self, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The class indices (B,)."""
@@ -120,6 +136,29 @@ class ClassificationHead(Head):
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "classes": self.classes, "class_weights": self.class_weights}
+
+
+def prior_shift(probs: np.ndarray, class_weights: Sequence[float]) -> np.ndarray:
+    """Undo class weighting by prior shift: ``p_c ∝ q_c / w_c``.
+
+    Args:
+        probs: (B, C) probabilities of a model trained with loss weights ``w``.
+        class_weights: (C,) positive loss weights.
+
+    Returns:
+        (B, C) probabilities under the unweighted (training) class prior.
+
+    Raises:
+        ValueError: weights that are not positive, or a shape mismatch.
+    """
+    w = np.asarray(class_weights, dtype=np.float64)
+    q = np.asarray(probs, dtype=np.float64)
+    if q.ndim != 2 or q.shape[1] != w.size:
+        raise ValueError(f"probs must have shape (B, {w.size}), got {q.shape}")
+    if not (np.isfinite(w).all() and (w > 0).all()):
+        raise ValueError(f"class_weights must be positive, got {w.tolist()}")
+    p = q / w
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def _survival_targets(cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -194,6 +233,12 @@ class SurvivalHead(Head):
 
     def predict(self, logits: torch.Tensor) -> np.ndarray:
         return (self.raw_risk(logits) - self.center) / self.scale
+
+    def linear_predictor(self, risk: Any) -> np.ndarray:
+        """Undo :meth:`predict`'s standardisation: (N,) risks -> the model's own (N,)
+        risk scale (for the Cox head its log relative hazard), on which the survival
+        report fits its Breslow baseline."""
+        return np.asarray(risk, dtype=np.float64) * self.scale + self.center
 
     def _calibration(self) -> dict[str, float | None]:
         return {"center": self.center, "scale": self.scale, "pseudo_cutoff": self.pseudo_cutoff}

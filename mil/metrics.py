@@ -1,10 +1,12 @@
 """Out-of-fold metrics with patient-bootstrap confidence intervals.
 
-Classification: ROC AUC (binary; one-vs-rest macro for multiclass) and balanced
-accuracy from scikit-learn. Survival: Harrell's and Uno's C from
-:mod:`wsi_mil.survival.metrics` (risk: higher = earlier event). Every value comes with
-a percentile bootstrap 95% CI over patients (seeded); a value that is undefined (e.g. a
-single class in a fold) is ``None`` rather than an error.
+Classification: ROC AUC (binary; one-vs-rest macro for multiclass), balanced
+accuracy (of the balanced decision, :func:`~wsi_mil.mil.calibration.balanced_decision`),
+Brier score and expected calibration error with the reliability bins
+(:mod:`wsi_mil.mil.calibration`). Survival: Harrell's and Uno's C from
+:mod:`wsi_mil.survival.metrics` (risk: higher = earlier event) at the run's horizon τ.
+Every value comes with a percentile bootstrap 95% CI over patients (seeded); a value
+that is undefined (e.g. a single class in a fold) is ``None`` rather than an error.
 """
 
 from __future__ import annotations
@@ -91,34 +93,71 @@ def _balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float | None:
 
 
 def classification_metrics(
-    y: Sequence[int], probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0
+    y: Sequence[int],
+    probs: np.ndarray,
+    *,
+    prior: np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = 10,
 ) -> dict[str, Any]:
-    """AUC and balanced accuracy with bootstrap CIs.
+    """AUC, balanced accuracy, Brier score and ECE with bootstrap CIs.
 
     Args:
         y: (P,) true class indices.
-        probs: (P, C) class probabilities.
+        probs: (P, C) class probabilities (calibrated to the training prevalence).
+        prior: training prevalence, (C,) or per row (P, C), for the balanced decision of
+            the balanced accuracy (None: the most probable class).
         n_boot: Bootstrap resamples.
         seed: Bootstrap seed.
+        n_bins: Bins of the ECE and the reliability diagram.
 
     Returns:
-        ``{"auc": {...}, "balanced_accuracy": {...}, "n_patients"}``.
+        ``{"auc", "balanced_accuracy", "brier", "ece": {...}, "reliability": {...},
+        "n_patients"}``.
     """
+    from wsi_mil.mil.calibration import (
+        balanced_decision,
+        brier_score,
+        expected_calibration_error,
+        reliability_bins,
+    )
+
     truth = np.asarray(y, int)
     probs = np.asarray(probs, float)
     n_classes = probs.shape[1]
-    pred = probs.argmax(axis=1)
+    pred = balanced_decision(probs, prior)
+    n = len(truth)
 
     def bacc(idx: np.ndarray) -> float | None:
         return _balanced_accuracy(truth[idx], pred[idx])
 
-    return {
-        "auc": bootstrap_ci(
-            lambda i: _auc(truth[i], probs[i], n_classes), len(truth), n_boot=n_boot, seed=seed
-        ),
-        "balanced_accuracy": bootstrap_ci(bacc, len(truth), n_boot=n_boot, seed=seed),
-        "n_patients": len(truth),
+    def ci(fn: Callable[[np.ndarray], float | None]) -> dict[str, Any]:
+        return bootstrap_ci(fn, n, n_boot=n_boot, seed=seed)
+
+    out: dict[str, Any] = {
+        "auc": ci(lambda i: _auc(truth[i], probs[i], n_classes)),
+        "balanced_accuracy": ci(bacc),
+        "brier": ci(lambda i: brier_score(truth[i], probs[i])),
+        "ece": ci(lambda i: expected_calibration_error(truth[i], probs[i], n_bins)),
+        "n_patients": n,
     }
+    if n:
+        rel = reliability_bins(truth, probs, n_bins)
+        out["reliability"] = {
+            "kind": rel.kind,
+            "edges": rel.edges.tolist(),
+            "count": rel.counts.tolist(),
+            "predicted": [_finite(v) for v in rel.predicted],
+            "observed": [_finite(v) for v in rel.observed],
+            "lower": [_finite(v) for v in rel.lower],
+            "upper": [_finite(v) for v in rel.upper],
+        }
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
 
 
 def _c_index(fn: Callable[[], Any]) -> dict[str, Any]:
@@ -148,6 +187,7 @@ def survival_metrics(
     *,
     train_time: Sequence[float] | None = None,
     train_event: Sequence[int] | None = None,
+    tau: float | None = None,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -156,7 +196,8 @@ def survival_metrics(
     Computed by :func:`wsi_mil.survival.metrics.harrell_c` and
     :func:`~wsi_mil.survival.metrics.uno_c`; Uno's C weights by the censoring
     distribution of the training patients (``train_time``/``train_event``, default the
-    held-out ones) with that function's default truncation time.
+    held-out ones) and is truncated at ``tau`` (the run's horizon; None = that
+    function's default).
 
     Returns:
         ``{"harrell_c": {...}, "uno_c": {...}, "n_patients", "n_events"}``; a C-index
@@ -174,6 +215,7 @@ def survival_metrics(
                 t,
                 e,
                 r,
+                tau=tau,
                 train_time=train_time,
                 train_event=train_event,
                 n_bootstrap=n_boot,

@@ -358,7 +358,10 @@ def _finish_fold(ctx: _Context, fm: FoldModel, fold_spec: dict[str, Any]) -> pd.
             fm.meta["head"] = fm.head.state_dict()
         outputs = fm.head.predict(preds.logits)
         rows = patient_rows(ctx.cohort, data.units, outputs, fm.head, {"fold": k, "split": split})
-        frames.append(pd.DataFrame(rows))
+        frame = pd.DataFrame(rows)
+        if isinstance(fm.head, SurvivalHead):  # the Breslow baseline needs the own scale
+            frame["linear_predictor"] = fm.head.linear_predictor(frame["risk"])
+        frames.append(frame)
         if split == "test":
             write_unit_attention(
                 ctx.out / "attention",

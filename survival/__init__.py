@@ -10,6 +10,9 @@ Modules (imported lazily, so ``import wsi_mil.survival`` is cheap):
   ``discrete_time_nll`` and time-bin helpers (torch).
 * :mod:`~wsi_mil.survival.metrics` — Harrell's and Uno's C, time-dependent AUC,
   integrated Brier score, each with bootstrap CIs (scikit-survival).
+* :mod:`~wsi_mil.survival.calibration` — the run's horizon τ (``choose_tau``,
+  ``run_tau``), the Brier score beside its Kaplan–Meier reference (``brier_vs_km``) and
+  predicted vs observed survival at τ by risk group (``calibration_by_group``).
 * :mod:`~wsi_mil.survival.stratify` — risk groups from training cut-offs, Kaplan–Meier,
   log-rank, hazard ratios (lifelines).
 * :mod:`~wsi_mil.survival.report` — the HTML / JSON survival report: ``make_report``
@@ -68,6 +71,16 @@ _EXPORTS = {
         "numbers_at_risk",
         "stratify_risk",
     ),
+    "calibration": (
+        "BrierComparison",
+        "CalibrationTable",
+        "brier_vs_km",
+        "calibration_by_group",
+        "choose_tau",
+        "kaplan_meier_fit",
+        "out_of_fold_brier",
+        "run_tau",
+    ),
     "analysis": ("analyse_predictions",),
     "report": ("ReportResult", "load_predictions", "make_report"),
 }
@@ -75,8 +88,10 @@ _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "BreslowBaseline",
+    "BrierComparison",
     "BrierScore",
     "CIndex",
+    "CalibrationTable",
     "HazardRatio",
     "KMCurve",
     "LogRank",
@@ -92,6 +107,9 @@ __all__ = [
     "assign_time_bins",
     "breslow_survival",
     "brier_from_survival",
+    "brier_vs_km",
+    "calibration_by_group",
+    "choose_tau",
     "cox_ph_loss",
     "default_eval_times",
     "discrete_time_nll",
@@ -102,6 +120,7 @@ __all__ = [
     "hazard_ratios",
     "integrated_brier",
     "kaplan_meier",
+    "kaplan_meier_fit",
     "learn_cutoffs",
     "load_predictions",
     "logrank",
@@ -109,6 +128,8 @@ __all__ = [
     "make_time_bins",
     "median_follow_up",
     "numbers_at_risk",
+    "out_of_fold_brier",
+    "run_tau",
     "stratify_risk",
     "time_dependent_auc",
     "to_risk",

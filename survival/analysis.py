@@ -15,10 +15,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from wsi_mil.survival.calibration import LP_COLUMN, TAU_RULE, run_tau
 from wsi_mil.survival.summary import fmt_num, summarise
 from wsi_mil.survival.validate import SurvivalDataError, UndefinedStatisticError
 
-__all__ = ["analyse_predictions"]
+__all__ = ["analyse_predictions", "brier_json", "calibration_json"]
 
 _ALPHA = 0.05
 
@@ -197,20 +198,40 @@ def _fold_concordance(
     return entry
 
 
-def _pooled_concordance(test: pd.DataFrame, tau: float, p: _Params, notes: list[str]) -> dict:
+def _pooled_concordance(
+    df: pd.DataFrame, test: pd.DataFrame, tau: float, p: _Params, notes: list[str]
+) -> dict:
     from wsi_mil.survival.metrics import harrell_c, uno_c
 
     args = (test["time"], test["event"], test["risk"])
+    ref = _train_patients(df)
+    has_ref = bool(ref["event"].any())
+
+    def uno() -> dict[str, Any]:
+        return _ci(
+            uno_c(
+                *args,
+                tau=tau,
+                train_time=ref["time"] if has_ref else None,
+                train_event=ref["event"] if has_ref else None,
+                n_bootstrap=p.n_bootstrap,
+                seed=p.seed,
+            )
+        )
+
     return {
         "n_test": len(test),
         "events_test": int(test["event"].sum()),
         "harrell": _attempt(lambda: _ci(harrell_c(*args, **p.boot)), "Harrell's C, pooled", notes),
-        "uno": _attempt(lambda: _ci(uno_c(*args, tau=tau, **p.boot)), "Uno's C, pooled", notes),
+        "uno": _attempt(uno, "Uno's C, pooled", notes),
     }
 
 
-def _default_tau(df: pd.DataFrame) -> float:
-    return float(np.percentile(_patients(df)["time"], 80))
+def _train_patients(df: pd.DataFrame) -> pd.DataFrame:
+    """The patients of the training rows, each once (the censoring reference of the
+    pooled Uno's C; every patient when there is no training row)."""
+    train = df[df["split"] == "train"]
+    return _patients(train if not train.empty else df)
 
 
 def _time_auc(test: pd.DataFrame, p: _Params, notes: list[str]) -> dict[str, Any]:
@@ -232,47 +253,74 @@ def _time_auc(test: pd.DataFrame, p: _Params, notes: list[str]) -> dict[str, Any
     return _attempt(run, "time-dependent AUC (pooled test rows)", notes)
 
 
-def _curves(base: Any, risk: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """Survival curves of ``risk`` under a fold's Breslow baseline, as a function of times."""
+def _brier(df: pd.DataFrame, tau: float, p: _Params, notes: list[str]) -> tuple[dict, dict]:
+    """The Brier score beside its Kaplan–Meier reference, and the calibration table at τ."""
+    from wsi_mil.survival.calibration import calibration_by_group, out_of_fold_brier
 
-    def at(grid: np.ndarray) -> np.ndarray:
-        return np.asarray(base.survival(risk, grid))
+    try:
+        res, fs = out_of_fold_brier(df, tau, **p.boot)
+    except UndefinedStatisticError as exc:
+        note = {"note": _undefined("integrated Brier score (pooled test rows)", exc, notes)}
+        return note, {"note": note["note"]}
+    if fs.lp_column != LP_COLUMN:
+        notes.append(
+            f"predictions have no {LP_COLUMN!r} column: the Breslow baseline of the Brier "
+            "score and the calibration table treats 'risk' as the log relative hazard"
+        )
+    brier = brier_json(res)
+    brier["baseline"] = (
+        f"Breslow baseline on column {fs.lp_column!r} of each fold's training rows; "
+        "Kaplan–Meier reference fitted on the same training rows"
+    )
 
-    return at
+    def table() -> dict[str, Any]:
+        cal = calibration_by_group(fs.time, fs.event, fs.model(np.array([tau]))[:, 0], tau)
+        return calibration_json(cal)
+
+    return brier, _attempt(table, "calibration at tau (pooled test rows)", notes)
 
 
-def _brier(df: pd.DataFrame, test: pd.DataFrame, p: _Params, notes: list[str]) -> dict:
-    from wsi_mil.survival.metrics import breslow_survival, brier_from_survival
+def brier_json(res: Any) -> dict[str, Any]:
+    """A :class:`~wsi_mil.survival.calibration.BrierComparison` as JSON-safe values."""
+    ci = np.asarray(res.ci)
+    return {
+        "times": _jsonable(res.times),
+        "brier": _jsonable(res.brier),
+        "brier_km": _jsonable(res.brier_km),
+        "ibs": _num(res.ibs),
+        "lower": _num(ci[0, 0]),
+        "upper": _num(ci[0, 1]),
+        "ibs_km": _num(res.ibs_km),
+        "ibs_km_lower": _num(ci[1, 0]),
+        "ibs_km_upper": _num(ci[1, 1]),
+        "ibs_minus_km": _num(res.difference),
+        "ibs_minus_km_lower": _num(ci[2, 0]),
+        "ibs_minus_km_upper": _num(ci[2, 1]),
+        "n_bootstrap": res.n_bootstrap,
+    }
 
-    def run() -> dict[str, Any]:
-        parts: list[Callable[[np.ndarray], np.ndarray]] = []
-        order = []
-        for fold in _folds(df):
-            tr = _fold_rows(df, fold, "train")
-            te_idx = np.flatnonzero((test["fold"] == fold).to_numpy())
-            if te_idx.size == 0:
-                continue
-            if tr.empty:
-                raise UndefinedStatisticError(
-                    f"fold {fold} has no train rows to fit the Breslow baseline on"
-                )
-            base = breslow_survival(tr["time"], tr["event"], tr["risk"])
-            risk = test["risk"].to_numpy()[te_idx]
-            parts.append(_curves(base, risk))
-            order.append(te_idx)
-        idx = np.concatenate(order)
-        t, e = test["time"].to_numpy()[idx], test["event"].to_numpy()[idx]
-        res = brier_from_survival(t, e, lambda grid: np.vstack([f(grid) for f in parts]), **p.boot)
-        return {
-            "times": _jsonable(res.times),
-            "brier": _jsonable(res.brier),
-            "ibs": _num(res.ibs),
-            "lower": _num(res.lower),
-            "upper": _num(res.upper),
-            "n_bootstrap": res.n_bootstrap,
-        }
 
-    return _attempt(run, "integrated Brier score (pooled test rows)", notes)
+def calibration_json(cal: Any) -> dict[str, Any]:
+    """A :class:`~wsi_mil.survival.calibration.CalibrationTable` as JSON-safe values."""
+    return {
+        "tau": _num(cal.tau),
+        "method": (
+            f"{len(cal.n)} quantile groups of predicted survival at tau (group 1 = highest "
+            "risk); observed = Kaplan–Meier at tau with log-log 95% CI"
+        ),
+        "groups": [
+            {
+                "group": i + 1,
+                "n": int(cal.n[i]),
+                "events": int(cal.events[i]),
+                "predicted": _num(cal.predicted[i]),
+                "observed": _num(cal.observed[i]),
+                "lower": _num(cal.lower[i]),
+                "upper": _num(cal.upper[i]),
+            }
+            for i in range(len(cal.n))
+        ],
+    }
 
 
 # ---- risk groups ----------------------------------------------------------------------
@@ -427,7 +475,10 @@ def analyse_predictions(
         n_groups: risk groups (2 = median split of the train risks, 3 = tertiles).
         times: evaluation times of the time-dependent AUC (default: 5 percentiles of the
             event times).
-        tau: truncation time of Uno's C (default: 80th percentile of follow-up).
+        tau: the run's horizon: truncation time of Uno's C, end of the Brier-score
+            grid and time of the calibration table (default
+            :func:`~wsi_mil.survival.calibration.run_tau`: 80th percentile of the
+            follow-up of the patients in the training rows).
         n_bootstrap: bootstrap resamples of every confidence interval.
         seed: bootstrap seed.
 
@@ -446,17 +497,21 @@ def analyse_predictions(
     )
     notes: list[str] = []
     test = df[df["split"] == "test"]
-    tau_used = float(tau) if tau is not None else _default_tau(df)
-    data: dict[str, Any] = {"cohort": _cohort(df, p, notes)}
+    tau_used = float(tau) if tau is not None else run_tau(df)
+    data: dict[str, Any] = {
+        "tau": _num(tau_used),
+        "tau_rule": TAU_RULE if tau_used == run_tau(df) else "given (tau / --tau)",
+        "cohort": _cohort(df, p, notes),
+    }
     if test.empty:
         notes.append("no test rows: out-of-fold statistics are not defined")
     data["concordance"] = {
         "tau": _num(tau_used),
         "per_fold": [_fold_concordance(df, f, tau_used, p, notes) for f in _folds(df)],
-        "pooled": _pooled_concordance(test, tau_used, p, notes),
+        "pooled": _pooled_concordance(df, test, tau_used, p, notes),
     }
     data["time_auc"] = _time_auc(test, p, notes)
-    data["brier"] = _brier(df, test, p, notes)
+    data["brier"], data["calibration"] = _brier(df, tau_used, p, notes)
     grouped, info = _risk_groups(df, p, notes)
     data["stratification"] = _stratification(grouped, info, notes)
     data["hazard_ratios"] = _hazard_ratios(grouped, p, notes)

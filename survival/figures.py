@@ -16,7 +16,7 @@ import numpy as np
 
 from wsi_mil.survival.summary import fmt_num, fmt_p
 
-__all__ = ["FIGURES", "FORMATS", "DrawnFigure", "draw_figures"]
+__all__ = ["FIGURES", "FORMATS", "DrawnFigure", "draw_figures", "encode_figure", "new_figure"]
 
 FORMATS = ("png", "svg")
 _COLOURS = ["#1b7837", "#e08214", "#b2182b", "#2166ac", "#762a83", "#4d4d4d"]
@@ -36,7 +36,7 @@ class DrawnFigure(NamedTuple):
     files: dict[str, bytes]
 
 
-def _new_figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
     """A figure drawn by the Agg backend, chosen here per figure.
 
     The figure is bound to ``FigureCanvasAgg`` directly instead of switching pyplot's
@@ -66,7 +66,7 @@ def _fig_cindex(data: dict) -> Any | None:
     rows = [(f"fold {f['fold']}", f) for f in conc["per_fold"]] + [("pooled", conc["pooled"])]
     if not any("estimate" in r[kind] for _, r in rows for kind in ("harrell", "uno")):
         return None
-    fig = _new_figure(6.5, 0.45 * len(rows) + 1.3)
+    fig = new_figure(6.5, 0.45 * len(rows) + 1.3)
     ax = fig.add_subplot()
     for j, (kind, name, colour) in enumerate(
         [
@@ -96,7 +96,7 @@ def _fig_auc(data: dict) -> Any | None:
     auc = data["time_auc"]
     if "auc" not in auc:
         return None
-    fig = _new_figure(6.5, 3.2)
+    fig = new_figure(6.5, 3.2)
     ax = fig.add_subplot()
     t = np.asarray(auc["times"], dtype=float)
     a = np.asarray(auc["auc"], dtype=float)
@@ -149,7 +149,7 @@ def _fig_km(data: dict) -> Any | None:
     colours = dict(
         zip(labels, _COLOURS if len(labels) != 2 else ["#2166ac", "#b2182b"], strict=False)
     )
-    fig = _new_figure(6.5, 4.6)
+    fig = new_figure(6.5, 4.6)
     gs = fig.add_gridspec(2, 1, height_ratios=[4, 0.35 * len(labels) + 0.4])
     ax = fig.add_subplot(gs[0])
     _draw_km_curves(ax, strat["km"], colours)
@@ -173,7 +173,7 @@ def _fig_forest(data: dict) -> Any | None:
         return None
     from matplotlib import ticker
 
-    fig = _new_figure(6.5, 0.38 * len(rows) + 1.3)
+    fig = new_figure(6.5, 0.38 * len(rows) + 1.3)
     ax = fig.add_subplot()
     y = np.arange(len(rows))[::-1]
     for model, colour in (("univariate", "#4d4d4d"), ("multivariable", "#b2182b")):
@@ -203,7 +203,7 @@ def _fig_risk(data: dict) -> Any | None:
     dist = data["risk_distribution"]
     if "edges" not in dist:
         return None
-    fig = _new_figure(6.5, 2.8)
+    fig = new_figure(6.5, 2.8)
     ax = fig.add_subplot()
     edges = np.asarray(dist["edges"], dtype=float)
     width = np.diff(edges)
@@ -217,17 +217,73 @@ def _fig_risk(data: dict) -> Any | None:
     return fig
 
 
+def _fig_calibration(data: dict) -> Any | None:
+    cal = data.get("calibration", {})
+    if not cal.get("groups"):
+        return None
+    g = cal["groups"]
+    pred = _floats(x["predicted"] for x in g)
+    obs = _floats(x["observed"] for x in g)
+    lo, hi = _floats(x["lower"] for x in g), _floats(x["upper"] for x in g)
+    fig = new_figure(4.6, 4.2)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfect calibration")
+    ax.errorbar(
+        pred,
+        obs,
+        yerr=[np.clip(obs - lo, 0, None), np.clip(hi - obs, 0, None)],
+        fmt="o",
+        color="#2166ac",
+        capsize=3,
+        label="risk group (KM, 95% CI)",
+    )
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    tau = fmt_num(cal["tau"], 1)
+    ax.set_xlabel(f"predicted survival at τ = {tau}")
+    ax.set_ylabel(f"observed (Kaplan–Meier) survival at τ = {tau}")
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def _fig_brier(data: dict) -> Any | None:
+    b = data["brier"]
+    if "brier" not in b:
+        return None
+    fig = new_figure(6.5, 3.0)
+    ax = fig.add_subplot()
+    t = np.asarray(b["times"], dtype=float)
+    ax.plot(
+        t, _floats(b["brier"]), "o-", color="#b2182b", label=f"model (IBS {fmt_num(b['ibs'], 3)})"
+    )
+    ax.plot(
+        t,
+        _floats(b["brier_km"]),
+        "s--",
+        color="#4d4d4d",
+        label=f"Kaplan–Meier only (IBS {fmt_num(b['ibs_km'], 3)})",
+    )
+    ax.set_xlabel("time")
+    ax.set_ylabel("Brier score (lower is better)")
+    ax.set_ylim(bottom=0)
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
 #: Figure name -> (title, drawing function returning a figure or None when undefined).
 FIGURES: dict[str, tuple[str, Callable[[dict], Any | None]]] = {
     "km": ("Kaplan–Meier curves of the risk groups", _fig_km),
     "cindex": ("Concordance per fold and pooled", _fig_cindex),
     "auc": ("Time-dependent AUC", _fig_auc),
     "forest": ("Hazard ratios", _fig_forest),
+    "calibration": ("Predicted vs observed survival at τ", _fig_calibration),
+    "brier": ("Brier score of the model and of Kaplan–Meier", _fig_brier),
     "risk": ("Distribution of predicted risk", _fig_risk),
 }
 
 
-def _encode(fig: Any, fmt: str) -> bytes:
+def encode_figure(fig: Any, fmt: str) -> bytes:
     """``fig`` as ``fmt`` bytes (SVG without a date, so reruns give the same file)."""
     buf = BytesIO()
     fig.savefig(buf, format=fmt, dpi=120, metadata={"Date": None} if fmt == "svg" else {})
@@ -248,5 +304,7 @@ def draw_figures(data: dict[str, Any]) -> list[DrawnFigure]:
     for name, (title, draw) in FIGURES.items():
         fig = draw(data)
         if fig is not None:
-            drawn.append(DrawnFigure(name, title, {fmt: _encode(fig, fmt) for fmt in FORMATS}))
+            drawn.append(
+                DrawnFigure(name, title, {fmt: encode_figure(fig, fmt) for fmt in FORMATS})
+            )
     return drawn

@@ -3,8 +3,10 @@
 Input is a predictions table (``runs/<name>/predictions.csv``): one row per fold and
 patient with ``patient_id``, ``fold``, ``split`` (``train`` or ``test``), ``time``,
 ``event``, ``risk`` (higher = earlier event) and optional clinical columns.
-Out-of-fold statistics use the **test** rows; risk-group cut-offs and the Breslow
-baseline of the Brier score are learnt on each fold's **train** rows.
+Out-of-fold statistics use the **test** rows; risk-group cut-offs, the Breslow
+baseline of the Brier score (on the optional ``linear_predictor`` column, the model's
+own log relative hazard, else on ``risk``) and its Kaplan–Meier reference are learnt on
+each fold's **train** rows.
 
 Outputs (in the run folder, or ``out_dir``), each written atomically:
 ``report.html`` (self-contained: figures embedded as base64 PNG, no network, template
@@ -41,9 +43,12 @@ __all__ = [
     "REQUIRED_COLUMNS",
     "ReportResult",
     "analyse_predictions",
+    "check_overwrite",
+    "file_sha256",
     "load_predictions",
     "make_report",
     "resolve_report_paths",
+    "write_atomic",
 ]
 
 REPORT_FORMAT = "wsi-mil.survival-report/1"
@@ -197,7 +202,8 @@ def load_predictions(
 # ---- writing --------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file (streamed)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -205,12 +211,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` through a temporary name."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(payload)
 
 
-def _check_overwrite(out: Path, csv: Path, digest: str, force: bool) -> None:
+def check_overwrite(out: Path, csv: Path, digest: str, force: bool) -> None:
+    """Refuse to replace ``report.html``/``report.json`` in ``out`` made from another input.
+
+    Raises:
+        OutputExistsError: a report from a different input exists and not ``force``.
+    """
     html, js = out / "report.html", out / "report.json"
     if force or not (html.exists() or js.exists()):
         return
@@ -250,7 +262,10 @@ def make_report(
         covariates: clinical columns to adjust the hazard ratios for.
         n_groups: number of risk groups (2 = median split of train risks).
         times: evaluation times of the time-dependent AUC.
-        tau: truncation time of Uno's C (default: 80th percentile of follow-up).
+        tau: the run's horizon (Uno's C, Brier-score grid, calibration table); default
+            the 80th percentile of the follow-up of the patients in the training rows
+            (:func:`~wsi_mil.survival.calibration.run_tau`), which is also the τ of the
+            run's ``metrics.json``.
         n_bootstrap: bootstrap resamples per confidence interval.
         seed: bootstrap seed.
         force: replace a report made from a different input.
@@ -270,8 +285,8 @@ def make_report(
 
     csv, out = resolve_report_paths(source, out_dir)
     covariates = [c.strip() for c in covariates if c.strip()]
-    digest = _sha256(csv)
-    _check_overwrite(out, csv, digest, force)
+    digest = file_sha256(csv)
+    check_overwrite(out, csv, digest, force)
     df = load_predictions(csv, covariates)
     data, grouped = analyse_predictions(
         df,
@@ -298,11 +313,11 @@ def make_report(
     for f in drawn:
         for fmt, payload in f.files.items():
             figures.append(out / data["figures"][f.name][fmt])
-            _write_bytes(figures[-1], payload)
+            write_atomic(figures[-1], payload)
     config = {
         "report": {"source": str(csv.resolve()), "out": str(out.resolve()), **data["parameters"]}
     }
-    _write_bytes(out / "report_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
-    _write_bytes(out / "report.html", html.encode("utf-8"))
-    _write_bytes(out / "report.json", json.dumps(data, indent=2, allow_nan=False).encode())
+    write_atomic(out / "report_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
+    write_atomic(out / "report.html", html.encode("utf-8"))
+    write_atomic(out / "report.json", json.dumps(data, indent=2, allow_nan=False).encode())
     return ReportResult(out / "report.html", out / "report.json", figures, data)

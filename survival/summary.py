@@ -31,11 +31,13 @@ def summarise(data: dict[str, Any]) -> list[str]:
             before its ``summary`` is added.
 
     Returns:
-        One sentence per topic: cohort, ranking, risk groups, hazard ratios, notes.
+        One sentence per topic: cohort, ranking, risk groups, hazard ratios,
+        calibration, notes.
     """
     lines = [_cohort_line(data["cohort"]), _ranking_line(data["concordance"]["pooled"])]
     lines += _group_lines(data["stratification"])
     lines += _hazard_ratio_lines(data)
+    lines += _calibration_lines(data["brier"])
     if data["notes"]:
         lines.append(f"{len(data['notes'])} statistic(s) could not be computed; see Notes.")
     return lines
@@ -109,3 +111,21 @@ def _hazard_ratio_lines(data: dict[str, Any]) -> list[str]:
             f"(95% CI {fmt_num(r['lower'])}–{fmt_num(r['upper'])}, {fmt_p(r['p_value'])})."
         )
     return lines
+
+
+def _calibration_lines(b: dict[str, Any]) -> list[str]:
+    if b.get("ibs") is None or b.get("ibs_km") is None:
+        return []
+    lo, hi = b.get("ibs_minus_km_lower"), b.get("ibs_minus_km_upper")
+    if hi is not None and hi < 0:
+        verdict = "better than"
+    elif lo is not None and lo > 0:
+        verdict = "worse than"
+    else:
+        verdict = "not distinguishable from"
+    return [
+        f"Calibration: integrated Brier score {fmt_num(b['ibs'], 3)} vs "
+        f"{fmt_num(b['ibs_km'], 3)} for the Kaplan–Meier curve alone (difference "
+        f"{fmt_num(b['ibs_minus_km'], 3)}, 95% CI {fmt_num(lo, 3)} to {fmt_num(hi, 3)}): "
+        f"the predicted survival probabilities are {verdict} the cohort's average curve."
+    ]

@@ -1,9 +1,12 @@
-"""``wsi-mil report``: survival-stratification report from a run or a predictions CSV."""
+"""``wsi-mil report``: the report of a run or a predictions CSV — the survival-
+stratification report for survival predictions (``time``, ``event``, ``risk``), the
+classification report for class probabilities (``label``, ``prob_<class>``)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
 from wsi_mil.errors import ConfigError
 
@@ -32,12 +35,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register the ``report`` subcommand."""
     p = subparsers.add_parser(
         "report",
-        help="survival report (KM, hazard ratios, C-index) from predictions",
+        help="survival or classification report from predictions",
         description=(
-            "Turn a predictions table (patient_id, fold, split=train|test, time, event, risk, "
-            "optional clinical columns) into report.html (self-contained), report.json and "
-            "figures (PNG + SVG). Given a run folder, reads predictions.csv and writes the "
-            "report beside it."
+            "Turn a predictions table into report.html (self-contained), report.json and "
+            "figures (PNG + SVG). Survival (patient_id, fold, split=train|test, time, event, "
+            "risk, optional clinical columns): Kaplan–Meier, hazard ratios, C-index, Brier "
+            "score vs Kaplan–Meier, calibration at tau. Classification (patient_id, fold, "
+            "split, label, prob_<class>): ROC, precision–recall, confusion matrix, "
+            "calibration. Given a run folder, reads predictions.csv and writes the report "
+            "beside it."
         ),
     )
     p.add_argument("source", metavar="RUN_DIR_OR_PREDICTIONS_CSV")
@@ -60,7 +66,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="evaluation times of the time-dependent AUC (default: event-time percentiles)",
     )
-    p.add_argument("--tau", type=float, default=None, help="truncation time of Uno's C")
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=None,
+        help="survival horizon: Uno's C truncation, end of the Brier-score times, "
+        "calibration time (default: 80th percentile of the training patients' follow-up, "
+        "the tau of the run's metrics.json)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per CI")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument(
@@ -76,7 +89,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
-    ensure_writable(resolve_report_paths(args.source, args.out)[1], what="--out")
+    csv, out = resolve_report_paths(args.source, args.out)
+    ensure_writable(out, what="--out")
+    from wsi_mil.mil.class_report import is_classification_predictions
+
+    if is_classification_predictions(csv):
+        from wsi_mil.mil.class_report import make_classification_report
+
+        result = make_classification_report(
+            args.source, args.out, n_bootstrap=args.bootstrap, seed=args.seed, force=args.force
+        )
+        return _print(result)
     covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
     result = make_report(
         args.source,
@@ -89,6 +112,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         force=args.force,
     )
+    return _print(result)
+
+
+def _print(result: Any) -> int:
+    """Say where the report is and print its summary."""
     print(f"report: {result.html}")
     print(f"numbers: {result.json}")
     for line in result.data["summary"]:
