@@ -154,12 +154,15 @@ def summarise_co_attention(run: str | os.PathLike[str], predictions: Any) -> Any
     files = sorted((Path(run) / "co_attention").glob("*.h5"))
     if not files:
         return None
-    rows, tokens = [], []
+    rows: list[np.ndarray] = []
+    patients: list[str] = []
+    tokens: list[str] = []
     for path in files:
         co = read_co_attention(path)
         tokens = co.tokens
-        rows.append({"patient_id": str(co.attrs["patient_id"]), **dict(enumerate(co.weights))})
-    weights = pd.DataFrame(rows).groupby("patient_id").mean()
+        rows.append(co.weights)
+        patients.append(str(co.attrs["patient_id"]))
+    weights = pd.DataFrame(np.stack(rows), index=patients).groupby(level=0).mean()
     test = predictions[predictions["split"] == "test"].astype({"patient_id": str})
     score_column = "risk" if "risk" in test else [c for c in test if c.startswith("prob_")][-1]
     score = test.groupby("patient_id")[score_column].mean().reindex(weights.index)

@@ -193,12 +193,13 @@ class TransMIL(Aggregator):
                 f"transmil: landmarks must be positive (got {landmarks}) and pinv_iterations "
                 f"in 1..{MAX_PINV_ITERATIONS} (got {pinv_iterations})"
             )
-        layer = dict(attention=attention, landmarks=landmarks, pinv_iterations=pinv_iterations)
         self.encoder = mlp_block(in_dim, hidden_dim, dropout)
         self.cls_token = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02)
-        self.layer1 = _SelfAttentionLayer(hidden_dim, n_heads, dropout, **layer)
+        self.layer1, self.layer2 = (
+            _SelfAttentionLayer(hidden_dim, n_heads, dropout, attention, landmarks, pinv_iterations)
+            for _ in range(2)
+        )
         self.ppeg = PPEG(hidden_dim)
-        self.layer2 = _SelfAttentionLayer(hidden_dim, n_heads, dropout, **layer)
         self.norm = nn.LayerNorm(hidden_dim)
         self.classifier = nn.Linear(hidden_dim, n_outputs)
 
