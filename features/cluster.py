@@ -73,7 +73,9 @@ def extract_chunk(
     rows, todo = _done_before(tasks, job)
     if todo:
         emitted: list[Row] = []
-        run_device(device, job, iter(todo), lambda m: emitted.append(m[1]) if m[0] == "row" else None)
+        run_device(
+            device, job, iter(todo), lambda m: emitted.append(m[1]) if m[0] == "row" else None
+        )
         done = {r["slide_id"] for r in emitted}
         rows += emitted + [_row(t, "failed", "no row from the device (stopped?); re-run")
                            for t in todo if t.slide_id not in done]  # fmt: skip
@@ -167,8 +169,12 @@ def run_on_dask(
                 rows.append(row)
                 advance(row)
         if not done and lost():
-            rows += _abandon(client, futures, "failed", (
-                f"no Dask worker connected for {worker_timeout:g} s; start workers and re-run"))
+            rows += _abandon(
+                client,
+                futures,
+                "failed",
+                (f"no Dask worker connected for {worker_timeout:g} s; start workers and re-run"),
+            )
     return rows
 
 

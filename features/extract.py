@@ -419,7 +419,7 @@ def extract_features(
     stopped = None
     with _dask_client(scheduler) as client, stop_signals() as stop:
         dask = None if client is None else _Dask(client, devices, per_worker, dask_chunk, stop)
-        run = _Settings(devs[: job.n_procs], job, resolved, out_dir, overwrite, progress,
+        run = _Settings(devs[: job.n_procs], job, resolved, Path(out_dir), overwrite, progress,
                         lock_wait, dask)  # fmt: skip
         try:
             rows += _extract_rounds(tasks, run, stop)
@@ -599,9 +599,12 @@ def _run_dask(dask: _Dask, job: Any, tasks: list[Any], progress: bool) -> list[d
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TextColumn("tiles (Dask)"), disable=not progress) as bar:
         tid = bar.add_task(f"extract {job.encoder}", total=sum(t.n_tiles for t in tasks))
+
+        def advance(row: dict[str, Any]) -> None:
+            bar.advance(tid, int(row.get("n_tiles") or 0))
+
         rows = run_on_dask(dask.client, job, tasks, devices=devices, workers=dask.workers,
-                           chunk=dask.chunk, stop=dask.stop,
-                           advance=lambda r: bar.advance(tid, int(r.get("n_tiles") or 0)))  # fmt: skip
+                           chunk=dask.chunk, stop=dask.stop, advance=advance)  # fmt: skip
     stores = {t.slide_id: t.store for t in tasks}
     for r in rows:
         r["store"] = stores[r["slide_id"]]

@@ -80,8 +80,8 @@ def select_slides(slides: str | os.PathLike[str], cohort: str | os.PathLike[str]
     Raises:
         ConfigError: No slide file at all, or none of the cohort's slides found.
     """
-    from wsi_mil.wsi.slide import slide_id_from_path
     from wsi_mil.workflows.commands.tile import find_slides
+    from wsi_mil.wsi.slide import slide_id_from_path
 
     _, rows = read_cohort_rows(cohort)
     files = {slide_id_from_path(p): p for p in find_slides([slides])}

@@ -65,7 +65,7 @@ def test_edited_template_is_read_and_flags_override(tmp_path: Path) -> None:
 def test_bad_files_are_refused_naming_the_key(tmp_path: Path, body: str, expected: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(body)
-    with pytest.raises(ConfigError, match="bad.yaml") as err:
+    with pytest.raises(ConfigError, match=r"bad\.yaml") as err:
         load_config_file(path)
     assert expected in str(err.value)
 

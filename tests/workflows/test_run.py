@@ -86,11 +86,16 @@ def test_run_leaves_out_failed_and_blank_slides_and_ignores_others(study, tmp_pa
     rows = read_manifest(out / "manifest.csv")
     by = {(r["slide_id"], r["stage"]): r for r in rows}
     assert by["extra.svs", "input"]["status"] == "ignored"
-    assert by["corrupt", "tile"]["status"] == "failed" and "corrupt" in by["corrupt", "tile"]["reason"]
+    assert (
+        by["corrupt", "tile"]["status"] == "failed" and "corrupt" in by["corrupt", "tile"]["reason"]
+    )
     assert by["corrupt", "extract"]["status"] == "excluded"
     assert by["corrupt", "train"]["status"] == "excluded"
     assert by["blank", "tile"]["status"] == "ok" and by["blank", "extract"]["status"] == "ok"
-    assert by["blank", "train"]["status"] == "excluded" and "no tissue" in by["blank", "train"]["reason"]
+    assert (
+        by["blank", "train"]["status"] == "excluded"
+        and "no tissue" in by["blank", "train"]["reason"]
+    )
     assert all(by[f"s{i}", "train"]["status"] == "ok" for i in range(8))
     assert not any(r["slide_id"] == "extra" for r in read_manifest(out / "tiles" / "manifest.csv"))
 

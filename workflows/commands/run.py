@@ -164,6 +164,11 @@ def _check_before_work(values: dict[str, Any]) -> None:
         raise ConfigError(f"--model-kwargs / train.model_kwargs is not JSON ({exc})") from None
     if not isinstance(kwargs, dict):
         raise ConfigError("--model-kwargs / train.model_kwargs must be a JSON object")
+    if values["dask_scheduler"]:
+        from wsi_mil.cluster import connect
+
+        with connect(values["dask_scheduler"]):  # unreachable: one line, exit 2, now
+            pass
 
 
 def _resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -322,7 +327,6 @@ class _Pipeline:
         try:
             status = self._stage(train, 1, "")
         except Exception as exc:  # a bug, not the input: the traceback follows
-            status = 1
             self._train_failed(f"{type(exc).__name__}: {exc}")
             raise
         if status != 0:
@@ -342,7 +346,6 @@ class _Pipeline:
             print(f"trained without {len(left_out)} cohort slide(s): {', '.join(left_out[:10])}"
                   f"{' ...' if len(left_out) > 10 else ''} (see manifest.csv)")  # fmt: skip
         return 1 if left_out else 0
-
 
     def _train_failed(self, reason: str) -> None:
         for sid in self.cohort_ids:
