@@ -55,7 +55,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     for opt in run_options():
         if not opt.flag:
             continue
-        shown = "" if "default" in opt.help or opt.default is None else f" (default {opt.default})"
+        unset = "--config, else not set" if opt.default is None else opt.default
+        shown = "" if "default" in opt.help else f" (default: {unset})"
         text = f"{opt.key}: {opt.help}{shown}"
         if opt.kind == "bool":
             store = "store_false" if opt.action == "store_false" else "store_true"
