@@ -28,10 +28,11 @@ the chunk and saying to re-run ``wsi-mil tile``, which rebuilds it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,17 @@ def find_stores(tiles: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     """List the tile stores to process.
 
     Args:
-        tiles: A folder of ``<slide_id>.zarr`` stores, one store, or a list of stores.
+        tiles: A folder of ``<slide_id>.zarr`` stores, one store, or a list of stores and
+            folders.
 
     Raises:
         ConfigError: Nothing found.
     """
     if not isinstance(tiles, str | os.PathLike):
-        return [Path(p) for p in tiles]
+        found: list[Path] = []
+        for item in tiles:
+            found += [Path(item)] if Path(item).suffix == ".zarr" else find_stores(item)
+        return list(dict.fromkeys(found))
     path = Path(tiles)
     if path.suffix == ".zarr":
         return [path]
@@ -318,6 +323,8 @@ def extract_features(
     progress: bool = True,
     manifest: bool = True,
     lock_wait: float = 600.0,
+    scheduler: str | None = None,
+    dask_chunk: int = 8,
 ) -> list[dict[str, Any]]:
     """Embed every tile of every store and write one bag per slide.
 
@@ -338,6 +345,11 @@ def extract_features(
         lock_wait: Seconds to wait for slides another ``extract`` on this folder is
             embedding (lock ``<bags>/.<slide_id>.h5.lock``), once the others are done;
             they are then re-planned (usually up to date) or ``skipped``, naming the holder.
+        scheduler: Address of a Dask scheduler (``tcp://host:8786``): the slides are
+            embedded in chunks on its workers instead of local devices (see
+            :mod:`wsi_mil.features.cluster`); ``devices`` and ``workers`` then apply on
+            each worker. Paths are resolved here; the cluster must see them.
+        dask_chunk: Slides per Dask task.
 
     Returns:
         Manifest rows (also written to ``<out_dir>/<encoder>/manifest.csv``): slide_id,
@@ -349,6 +361,7 @@ def extract_features(
     Raises:
         EncoderError: Unknown encoder, bad weights, hub unreachable with no weights.
         ConfigError: Bad arguments or no stores.
+        SchedulerUnreachableError: ``scheduler`` did not answer (within seconds).
         Interrupted: SIGINT or SIGTERM arrived: the decode workers and device processes
             were stopped and the manifest written (slides in flight ``interrupted``,
             slides not started without a row); carries the rows.
@@ -359,12 +372,20 @@ def extract_features(
     from wsi_mil.features.weights import RANDOM_WEIGHTS, resolve_weights
     from wsi_mil.outputs import stop_signals, write_manifest
 
-    devs = parse_devices(devices)
-    workers = default_workers(devs) if workers is None else workers
+    devs = parse_devices(devices) if scheduler is None else []  # Dask: read on each worker
+    per_worker = workers
+    workers = default_workers(devs) if workers is None and devs else (workers or 0)
     _check_args(batch_size, workers, dtype)
+    if dask_chunk < 1:
+        raise ConfigError(f"--dask-chunk must be ≥ 1, got {dask_chunk}")
     spec = get_encoder_spec(encoder)
     resolved = resolve_weights(spec, weights)
     stores = find_stores(tiles)
+    if scheduler is not None:
+        with _dask_client(scheduler):  # unreachable: fail now, before any work
+            pass
+        stores = [p.resolve() for p in stores]  # workers run in other folders
+        out_dir = Path(out_dir).resolve()
     enc_dir = bag_path(out_dir, encoder, "x").parent
     tasks, rows = plan_extraction(stores, encoder, Path(out_dir), resolved.sha256,
                                   overwrite=overwrite)  # fmt: skip
@@ -376,7 +397,7 @@ def extract_features(
         batch_size=batch_size,
         workers=workers,
         dtype=dtype,
-        n_procs=min(len(devs), max(1, sum(t.n_tiles > 0 for t in tasks))),
+        n_procs=max(1, min(len(devs), sum(t.n_tiles > 0 for t in tasks))),
     )
     config = {
         "stage": "extract",
@@ -386,7 +407,8 @@ def extract_features(
         "encoder": spec.describe() | {"name": encoder},
         "weights": str(resolved.path) if resolved.path else weights,
         "weights_sha256": resolved.sha256,
-        "devices": devs[: job.n_procs],
+        "devices": devs[: job.n_procs] if scheduler is None else (devices or "auto"),
+        "dask_scheduler": scheduler,
         "batch_size": batch_size,
         "workers": workers,
         "dtype": dtype,
@@ -394,10 +416,11 @@ def extract_features(
     }
     if manifest:
         _write_config(enc_dir / "config.yaml", config)
-    run = _Settings(devs[: job.n_procs], job, resolved, Path(out_dir), overwrite, progress,
-                    lock_wait)  # fmt: skip
     stopped = None
-    with stop_signals() as stop:
+    with _dask_client(scheduler) as client, stop_signals() as stop:
+        dask = None if client is None else _Dask(client, devices, per_worker, dask_chunk, stop)
+        run = _Settings(devs[: job.n_procs], job, resolved, Path(out_dir), overwrite, progress,
+                        lock_wait, dask)  # fmt: skip
         try:
             rows += _extract_rounds(tasks, run, stop)
         except Interrupted as exc:
@@ -425,6 +448,30 @@ class _Settings:
     overwrite: bool
     progress: bool
     lock_wait: float
+    dask: Any = None
+
+
+@dataclass(frozen=True)
+class _Dask:
+    """Where and how :func:`_run_dask` submits the slides."""
+
+    client: Any
+    devices: str | list[str] | None
+    workers: int | None
+    chunk: int
+    stop: Any
+
+
+@contextlib.contextmanager
+def _dask_client(scheduler: str | None) -> Iterator[Any]:
+    """A client of ``scheduler`` (None without one); fails fast when it does not answer."""
+    if scheduler is None:
+        yield None
+        return
+    from wsi_mil.cluster import connect
+
+    with connect(scheduler) as client:
+        yield client
 
 
 def _extract_rounds(tasks: list[Any], run: _Settings, stop: Any) -> list[dict[str, Any]]:
@@ -456,7 +503,10 @@ def _extract_claimed(tasks: list[Any], run: _Settings, rows: list[dict[str, Any]
     claimed, deferred = _claim(tasks)
     try:
         full = [t for t in claimed if t.n_tiles > 0]
-        rows += _run(run.devices, run.job, full, run.progress)
+        if run.dask is not None:
+            rows += _run_dask(run.dask, run.job, full, run.progress)
+        else:
+            rows += _run(run.devices, run.job, full, run.progress)
         empty = [t for t in claimed if t.n_tiles == 0]
         rows += _empty_bags(empty, rows, run.job.encoder, run.resolved, run.job.dtype)
     finally:
@@ -530,6 +580,36 @@ def _run(devices: list[str], job: Any, tasks: list[Any], progress: bool) -> list
                          "n_tiles": t.n_tiles, "error": "device process died; re-run"})  # fmt: skip
     for r in rows:
         r["store"] = stores[r["slide_id"]]
+    return rows
+
+
+def _run_dask(dask: _Dask, job: Any, tasks: list[Any], progress: bool) -> list[dict[str, Any]]:
+    """Embed ``tasks`` on the Dask cluster (:func:`~wsi_mil.features.cluster.run_on_dask`).
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM; the outstanding slides ``interrupted``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from wsi_mil.features.cluster import run_on_dask
+
+    if not tasks:
+        return []
+    devices = ",".join(dask.devices) if isinstance(dask.devices, list) else dask.devices
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TextColumn("tiles (Dask)"), disable=not progress) as bar:
+        tid = bar.add_task(f"extract {job.encoder}", total=sum(t.n_tiles for t in tasks))
+
+        def advance(row: dict[str, Any]) -> None:
+            bar.advance(tid, int(row.get("n_tiles") or 0))
+
+        rows = run_on_dask(dask.client, job, tasks, devices=devices, workers=dask.workers,
+                           chunk=dask.chunk, stop=dask.stop, advance=advance)  # fmt: skip
+    stores = {t.slide_id: t.store for t in tasks}
+    for r in rows:
+        r["store"] = stores[r["slide_id"]]
+    if dask.stop.signum is not None:
+        raise Interrupted(dask.stop.signum, rows)
     return rows
 
 

@@ -45,7 +45,7 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from wsi_mil.errors import Interrupted, SchedulerUnreachableError
+from wsi_mil.errors import Interrupted
 from wsi_mil.outputs import (
     StopRequest,
     acquire_lock,
@@ -59,8 +59,6 @@ from wsi_mil.processes import crash_hook, interrupted_by, signal_name
 __all__ = ["DASK_CONNECT_TIMEOUT", "Job", "run_batch"]
 
 Row = dict[str, Any]
-
-#: Fault-injection hook for tests: a slide id whose job process kills itself (SIGSEGV).
 
 #: Seconds to wait for a Dask scheduler to answer before giving up.
 DASK_CONNECT_TIMEOUT = 5.0
@@ -400,21 +398,14 @@ def _absolute(job: Job) -> Job:
 
 
 def _connect(scheduler: str) -> Any:
-    """A Dask client of ``scheduler``.
+    """A Dask client of ``scheduler`` (see :func:`wsi_mil.cluster.connect`).
 
     Raises:
         SchedulerUnreachableError: No answer within :data:`DASK_CONNECT_TIMEOUT` seconds.
     """
-    from distributed import Client
+    from wsi_mil.cluster import connect
 
-    try:
-        return Client(scheduler, timeout=DASK_CONNECT_TIMEOUT)
-    except (OSError, TimeoutError, ValueError) as exc:
-        raise SchedulerUnreachableError(
-            f"--dask-scheduler {scheduler}: no Dask scheduler answered within "
-            f"{DASK_CONNECT_TIMEOUT:g} s ({type(exc).__name__}: {str(exc).strip()[:200]}); "
-            "check the address and that the scheduler is running"
-        ) from None
+    return connect(scheduler, timeout=DASK_CONNECT_TIMEOUT)
 
 
 class _DaskRun:

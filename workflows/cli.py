@@ -32,6 +32,7 @@ COMMANDS = (
     "heatmap",
     "report",
     "run",
+    "init",
     "verify",
     "demo",
 )

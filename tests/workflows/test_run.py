@@ -1,15 +1,18 @@
-"""``wsi-mil run`` and the demo data, end to end on a tiny generated cohort."""
+"""``wsi-mil run`` end to end on tiny generated slides, and the demo data."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
 from wsi_mil.outputs import read_manifest
-from wsi_mil.workflows.cli import build_parser, main
-from wsi_mil.workflows.commands.run import pipeline_steps
+from wsi_mil.workflows.cli import main
 from wsi_mil.workflows.demo import make_demo_data
 
 
@@ -33,44 +36,85 @@ def test_demo_data_is_a_valid_cohort(demo):
     assert {r["label"] for r in rows} == {"high", "low"}
 
 
-def test_pipeline_steps_chain_the_stage_folders(tmp_path, demo):
-    args = build_parser().parse_args(
-        ["run", str(demo.slides), str(demo.cohort), "--out", str(tmp_path), "--folds", "2"]
-    )
-    tile, extract, train = pipeline_steps(args)
-    assert tile[:2] == ["tile", str(demo.slides)]
-    assert extract[1] == str(tmp_path / "tiles")
-    assert train[train.index("--features") + 1] == str(tmp_path / "features" / "builtin")
-    assert train[train.index("--task") + 1] == "survival"  # cohort has time + event
+def _blank_slide(path: Path) -> Path:
+    """A white tiled TIFF with a resolution (no tissue)."""
+    import tifffile
+
+    tifffile.imwrite(
+        path, np.full((384, 512, 3), 255, np.uint8), tile=(256, 256), photometric="rgb",
+        compression="jpeg", resolution=(2e4, 2e4), resolutionunit="CENTIMETER",
+    )  # fmt: skip
+    return path
 
 
-def test_run_end_to_end_lists_bad_slide_and_resumes(tmp_path, demo, capsys):
-    slides = tmp_path / "slides"
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> tuple[Path, Path]:
+    """Eight tiny slides, a blank one and a corrupt one in the cohort (with an ``mpp``
+    column set for s1), and a slide file that is not in the cohort."""
+    from wsi_mil.wsi.synthetic import make_synthetic_slide
+
+    root = tmp_path_factory.mktemp("study")
+    slides = root / "slides"
     slides.mkdir()
-    for p in demo.slides.glob("*.svs"):
-        (slides / p.name).symlink_to(p)
-    (slides / "broken.svs").write_text("not a slide")
+    rows = [["patient_id", "slide_id", "label", "mpp"]]
+    for i in range(8):
+        make_synthetic_slide(slides / f"s{i}.svs", 640, 480, seed=i, levels=1)
+        rows.append([f"p{i}", f"s{i}", str(i % 2), "0.6" if i == 1 else ""])
+    _blank_slide(slides / "blank.tif")
+    (slides / "corrupt.svs").write_bytes(b"II*\x00 not a slide")
+    shutil.copy(slides / "s0.svs", slides / "extra.svs")  # not in the cohort
+    rows += [["p8", "blank", "1", ""], ["p9", "corrupt", "0", ""]]
+    with open(root / "cohort.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return slides, root / "cohort.csv"
+
+
+def test_run_leaves_out_failed_and_blank_slides_and_ignores_others(study, tmp_path, capsys):
+    slides, cohort = study
     out = tmp_path / "out"
-    argv = ["run", str(slides), str(demo.cohort), "--out", str(out), "--folds", "2",
-            "--steps", "8", "--workers", "1"]  # fmt: skip
-    assert main(argv) == 1  # one slide failed, the rest went on
+    argv = ["run", str(slides), str(cohort), "--out", str(out), "--tile-px", "32",
+            "--workers", "1", "--no-qc", "--devices", "cpu", "--extract-workers", "0",
+            "--folds", "2", "--steps", "4", "--warmup-steps", "1", "--eval-every", "2",
+            "--n-boot", "5"]  # fmt: skip
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    assert printed.count("extra.svs") == 1 and "ignored 1 slide file(s)" in printed
 
-    manifest = {r["slide_id"]: r for r in read_manifest(out / "tiles" / "manifest.csv")}
-    assert manifest["broken"]["status"] == "failed"
-    assert "broken.svs" in manifest["broken"]["error"]
-    assert sum(r["status"] == "ok" for r in manifest.values()) == 11
-    run_dir = out / "runs" / "abmil-survival"
-    for name in ("config.yaml", "splits.json", "predictions.csv", "metrics.json", "report.html"):
-        assert (run_dir / name).is_file(), name
+    run_dir = out / "runs" / "abmil-classification"
     assert (run_dir / "fold_0" / "model.safetensors").is_file()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert "pooled" in metrics
-    assert (out / "run_config.yaml").is_file()
+    assert (run_dir / "fold_1" / "model.safetensors").is_file()
+    rows = read_manifest(out / "manifest.csv")
+    by = {(r["slide_id"], r["stage"]): r for r in rows}
+    assert by["extra.svs", "input"]["status"] == "ignored"
+    assert (
+        by["corrupt", "tile"]["status"] == "failed" and "corrupt" in by["corrupt", "tile"]["reason"]
+    )
+    assert by["corrupt", "extract"]["status"] == "excluded"
+    assert by["corrupt", "train"]["status"] == "excluded"
+    assert by["blank", "tile"]["status"] == "ok" and by["blank", "extract"]["status"] == "ok"
+    assert (
+        by["blank", "train"]["status"] == "excluded"
+        and "no tissue" in by["blank", "train"]["reason"]
+    )
+    assert all(by[f"s{i}", "train"]["status"] == "ok" for i in range(8))
+    assert not any(r["slide_id"] == "extra" for r in read_manifest(out / "tiles" / "manifest.csv"))
 
-    capsys.readouterr()
-    assert main(argv) == 1  # second run: everything complete is skipped
-    manifest = read_manifest(out / "tiles" / "manifest.csv")
-    assert {r["status"] for r in manifest if r["slide_id"] != "broken"} == {"skipped"}
+    from wsi_mil.tiling import open_tile_store
+
+    assert open_tile_store(out / "tiles" / "s1.zarr").attrs["mpp"] == pytest.approx(0.6)
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["train"]["steps"] == 4 and config["tile"]["tile_px"] == 32
+    assert config["cohort"] == str(cohort) and config["task"] == "classification"
+    log = (out / "run.log").read_text()
+    assert "wsi-mil tile" in log and "wsi-mil train" in log and "corrupt" in log
+
+    # a re-run from the resolved config resumes: everything skipped, same exit status
+    assert main(["run", "--config", str(out / "config.yaml")]) == 1
+    tiles = {r["slide_id"]: r["status"] for r in read_manifest(out / "tiles" / "manifest.csv")}
+    assert tiles["corrupt"] == "failed"
+    assert {s for k, s in tiles.items() if k != "corrupt"} == {"skipped"}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["excluded_empty_slides"] == ["blank"]
 
 
 def test_run_reports_unreadable_cohort(tmp_path, capsys):

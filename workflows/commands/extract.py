@@ -9,8 +9,8 @@ from typing import Any
 __all__ = ["add_parser", "run"]
 
 _DESCRIPTION = """\
-Embed every tile of every tile store in TILES_DIR (<slide_id>.zarr, from `wsi-mil tile`)
-with ENCODER and write one HDF5 bag per slide:
+Embed every tile of every tile store in TILES (folders of <slide_id>.zarr from `wsi-mil
+tile`, or stores) with ENCODER and write one HDF5 bag per slide:
 
   OUT/<encoder>/<slide_id>.h5    features (N, D) float16, coords (N, 2) level-0 (x, y)
   OUT/<encoder>/manifest.csv     ok / skipped / failed per store, with the reason
@@ -31,8 +31,15 @@ by the other (lock file .<slide_id>.h5.lock) is waited for. SIGINT/SIGTERM stop 
 workers, remove temporaries and write the manifest with the slides in flight
 "interrupted".
 
+With --dask-scheduler the slides are embedded on a Dask cluster, --dask-chunk slides per
+task, each on its worker's first GPU (else its CPU); when workers advertise a GPU
+resource (dask worker --resources GPU=1) every task asks for one. Tile stores and OUT
+must be on a filesystem the workers share, at the same paths (they are made absolute).
+A task whose worker dies is run again elsewhere; bags it had finished are kept.
+
 Exit status: 0 when every slide is ok or skipped; 1 when any slide failed (see
-manifest.csv); 2 on invalid arguments (unknown encoder, bad weights, no stores);
+manifest.csv); 2 on invalid arguments (unknown encoder, bad weights, no stores,
+unreachable --dask-scheduler);
 130 / 143 when interrupted by SIGINT / SIGTERM."""
 
 
@@ -43,7 +50,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="embed tiles into per-slide HDF5 feature bags",
         description=_DESCRIPTION,
     )
-    p.add_argument("tiles", type=Path, metavar="TILES_DIR", help="folder of <slide_id>.zarr")
+    p.add_argument("tiles", type=Path, nargs="+", metavar="TILES",
+                   help="folder of <slide_id>.zarr stores, or stores")  # fmt: skip
     p.add_argument(
         "--encoder", default="builtin", help="encoder name (see `wsi-mil encoders`; builtin)"
     )
@@ -65,6 +73,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="redo up-to-date bags")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--dask-scheduler", default=None, help="embed on a Dask cluster (tcp://host:8786)"
+    )
+    p.add_argument(
+        "--dask-chunk", type=int, default=8, help="slides per Dask task (with --dask-scheduler)"
+    )
     return p
 
 
@@ -78,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     try:
         rows = extract_features(
-            args.tiles,
+            args.tiles[0] if len(args.tiles) == 1 else args.tiles,
             args.encoder,
             args.out,
             weights=args.weights,
@@ -88,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            scheduler=args.dask_scheduler,
+            dask_chunk=args.dask_chunk,
         )
     except Interrupted as stop:
         rows, status = stop.rows, stop.exit_status
