@@ -81,8 +81,11 @@ def _fig_cindex(data: dict) -> Any | None:
                 continue
             ys.append(len(rows) - 1 - i + (0.15 if j == 0 else -0.15))
             xs.append(v["estimate"])
-            lo.append(v["estimate"] - (v["lower"] if v["lower"] is not None else v["estimate"]))
-            hi.append((v["upper"] if v["upper"] is not None else v["estimate"]) - v["estimate"])
+            # a percentile bootstrap CI from few resamples may exclude the estimate
+            low = v["lower"] if v["lower"] is not None else v["estimate"]
+            high = v["upper"] if v["upper"] is not None else v["estimate"]
+            lo.append(max(0.0, v["estimate"] - low))
+            hi.append(max(0.0, high - v["estimate"]))
         ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", color=colour, capsize=3, label=name)
     ax.axvline(0.5, color="grey", ls="--", lw=1)
     ax.set_yticks(range(len(rows)), [_text(n) for n, _ in reversed(rows)])
@@ -184,7 +187,13 @@ def _fig_forest(data: dict) -> Any | None:
         lo = np.array([rows[i]["lower"] or rows[i]["hr"] for i in idx])
         hi = np.array([rows[i]["upper"] or rows[i]["hr"] for i in idx])
         ax.errorbar(
-            hr, y[idx], xerr=[hr - lo, hi - hr], fmt="s", color=colour, capsize=3, label=model
+            hr,
+            y[idx],
+            xerr=[np.maximum(hr - lo, 0), np.maximum(hi - hr, 0)],
+            fmt="s",
+            color=colour,
+            capsize=3,
+            label=model,
         )
     ax.axvline(1.0, color="grey", ls="--", lw=1)
     ax.set_xscale("log")

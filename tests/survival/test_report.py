@@ -230,3 +230,13 @@ def test_package_exports_resolve():
         module = importlib.import_module(f"wsi_mil.survival.{survival._WHERE[name]}")
         assert obj is getattr(module, name)
         assert name in module.__all__
+
+
+def test_cindex_figure_with_a_ci_that_excludes_the_estimate() -> None:
+    """A percentile bootstrap CI from a few resamples can miss the estimate."""
+    from wsi_mil.survival.figures import _fig_cindex
+
+    off = {"estimate": 0.7, "lower": 0.72, "upper": 0.9}
+    data = {"concordance": {"tau": 10.0, "per_fold": [{"fold": 0, "harrell": off, "uno": off}],
+                            "pooled": {"harrell": off, "uno": {"estimate": None}}}}  # fmt: skip
+    assert _fig_cindex(data) is not None
