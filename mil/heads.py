@@ -209,10 +209,11 @@ class SurvivalHead(Head):
 class CoxHead(SurvivalHead):
     """Weighted Cox partial likelihood of a single risk logit (Efron ties).
 
-    Each sample's weight (:func:`wsi_mil.mil.weights.unit_weights`) is its patient's
-    weight (1, or ``patient_weights``), times ``event_weight`` for a patient with an
-    event, split equally among the patient's samples (its slides at slide level); the
-    weights enter the partial likelihood as lifelines' ``weights_col`` does
+    Each sample's weight is its patient's weight (1, or ``patient_weights``) split
+    equally among the patient's samples (its slides at slide level; the targets'
+    ``weight``, :func:`wsi_mil.mil.weights.unit_weights`), times ``event_weight`` when
+    the sample has an event (applied in :meth:`loss`); the weights enter the partial
+    likelihood as lifelines' ``weights_col`` does
     (:func:`wsi_mil.survival.loss.cox_ph_loss`).
 
     Args:
@@ -232,20 +233,16 @@ class CoxHead(SurvivalHead):
         self.patient_weights = None if patient_weights is None else dict(patient_weights)
 
     def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``time``, ``event`` and ``weight`` (U,) of ``patient_ids`` (a patient listed
-        several times, e.g. once per slide, shares its weight among its entries)."""
+        """``time``, ``event`` and ``weight`` (U,) of ``patient_ids``: the patient's
+        weight, shared equally among its entries when a patient is listed several times
+        (once per slide); ``event_weight`` is applied by :meth:`loss`."""
         from wsi_mil.mil.weights import unit_weights
 
         out = _survival_targets(cohort, patient_ids)
         weights = self.patient_weights
         if weights is not None:  # patients outside the fitted set (never trained on) weigh 1
             weights = {p: weights.get(p, 1.0) for p in patient_ids}
-        w = unit_weights(
-            list(patient_ids),
-            out["event"].tolist(),
-            patient_weights=weights,
-            event_weight=self.event_weight,
-        )
+        w = unit_weights(list(patient_ids), out["event"].tolist(), patient_weights=weights)
         out["weight"] = torch.from_numpy(w)
         return out
 
@@ -253,11 +250,13 @@ class CoxHead(SurvivalHead):
         from wsi_mil.survival.loss import cox_ph_loss
 
         event = targets["event"].to(logits.device)
-        weights: torch.Tensor | None = targets.get("weight")
-        if weights is not None:
-            weights = None if bool((weights == 1).all()) else weights.to(logits.device).float()
-        elif self.event_weight != 1.0:
-            weights = torch.where(event == 1, self.event_weight, 1.0).float()
+        base = targets.get("weight")
+        weights = None
+        if base is not None and not bool((base == 1).all()):
+            weights = base.to(logits.device).float()
+        if self.event_weight != 1.0:
+            factor = torch.where(event == 1, self.event_weight, 1.0).float()
+            weights = factor if weights is None else weights * factor
         return cox_ph_loss(
             logits[:, 0].float(),
             targets["time"].to(logits.device),

@@ -28,6 +28,7 @@ from wsi_mil.mil.run import TrainConfig
 from wsi_mil.mil.synthetic import make_synthetic_cohort
 from wsi_mil.mil.train import train_cv
 from wsi_mil.mil.weights import load_patient_weights, unit_weights
+from wsi_mil.survival.loss import cox_ph_loss
 
 lifelines = pytest.importorskip("lifelines")
 
@@ -110,10 +111,17 @@ def test_slide_level_weights_sum_to_the_patient_weight(tmp_path: Path) -> None:
     assert len(units) > len(ids)  # some patients have several slides
     for event_weight in (1.0, 2.0):
         head = create_head(cohort, ids, event_weight=event_weight)
-        w = head.targets(cohort, pids)["weight"].numpy()
+        targets = head.targets(cohort, pids)
+        np.testing.assert_allclose(pd.Series(targets["weight"].numpy()).groupby(pids).sum(), 1.0)
+        # the weights the loss uses: event patients weigh event_weight in total
+        event = targets["event"].numpy() == 1
+        w = targets["weight"].numpy() * np.where(event, event_weight, 1.0)
         sums = pd.Series(w).groupby(pids).sum()
         expected = [event_weight if cohort.patients[p].event == 1 else 1.0 for p in sums.index]
         np.testing.assert_allclose(sums.to_numpy(), expected, rtol=1e-12)
+        logits = torch.randn(len(pids), 1, generator=torch.Generator().manual_seed(0))
+        ref = cox_ph_loss(logits[:, 0], targets["time"], targets["event"], torch.from_numpy(w))
+        torch.testing.assert_close(head.loss(logits, targets), ref.float())
     # patient level: one sample per patient, weight 1 -> the unweighted loss
     assert (head.targets(cohort, ids)["weight"].numpy() > 0).all()
     np.testing.assert_allclose(unit_weights(["a", "a", "b"], [0, 0, 1]), [0.5, 0.5, 1.0])
