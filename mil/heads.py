@@ -20,7 +20,7 @@ Heads are rebuilt from a JSON-serialisable :meth:`state_dict` saved with each fo
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -254,27 +254,54 @@ class SurvivalHead(Head):
 class CoxHead(SurvivalHead):
     """Weighted Cox partial likelihood of a single risk logit (Efron ties).
 
+    Each sample's weight is its patient's weight (1, or ``patient_weights``) split
+    equally among the patient's samples (its slides at slide level; the targets'
+    ``weight``, :func:`wsi_mil.mil.weights.unit_weights`), times ``event_weight`` when
+    the sample has an event (applied in :meth:`loss`); the weights enter the partial
+    likelihood as lifelines' ``weights_col`` does
+    (:func:`wsi_mil.survival.loss.cox_ph_loss`).
+
     Args:
         event_weight: Weight of samples with an event relative to censored ones
             (1 = unweighted Cox).
+        patient_weights: ``{patient_id: weight}`` (finite, >= 0) of the training
+            patients, or None (all 1). Training-only: not part of :meth:`state_dict`.
     """
 
     kind = "cox"
     n_outputs = 1
 
-    def __init__(self, event_weight: float = 1.0) -> None:
+    def __init__(
+        self, event_weight: float = 1.0, patient_weights: Mapping[str, float] | None = None
+    ) -> None:
         self.event_weight = float(event_weight)
+        self.patient_weights = None if patient_weights is None else dict(patient_weights)
 
     def targets(self, cohort: Cohort, patient_ids: Sequence[str]) -> dict[str, torch.Tensor]:
-        return _survival_targets(cohort, patient_ids)
+        """``time``, ``event`` and ``weight`` (U,) of ``patient_ids``: the patient's
+        weight, shared equally among its entries when a patient is listed several times
+        (once per slide); ``event_weight`` is applied by :meth:`loss`."""
+        from wsi_mil.mil.weights import unit_weights
+
+        out = _survival_targets(cohort, patient_ids)
+        weights = self.patient_weights
+        if weights is not None:  # patients outside the fitted set (never trained on) weigh 1
+            weights = {p: weights.get(p, 1.0) for p in patient_ids}
+        w = unit_weights(list(patient_ids), out["event"].tolist(), patient_weights=weights)
+        out["weight"] = torch.from_numpy(w)
+        return out
 
     def loss(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         from wsi_mil.survival.loss import cox_ph_loss
 
         event = targets["event"].to(logits.device)
+        base = targets.get("weight")
         weights = None
+        if base is not None and not bool((base == 1).all()):
+            weights = base.to(logits.device).float()
         if self.event_weight != 1.0:
-            weights = torch.where(event == 1, self.event_weight, 1.0).float()
+            factor = torch.where(event == 1, self.event_weight, 1.0).float()
+            weights = factor if weights is None else weights * factor
         return cox_ph_loss(
             logits[:, 0].float(),
             targets["time"].to(logits.device),
@@ -284,7 +311,10 @@ class CoxHead(SurvivalHead):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "event_weight": self.event_weight, **self._calibration()}
+        state = {"kind": self.kind, "event_weight": self.event_weight, **self._calibration()}
+        if self.patient_weights is not None:  # the weights themselves are training-only
+            state["patient_weighted"] = True
+        return state
 
 
 class DiscreteTimeHead(SurvivalHead):
@@ -333,7 +363,13 @@ class DiscreteTimeHead(SurvivalHead):
 
 
 def create_head(
-    cohort: Cohort, train_ids: Sequence[str], *, survival_loss: str = "cox", n_bins: int = 4
+    cohort: Cohort,
+    train_ids: Sequence[str],
+    *,
+    survival_loss: str = "cox",
+    n_bins: int = 4,
+    event_weight: float = 1.0,
+    patient_weights: Mapping[str, float] | None = None,
 ) -> Head:
     """Build the head for ``cohort.task`` fitted on the training patients.
 
@@ -343,6 +379,8 @@ def create_head(
             pseudo-class cut-off).
         survival_loss: ``cox`` or ``discrete`` (survival only).
         n_bins: Time bins of the discrete-time head.
+        event_weight: Cox head: weight of patients with an event (1 = unweighted).
+        patient_weights: Cox head: per-patient loss weights (None = all 1).
 
     Raises:
         ConfigError: Unknown ``survival_loss``.
@@ -350,7 +388,8 @@ def create_head(
     if cohort.task == "classification":
         return ClassificationHead.fit(cohort, train_ids)
     if survival_loss == "cox":
-        return CoxHead().fit_pseudo_labels(cohort, train_ids)
+        head = CoxHead(event_weight, patient_weights)
+        return head.fit_pseudo_labels(cohort, train_ids)
     if survival_loss == "discrete":
         return DiscreteTimeHead.fit(cohort, train_ids, n_bins).fit_pseudo_labels(cohort, train_ids)
     raise ConfigError(

@@ -4,13 +4,22 @@ The model for new cohorts is the fold ensemble: every ``fold_<k>`` model predict
 bag and the outputs are averaged (class probabilities or risks; attention too). A
 uniform weight soup (the average of the fold models' weights, which share their
 initialisation) is offered where it applies: same architecture and no fold-specific
-clinical/omics preprocessing or time bins.
+clinical/omics preprocessing or time bins. With ``--repeats`` the ensemble is repeat 0's
+folds (the run folder's own ``fold_<k>/``).
+
+Patients the run was trained on are flagged (``seen_in_training``): every patient in
+the run's ``splits.json`` (and its repeats') was in the training set of some fold, so
+the ensemble has seen them all. A patient is seen when its id, or the id of one of its
+slides, is in the training run. Their predictions are kept but, unless
+``allow_in_sample``, they are left out of the metrics; with ``allow_in_sample`` they are
+included and the metrics file says ``"in_sample": true``.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,18 +30,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import CohortError, ConfigError
 from wsi_mil.features.bags import BagError
 from wsi_mil.mil.cohort import Cohort, Patient, Slide, load_cohort
 from wsi_mil.mil.data import BagStore, Unit, make_units, scan_bags
 from wsi_mil.mil.fold import FoldModel
 from wsi_mil.mil.inference import UnitSet, patient_rows, predict_units, resolve_device
 from wsi_mil.mil.metrics import classification_metrics, survival_metrics
+from wsi_mil.mil.repeats import repeat_dirs
 from wsi_mil.mil.run import load_config, write_config
 from wsi_mil.mil.unit_attention import write_unit_attention
 from wsi_mil.outputs import atomic_path
 
-__all__ = ["Ensemble", "load_ensemble", "predict_cohort", "uniform_soup"]
+__all__ = ["Ensemble", "load_ensemble", "predict_cohort", "training_ids", "uniform_soup"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,6 +135,7 @@ def predict_cohort(
     device: str = "auto",
     batch_size: int = 8,
     n_boot: int = 1000,
+    allow_in_sample: bool = False,
 ) -> pd.DataFrame:
     """Predict patients of a new cohort with a run's fold ensemble (or weight soup).
 
@@ -139,10 +152,16 @@ def predict_cohort(
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: Bags per forward pass.
         n_boot: Bootstrap resamples for the metrics (labelled cohorts).
+        allow_in_sample: Keep patients seen in training in the metrics (which are then
+            labelled ``"in_sample": true``); default they are left out, and no metrics
+            are written when every labelled patient was seen.
 
     Returns:
-        The predictions table; ``attrs["excluded_empty_slides"]`` lists the slides left
-        out because their bags have no tiles.
+        The predictions table, with ``seen_in_training`` (bool) per patient;
+        ``attrs["excluded_empty_slides"]`` lists the slides left out because their
+        bags have no tiles, ``attrs["n_seen_in_training"]`` counts the seen patients
+        and ``attrs["metrics_note"]`` says what happened to the metrics (None when
+        there are no targets).
 
     Raises:
         ConfigError / CohortError / BagError: Bad run folder, cohort or bags; BagError
@@ -179,6 +198,12 @@ def predict_cohort(
     store = BagStore(feature_dirs, int(float(cfg.get("cache_gb", 4.0)) * 2**30))
     outputs, attention = _ensemble_outputs(members, table, units, store, dev, batch_size)
     result = pd.DataFrame(patient_rows(table, units, outputs, members[0].head, details=True))
+    seen_patients, seen_slides = training_ids(ens.run_dir, cfg)
+    result.insert(
+        2,
+        "seen_in_training",
+        [_seen(table, p, seen_patients, seen_slides) for p in result["patient_id"]],
+    )
     out = Path(out)
     att_dir = Path(attention_dir) if attention_dir is not None else out.parent / "attention"
     write_unit_attention(
@@ -192,6 +217,8 @@ def predict_cohort(
     with atomic_path(out) as tmp:
         result.to_csv(tmp, index=False)
     result.attrs["excluded_empty_slides"] = list(scan.empty)
+    n_seen = int(result["seen_in_training"].sum())
+    result.attrs["n_seen_in_training"] = n_seen
     options = {
         "run_dir": str(Path(run_dir).resolve()),
         "features": [str(f.resolve()) for f in feature_dirs],
@@ -203,13 +230,99 @@ def predict_cohort(
         "batch_size": batch_size,
         "folds": [fm.fold for fm in ens.folds],
         "excluded_empty_slides": scan.empty,
+        "allow_in_sample": allow_in_sample,
+        "n_seen_in_training": n_seen,
     }
     write_config(out.with_suffix(".yaml"), options)
+    result.attrs["metrics_note"] = None
     if cohort is not None and table.labelled and len(result):
-        metrics = _metrics(result, table, n_boot)
-        with atomic_path(out.with_suffix(".metrics.json")) as tmp:
-            tmp.write_text(json.dumps(metrics, indent=1))
+        result.attrs["metrics_note"] = _write_metrics(
+            result, table, n_boot, out.with_suffix(".metrics.json"), allow_in_sample
+        )
     return result
+
+
+def training_ids(run_dir: Path, config: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """Patients and slides a run was trained on.
+
+    Patients: every id in ``splits.json`` of the run and of its repeats (train, val and
+    test of every fold: each patient is in some fold's training set). Slides: those of
+    these patients in the training cohort table (``config["cohort"]``) when it can
+    still be read, else none.
+
+    Raises:
+        ConfigError: A ``splits.json`` that cannot be read.
+    """
+    patients: set[str] = set()
+    for folder in repeat_dirs(run_dir):
+        path = folder / "splits.json"
+        if not path.is_file():
+            continue
+        try:
+            splits = json.loads(path.read_text())
+            for fold in splits["folds"]:
+                for key in ("train", "val", "test"):
+                    patients.update(map(str, fold[key]))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a readable splits file ({exc})") from exc
+    slides: set[str] = set()
+    try:
+        train = load_cohort(config["cohort"], task=config["task"], require_targets=False)
+    except (CohortError, OSError, KeyError) as exc:
+        log.warning("training cohort not readable (%s): seen_in_training by patient id only", exc)
+    else:
+        slides = {s.slide_id for s in train.slides.values() if s.patient_id in patients}
+    return patients, slides
+
+
+def _seen(table: Cohort, patient_id: str, patients: set[str], slides: set[str]) -> bool:
+    """Whether a patient of the new cohort, or one of its slides, was in training."""
+    if patient_id in patients:
+        return True
+    return any(s in slides for s in table.patients[patient_id].slide_ids)
+
+
+def _write_metrics(
+    result: pd.DataFrame, table: Cohort, n_boot: int, path: Path, allow_in_sample: bool
+) -> str:
+    """Write the metrics of the labelled predictions (patients seen in training left out
+    unless ``allow_in_sample``); returns a one-line note of what was done.
+
+    A stale metrics file of an earlier call is removed when no metrics are written.
+    """
+    seen = result["seen_in_training"].to_numpy(bool)
+    n_seen, n_all = int(seen.sum()), len(result)
+    rows = result if allow_in_sample else result[~seen]
+    if not len(rows):
+        path.unlink(missing_ok=True)
+        note = (
+            f"all {n_all} labelled patient(s) were seen in training (seen_in_training), so "
+            "no out-of-sample metrics: none written; the run's own out-of-fold metrics are "
+            "in its metrics.json, or pass --allow-in-sample for in-sample metrics"
+        )
+        log.info(note)
+        return note
+    metrics = _metrics(rows, table, n_boot)
+    metrics["in_sample"] = bool(allow_in_sample and n_seen)
+    metrics["n_seen_in_training"] = n_seen
+    metrics["seen_in_training"] = "included" if allow_in_sample else "excluded"
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
+    if not n_seen:
+        return f"metrics of {len(rows)} patient(s) -> {path}"
+    if allow_in_sample:
+        note = (
+            f"{n_seen} of {n_all} patient(s) were seen in training and are INCLUDED: the "
+            f'metrics are in-sample ("in_sample": true in {path.name})'
+        )
+    else:
+        note = (
+            f"{n_seen} of {n_all} patient(s) were seen in training (seen_in_training) and "
+            f"are excluded from the metrics ({len(rows)} left); --allow-in-sample "
+            "includes them"
+        )
+    log.info(note)
+    return note
 
 
 def _check_predictable(units: Sequence[Unit], empty: Sequence[str], folder: Path) -> None:

@@ -8,6 +8,7 @@ with a different configuration is refused, naming the options that differ.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,17 @@ class TrainConfig:
         label_column / time_column / event_column: Target columns of the cohort.
         clinical: Clinical covariate columns.
         omics / omics_groups / omics_group_size: Omics table, gene-group JSON, chunk size.
+        event_weight: Cox loss weight of a patient with an event relative to a
+            censored one (1 = unweighted).
+        weight_column: Cohort column of per-patient Cox loss weights (finite, >= 0,
+            one value per patient), or None (every patient weighs 1). At ``level``
+            ``slide`` a patient's slides share its weight equally.
+        repeats: Repeated outer cross-validation: ``repeats`` partitions with seeds
+            ``seed``, ``seed + 1``, ...; repeat 0 is the run folder itself, repeat
+            ``r`` >= 1 the folder ``repeat_<r>/`` (:mod:`wsi_mil.mil.repeats`).
+        search: Inner model choice: option name -> candidate values; every
+            combination is fitted in each outer fold and the one with the lowest
+            inner-validation loss is kept (:mod:`wsi_mil.mil.search`). Empty = off.
         n_boot: Bootstrap resamples of the metrics' CIs.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         cache_gb: Bound of the in-memory bag cache.
@@ -92,6 +104,10 @@ class TrainConfig:
     omics: str | None = None
     omics_groups: str | None = None
     omics_group_size: int = 32
+    event_weight: float = 1.0
+    weight_column: str | None = None
+    repeats: int = 1
+    search: dict[str, list[Any]] = field(default_factory=dict)
     n_boot: int = 1000
     device: str = "auto"
     cache_gb: float = 4.0
@@ -133,10 +149,26 @@ class TrainConfig:
             (0 <= self.val_fraction < 1, "--val-fraction must be in [0, 1)"),
             (self.survival_loss in ("cox", "discrete"), "--survival-loss must be cox or discrete"),
             (bool(self.features), "give at least one --features folder"),
+            (self.repeats >= 1, "--repeats must be >= 1"),
+            (
+                math.isfinite(self.event_weight) and self.event_weight > 0,
+                f"--event-weight must be a finite number > 0, got {self.event_weight}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        weighted = self.event_weight != 1.0 or self.weight_column is not None
+        if weighted and (self.task != "survival" or self.survival_loss != "cox"):
+            raise ConfigError(
+                "--event-weight and --weight-column weight the Cox loss; use them with "
+                "--task survival --survival-loss cox"
+            )
+        if self.search and self.val_fraction <= 0:
+            raise ConfigError(
+                "--search chooses among candidates on the inner validation patients; "
+                "give a --val-fraction > 0"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -170,6 +202,17 @@ def load_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+#: Options added after runs were first written, with the value that older runs (whose
+#: ``config.yaml`` lacks them) were trained with, so such runs still resume.
+_ADDED_OPTIONS = ("event_weight", "weight_column", "repeats", "search")
+
+
+def _added_defaults() -> dict[str, Any]:
+    """``{option: default}`` of :data:`_ADDED_OPTIONS`."""
+    defaults = TrainConfig("survival", "", [])
+    return {k: getattr(defaults, k) for k in _ADDED_OPTIONS}
+
+
 def prepare_run_dir(out: str | os.PathLike[str], config: dict[str, Any]) -> bool:
     """Create the run folder or check that it holds the same run.
 
@@ -187,7 +230,7 @@ def prepare_run_dir(out: str | os.PathLike[str], config: dict[str, Any]) -> bool
     out = Path(out)
     cfg_path = out / "config.yaml"
     if cfg_path.is_file():
-        old = load_config(out)
+        old = {**_added_defaults(), **load_config(out)}
         diff = sorted(
             k
             for k in set(old) | set(config)

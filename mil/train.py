@@ -8,6 +8,12 @@ checkpoint on the inner validation patients only, then predict the training and 
 patients. The test fold is never evaluated before the model is fixed; every evaluation
 is reported to an optional ``callback`` so this can be checked.
 
+With a ``search`` grid, every candidate is fitted that way in each outer fold and the
+one with the lowest inner-validation loss is kept (:mod:`wsi_mil.mil.search`); with
+``repeats`` > 1 the whole cross-validation is repeated on new partitions, repeat ``r``
+in ``repeat_<r>/`` (:mod:`wsi_mil.mil.repeats`). Cox losses can be weighted per
+patient and by event (:mod:`wsi_mil.mil.weights`).
+
 Each finished fold is a folder ``fold_<k>/`` (see :mod:`wsi_mil.mil.fold`) renamed into
 place when complete; an interrupted run resumes from its finished folds. At the end the
 run folder gets ``predictions.csv``, ``metrics.json`` and, for survival, the report
@@ -17,6 +23,8 @@ run folder gets ``predictions.csv``, ``metrics.json`` and, for survival, the rep
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -54,11 +62,14 @@ from wsi_mil.mil.inference import (
     resolve_device,
 )
 from wsi_mil.mil.models.base import Aggregator
+from wsi_mil.mil.repeats import repeat_dir, summarise_repeats, write_repeat_outputs
 from wsi_mil.mil.run import TrainConfig, prepare_run_dir
 from wsi_mil.mil.scaling import fit_scaler
+from wsi_mil.mil.search import candidate_configs, check_search, chosen_per_fold, pick_candidate
 from wsi_mil.mil.splits import check_cv_cohort, load_splits, make_splits, save_splits
 from wsi_mil.mil.tabular import TabularPreprocessor
 from wsi_mil.mil.unit_attention import write_unit_attention
+from wsi_mil.mil.weights import load_patient_weights
 from wsi_mil.outputs import atomic_path, ensure_writable
 
 __all__ = [
@@ -86,8 +97,9 @@ MIN_DELTA = 1e-3
 #: ``callback(event, info)``; events: ``"scale"`` (the feature scaler was fitted on
 #: ``patient_ids``), ``"select"`` (an inner-validation evaluation used for early stopping /
 #: selection), ``"eval"`` (every ``eval_every`` steps: ``step``, ``train_loss``,
+#: ``val_loss``), ``"search"`` (a ``--search`` candidate was fitted: ``params``,
 #: ``val_loss``), ``"predict"`` (final predictions of a split) and ``"fold_done"``.
-#: ``info`` holds ``fold`` and ``patient_ids`` etc.
+#: ``info`` holds ``fold`` and ``patient_ids`` etc., and ``repeat`` when ``repeats`` > 1.
 Callback = Callable[[str, dict[str, Any]], None]
 
 
@@ -117,6 +129,7 @@ class _Context:
     device: torch.device
     out: Path
     callback: Callback
+    patient_weights: dict[str, float] | None = None
 
 
 def _emit(ctx: _Context, event: str, **info: Any) -> None:
@@ -312,7 +325,12 @@ def train_fold(
     cfg, k = ctx.config, int(fold_spec["fold"])
     pre = TabularPreprocessor.fit(ctx.cohort, fold_spec["train"])
     head = create_head(
-        ctx.cohort, fold_spec["train"], survival_loss=cfg.survival_loss, n_bins=cfg.n_bins
+        ctx.cohort,
+        fold_spec["train"],
+        survival_loss=cfg.survival_loss,
+        n_bins=cfg.n_bins,
+        event_weight=cfg.event_weight,
+        patient_weights=ctx.patient_weights,
     )
     fit = _unit_set(ctx, fold_spec["train"], head, pre)
     val = _unit_set(ctx, fold_spec["val"], head, pre)
@@ -340,6 +358,56 @@ def train_fold(
         "device": str(ctx.device),
     }
     return FoldModel(k, model, head, pre, meta), history
+
+
+def _selected_loss(history: dict[str, list[float]], best_step: int) -> float | None:
+    """Inner-validation loss of the restored checkpoint (None when not evaluated)."""
+    if not history["val"] or best_step not in history["step"]:
+        return None
+    return history["val"][history["step"].index(best_step)]
+
+
+def search_fold(
+    ctx: _Context, fold_spec: dict[str, Any]
+) -> tuple[FoldModel, dict[str, list[float]]]:
+    """:func:`train_fold` for every ``--search`` candidate; keep the one with the lowest
+    inner-validation loss (the first candidate when the inner validation patients cannot
+    rank them). Without a grid this is :func:`train_fold`.
+
+    Returns:
+        The chosen :class:`FoldModel` (its ``meta["search"]`` lists every candidate's
+        loss and the choice) and its loss history.
+    """
+    candidates = candidate_configs(ctx.config)
+    if len(candidates) == 1 and not ctx.config.search:
+        return train_fold(ctx, fold_spec)
+    k = int(fold_spec["fold"])
+    records: list[dict[str, Any]] = []
+    kept: tuple[FoldModel, dict[str, list[float]]] | None = None
+    for params, cfg in candidates:
+        fm, history = train_fold(dataclasses.replace(ctx, config=cfg), fold_spec)
+        loss = _selected_loss(history, int(fm.meta["best_step"]))
+        records.append({"params": params, "val_loss": loss, "best_step": fm.meta["best_step"]})
+        _emit(ctx, "search", fold=k, params=params, val_loss=loss)
+        if kept is None or pick_candidate([r["val_loss"] for r in records]) == len(records) - 1:
+            kept = (fm, history)  # only the best model so far stays in memory
+    assert kept is not None  # the grid has at least one candidate
+    chosen = pick_candidate([r["val_loss"] for r in records])
+    if chosen is None:
+        log.warning(
+            "fold %d: the inner validation patients cannot rank the --search candidates; "
+            "kept the first (%s)",
+            k,
+            records[0]["params"],
+        )
+    kept[0].meta["search"] = {
+        "candidates": records,
+        "chosen": records[chosen or 0]["params"],
+        "chosen_on": "first candidate (no inner validation loss)"
+        if chosen is None
+        else "lowest inner validation loss",
+    }
+    return kept
 
 
 def _finish_fold(ctx: _Context, fm: FoldModel, fold_spec: dict[str, Any]) -> pd.DataFrame:
@@ -436,38 +504,100 @@ def train_cv(
         callback: Optional ``callback(event, info)`` observer (see :data:`Callback`).
 
     Returns:
-        :class:`RunResult`.
+        :class:`RunResult` (repeat 0's predictions; the metrics with the ``repeats``
+        summary when ``config.repeats`` > 1).
 
     Raises:
         CohortError: Invalid cohort (every problem listed) or one that cannot be
-            cross-validated.
+            cross-validated, or invalid ``weight_column`` values.
         BagError: Bags with a different feature dim.
+        ConfigError: Invalid options (also every ``search`` candidate's model).
         OutputExistsError: ``out`` holds a different configuration.
         OutputNotWritableError: ``out`` cannot be created or written (before training).
     """
     config.validate()
+    check_search(config)
     cohort, scan, usable = _prepare(config)
     check_cv_cohort(cohort, usable, config.folds)  # before anything is written
-    _check_model(config, cohort, usable, scan.dim)
+    weights = None
+    if config.weight_column is not None:
+        weights = load_patient_weights(config.cohort, config.weight_column, usable)
+    for _, candidate in candidate_configs(config):
+        _check_model(candidate, cohort, usable, scan.dim)
     device = resolve_device(config.device)
     out = ensure_writable(out)
     splits = _start_run(config, cohort, usable, device, out)
-    ctx = _Context(
-        cohort,
-        config,
-        BagStore(config.features, int(config.cache_gb * 2**30)),
-        scan,
-        device,
-        out,
-        callback or (lambda event, info: None),
-    )
-    with _progress(ctx) as ctx.callback:
-        frames, done = _run_folds(ctx, splits["folds"])
+    store = BagStore(config.features, int(config.cache_gb * 2**30))
+    observer = callback or (lambda event, info: None)
+    runs: list[tuple[TrainConfig, Path, list[pd.DataFrame]]] = []
+    done: list[int] = []
+    for r in range(config.repeats):
+        rcfg = config if r == 0 else dataclasses.replace(config, seed=config.seed + r)
+        rout = repeat_dir(out, r)
+        rsplits = splits if r == 0 else _repeat_splits(rcfg, cohort, usable, rout)
+        cb = observer if config.repeats == 1 else _with_repeat(observer, r)
+        ctx = _Context(cohort, rcfg, store, scan, device, rout, cb, weights)
+        with _progress(ctx) as ctx.callback:
+            frames, resumed = _run_folds(ctx, rsplits["folds"])
+        runs.append((rcfg, rout, frames))
+        done += resumed if r == 0 else []
+    extra = [
+        write_repeat_outputs(rout, frames, cohort, n_boot=rcfg.n_boot, seed=rcfg.seed)
+        for rcfg, rout, frames in runs[1:]
+    ]
     predictions, metrics = write_run_outputs(
-        out, frames, cohort, config, excluded=scan.empty, n_patients=len(usable)
+        out, runs[0][2], cohort, config, excluded=scan.empty, n_patients=len(usable)
     )
     write_co_attention_summary(out, predictions)
+    if config.repeats > 1 or config.search:
+        metrics = _add_run_summaries(out, config, metrics, extra)
     return RunResult(out, predictions, metrics, done)
+
+
+def _with_repeat(callback: Callback, repeat: int) -> Callback:
+    """``callback`` with ``repeat`` added to every event's info."""
+
+    def wrapped(event: str, info: dict[str, Any]) -> None:
+        callback(event, {**info, "repeat": repeat})
+
+    return wrapped
+
+
+def _repeat_splits(
+    config: TrainConfig, cohort: Cohort, usable: list[str], folder: Path
+) -> dict[str, Any]:
+    """Splits of a repeat r >= 1 (seed ``config.seed``): loaded from
+    ``repeat_<r>/splits.json`` when resumed, else made and saved there."""
+    path = folder / "splits.json"
+    folder.mkdir(exist_ok=True)
+    if path.is_file():
+        _remove_stale_temps(folder)
+        return load_splits(path, usable)
+    splits = make_splits(
+        cohort, usable, n_folds=config.folds, seed=config.seed, val_fraction=config.val_fraction
+    )
+    save_splits(path, splits)
+    return splits
+
+
+def _add_run_summaries(
+    out: Path, config: TrainConfig, metrics: dict[str, Any], extra: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Add the repeats summary (mean ± SD over repeats) and the ``--search`` choices to
+    the run's ``metrics.json``."""
+    if config.repeats > 1:
+        seeds = [config.seed + r for r in range(config.repeats)]
+        metrics["repeats"] = summarise_repeats([metrics, *extra], seeds)
+    if config.search:
+        folds = [
+            repeat_dir(out, r) / f"fold_{k}"
+            for r in range(config.repeats)
+            for k in range(config.folds)
+        ]
+        metrics["search"] = {"grid": config.search, "chosen": chosen_per_fold(out, folds)}
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(metrics, indent=1))
+    return metrics
 
 
 def _check_model(config: TrainConfig, cohort: Cohort, patient_ids: list[str], dim: int) -> None:
@@ -532,7 +662,7 @@ def _run_folds(ctx: _Context, folds: list[dict[str, Any]]) -> tuple[list[pd.Data
             _emit(ctx, "fold_done", fold=k, resumed=True)
             continue
         t0 = time.perf_counter()
-        fm, _ = train_fold(ctx, spec)
+        fm, _ = search_fold(ctx, spec)
         fm.meta["seconds"] = round(time.perf_counter() - t0, 2)
         frames.append(_finish_fold(ctx, fm, spec))
         _emit(ctx, "fold_done", fold=k, resumed=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,12 @@ def test_ensemble_predicts_new_bags_with_attention(classification_run: Any, tmp_
 def test_ensemble_is_the_mean_of_fold_outputs(classification_run: Any, tmp_path: Path) -> None:
     run, syn = classification_run.result.out, classification_run.syn
     table = predict_cohort(
-        run, syn.features_dirs, cohort=syn.cohort_csv, out=tmp_path / "p.csv", n_boot=20
+        run,
+        syn.features_dirs,
+        cohort=syn.cohort_csv,
+        out=tmp_path / "p.csv",
+        n_boot=20,
+        allow_in_sample=True,
     )
     assert "label" in table.columns
     oof = classification_run.result.predictions
@@ -50,6 +56,54 @@ def test_ensemble_is_the_mean_of_fold_outputs(classification_run: Any, tmp_path:
     np.testing.assert_allclose(got.loc[expected.index], expected, atol=atol)
     metrics = json.loads((tmp_path / "p.metrics.json").read_text())
     assert metrics["auc"]["value"] > 0.9
+    assert metrics["in_sample"] is True and metrics["n_seen_in_training"] == len(table)
+
+
+def test_training_cohort_is_flagged_and_gets_no_metrics(
+    classification_run: Any, tmp_path: Path
+) -> None:
+    """Every patient of the training cohort was in some fold's training set: all are
+    flagged, and by default no metrics are written (none are out of sample)."""
+    run, syn = classification_run.result.out, classification_run.syn
+    out = tmp_path / "p.csv"
+    out.with_suffix(".metrics.json").write_text("{}")  # a stale file of an earlier call
+    table = predict_cohort(run, syn.features_dirs, cohort=syn.cohort_csv, out=out, n_boot=5)
+    assert table["seen_in_training"].all() and table.attrs["n_seen_in_training"] == len(table)
+    assert not out.with_suffix(".metrics.json").exists()
+    assert "all 30 labelled patient(s) were seen in training" in table.attrs["metrics_note"]
+    assert pd.read_csv(out)["seen_in_training"].all()
+    # without a cohort, bags are matched to the training slides by slide id
+    bags = predict_cohort(run, syn.features_dirs, out=tmp_path / "b.csv")
+    assert bags["seen_in_training"].all()
+
+
+def test_patients_seen_in_training_are_left_out_of_the_metrics(
+    classification_run: Any, tmp_path: Path
+) -> None:
+    run, syn = classification_run.result.out, classification_run.syn
+    cohort = pd.read_csv(syn.cohort_csv, dtype=str)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    rows = []
+    for i, row in enumerate(cohort.head(20).itertuples()):
+        new = i >= 8  # 8 training patients, 12 new ids (copies of other bags)
+        sid = f"new{i}" if new else row.slide_id
+        shutil.copy(syn.features_dirs[0] / f"{row.slide_id}.h5", feats / f"{sid}.h5")
+        rows.append({"patient_id": f"N{i}" if new else row.patient_id, "slide_id": sid,
+                     "label": row.label})  # fmt: skip
+    table_csv = tmp_path / "mixed.csv"
+    pd.DataFrame(rows).to_csv(table_csv, index=False)
+    out = tmp_path / "m.csv"
+    table = predict_cohort(run, [feats], cohort=table_csv, out=out, n_boot=5)
+    seen = table.set_index("patient_id")["seen_in_training"]
+    assert seen.sum() == 8 and not seen[[f"N{i}" for i in range(8, 20)]].any()
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["n_patients"] == 12 and metrics["in_sample"] is False
+    assert metrics["n_seen_in_training"] == 8 and metrics["seen_in_training"] == "excluded"
+    assert "8 of 20 patient(s) were seen in training" in table.attrs["metrics_note"]
+    table = predict_cohort(run, [feats], cohort=table_csv, out=out, n_boot=5, allow_in_sample=True)
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["n_patients"] == 20 and metrics["in_sample"] is True
 
 
 def test_uniform_soup(classification_run: Any, tmp_path: Path) -> None:

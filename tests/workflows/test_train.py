@@ -95,7 +95,58 @@ def test_train_then_predict(cohort, tmp_path: Path, capsys: pytest.CaptureFixtur
     table = pd.read_csv(out)
     assert len(table) == 10 and {"prob_0", "prob_1", "label"} <= set(table.columns)
     assert (tmp_path / "pred" / "attention").is_dir()
-    assert json.loads(out.with_suffix(".metrics.json").read_text())["n_patients"] == 10
+    # the training cohort: every patient seen in training, so no metrics by default
+    assert table["seen_in_training"].all() and not out.with_suffix(".metrics.json").exists()
+    assert "all 10 labelled patient(s) were seen in training" in capsys.readouterr().err
+    predict = ["predict", str(run), *feats, "--cohort", str(cohort.cohort_csv), "--out", str(out)]
+    assert main([*predict, "--device", "cpu", "--allow-in-sample"]) == 0
+    assert "10 of 10 patient(s) were seen in training and are INCLUDED" in capsys.readouterr().err
+    metrics = json.loads(out.with_suffix(".metrics.json").read_text())
+    assert metrics["n_patients"] == 10 and metrics["in_sample"] is True
+
+
+def test_weighted_cox_repeats_and_search_from_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    syn = make_synthetic_cohort(
+        tmp_path / "d", task="survival", n_patients=12, slides_per_patient=(1, 2),
+        n_tiles=(5, 10), dims=(8,),
+    )  # fmt: skip
+    table = pd.read_csv(syn.cohort_csv)
+    table["w"] = table["patient_id"].str[1:].astype(int) % 3 + 1
+    table.to_csv(syn.cohort_csv, index=False)
+    extra = ["--level", "slide", "--event-weight", "2", "--weight-column", "w", "--repeats",
+             "2", "--search", "lr=1e-3,3e-3", "dropout=0.0,0.2", "--batch-size", "4"]  # fmt: skip
+
+    def survival_args(out: Path) -> list[str]:
+        args = _train_args(syn, out, *extra)
+        args[args.index("classification")] = "survival"
+        return args
+
+    args = survival_args(tmp_path / "run")
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "out-of-fold harrell_c over 2 repeats:" in printed and "(SD)" in printed
+    run = tmp_path / "run"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["event_weight"] == 2.0 and config["weight_column"] == "w"
+    assert config["repeats"] == 2 and config["level"] == "slide"
+    assert config["search"] == {"lr": [1e-3, 3e-3], "dropout": [0.0, 0.2]}
+    fold = json.loads((run / "repeat_1" / "fold_0" / "fold.json").read_text())
+    assert fold["head"]["event_weight"] == 2.0 and len(fold["search"]["candidates"]) == 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert len(metrics["repeats"]["pooled"]["harrell_c"]["values"]) == 2
+    assert set(metrics["search"]["chosen"]) == {"fold_0", "fold_1", "repeat_1/fold_0",
+                                                "repeat_1/fold_1"}  # fmt: skip
+    bad = _train_args(syn, tmp_path / "r2", "--weight-column", "w")
+    assert main(bad) == 2
+    assert "--event-weight and --weight-column weight the Cox loss" in capsys.readouterr().err
+    table.loc[3, "w"] = -1
+    table.to_csv(syn.cohort_csv, index=False)
+    assert main(survival_args(tmp_path / "r3")) == 2
+    assert f"{syn.cohort_csv}:5: w: weight '-1' must be a finite number >= 0" in (
+        capsys.readouterr().err
+    )
 
 
 def test_user_errors_exit_2(cohort, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "--cohort; targets optional) and write a predictions CSV, per-slide attention "
             "(attention/<slide_id>.h5 beside the CSV) and the resolved options (.yaml). "
             "With --soup a single model whose weights are the mean of the folds' is used "
-            "instead (all folds start from the same initial weights)."
+            "instead (all folds start from the same initial weights). Patients of the "
+            "run's splits.json (by patient or slide id) are flagged seen_in_training "
+            "and left out of the metrics unless --allow-in-sample."
         ),
     )
     p.add_argument("run_dir", help="run folder written by `wsi-mil train`")
@@ -41,6 +44,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "use a uniform weight soup (the fold models' weights averaged into one model) "
             "instead of the fold ensemble; refused for runs with clinical/omics inputs or "
             "the discrete-time survival loss, whose folds are not interchangeable"
+        ),
+    )
+    p.add_argument(
+        "--allow-in-sample",
+        action="store_true",
+        help=(
+            "keep patients seen in training in the metrics (default: they are flagged "
+            "seen_in_training and excluded); the metrics file then says in_sample: true"
         ),
     )
     p.add_argument("--device", default="auto")
@@ -66,8 +77,18 @@ def run(args: argparse.Namespace) -> int:
         soup=args.soup,
         device=args.device,
         batch_size=args.batch_size,
+        allow_in_sample=args.allow_in_sample,
     )
     print(f"{len(table)} patient(s) predicted -> {args.out}")
+    n_seen = table.attrs.get("n_seen_in_training", 0)
+    note = table.attrs.get("metrics_note")
+    if n_seen and note is None:
+        print(
+            f"{n_seen} of {len(table)} patient(s) were seen in training (seen_in_training)",
+            file=sys.stderr,
+        )
+    if note is not None and (n_seen or args.allow_in_sample):
+        print(note, file=sys.stderr)
     empty = table.attrs.get("excluded_empty_slides", [])
     if empty:
         more = " ..." if len(empty) > 10 else ""

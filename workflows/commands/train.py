@@ -92,6 +92,37 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--omics-group-size", type=int, default=32, help="columns per group without --omics-groups"
     )
+    p.add_argument(
+        "--event-weight",
+        type=float,
+        default=d.event_weight,
+        metavar="W",
+        help="Cox loss: weight of patients with an event relative to censored ones",
+    )
+    p.add_argument(
+        "--weight-column",
+        metavar="COL",
+        help="Cox loss: per-patient weights from this cohort column (finite, >= 0); at "
+        "--level slide a patient's slides share its weight (total 1 by default)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=d.repeats,
+        metavar="R",
+        help="repeat the outer cross-validation R times with seeds seed..seed+R-1 "
+        "(repeat r >= 1 in repeat_<r>/); metrics as mean ± SD over repeats",
+    )
+    p.add_argument(
+        "--search",
+        nargs="+",
+        default=[],
+        metavar="NAME=V1,V2",
+        help="inner model choice: fit every combination in each outer fold and keep the "
+        "lowest inner-validation loss, e.g. --search lr=1e-3,3e-4 dropout=0.1,0.25 "
+        "(training options lr, weight_decay, batch_size, max_tiles, steps, warmup_steps, "
+        "patience, grad_clip; other names are aggregator options)",
+    )
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--cache-gb", type=float, default=4.0, help="in-memory bag cache bound")
@@ -102,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``train``; prints the pooled out-of-fold metrics."""
     from wsi_mil.errors import ConfigError
     from wsi_mil.mil.run import TrainConfig
+    from wsi_mil.mil.search import parse_search
     from wsi_mil.mil.train import train_cv
 
     try:
@@ -138,6 +170,10 @@ def run(args: argparse.Namespace) -> int:
         omics=args.omics,
         omics_groups=args.omics_groups,
         omics_group_size=args.omics_group_size,
+        event_weight=args.event_weight,
+        weight_column=args.weight_column,
+        repeats=args.repeats,
+        search=parse_search(args.search),
         n_boot=args.n_boot,
         device=args.device,
         cache_gb=args.cache_gb,
@@ -153,6 +189,15 @@ def run(args: argparse.Namespace) -> int:
         ci = f" (95% CI {m['ci_low']:.3f}-{m['ci_high']:.3f})" if m["ci_low"] is not None else ""
         value = "undefined" if m["value"] is None else f"{m['value']:.3f}"
         print(f"out-of-fold {name}: {value}{ci}")
+    repeats = result.metrics.get("repeats")
+    if repeats:
+        for name in names:
+            s = repeats["pooled"][name]
+            if s["mean"] is None:
+                continue
+            sd = "" if s["sd"] is None else f" ± {s['sd']:.3f} (SD)"
+            values = ", ".join("-" if v is None else f"{v:.3f}" for v in s["values"])
+            print(f"out-of-fold {name} over {repeats['n']} repeats: {s['mean']:.3f}{sd} [{values}]")
     n_empty = result.metrics.get("n_excluded_empty_slides", 0)
     if n_empty:
         listed = ", ".join(result.metrics["excluded_empty_slides"][:10])
