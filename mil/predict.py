@@ -32,7 +32,13 @@ from wsi_mil.mil.run import load_config, write_config
 from wsi_mil.mil.unit_attention import write_unit_attention
 from wsi_mil.outputs import atomic_path
 
-__all__ = ["Ensemble", "load_ensemble", "predict_cohort", "uniform_soup"]
+__all__ = ["Ensemble", "attention_dir_for", "load_ensemble", "predict_cohort", "uniform_soup"]
+
+
+def attention_dir_for(out: str | os.PathLike[str]) -> Path:
+    """Default attention folder of a predictions CSV: ``preds.csv`` → ``preds_attention/``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_attention")
 
 
 @dataclass
@@ -134,7 +140,9 @@ def predict_cohort(
             resolved options and, with targets, a ``.metrics.json`` are written beside.
         cohort: Optional cohort CSV (targets optional); default every bag is a patient.
         omics: Omics table for fusion models trained with one.
-        attention_dir: Where ``<slide_id>.h5`` attention goes (default ``<out dir>/attention``).
+        attention_dir: Where ``<slide_id>.h5`` attention goes (default
+            :func:`attention_dir_for`: ``<out stem>_attention/`` beside ``out``, so a second
+            prediction into the same folder never overwrites the first one's attention).
         soup: Use the uniform weight soup instead of the ensemble.
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: Bags per forward pass.
@@ -180,7 +188,8 @@ def predict_cohort(
     outputs, attention = _ensemble_outputs(members, table, units, store, dev, batch_size)
     result = pd.DataFrame(patient_rows(table, units, outputs, members[0].head, details=True))
     out = Path(out)
-    att_dir = Path(attention_dir) if attention_dir is not None else out.parent / "attention"
+    # each prediction keeps its own attention: preds.csv -> preds_attention/
+    att_dir = Path(attention_dir) if attention_dir is not None else attention_dir_for(out)
     write_unit_attention(
         att_dir,
         store,
