@@ -53,6 +53,24 @@ _LAZY = {
     "tile_average": "raster",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "FORMATS",
+    "ColourScale",
+    "HeatmapOptions",
+    "Raster",
+    "SlideMismatchError",
+    "SlideScores",
+    "check_slide",
+    "find_attention",
+    "heatmap_slide",
+    "load_scores",
+    "parse_formats",
+    "rank_normalise",
+    "rasterise",
+    "render_heatmap",
+    "score_slide",
+    "scores_from_attention",
+    "tile_average",
+]
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

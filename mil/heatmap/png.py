@@ -38,10 +38,12 @@ def colour_bar(width: int, scale: ColourScale) -> np.ndarray:
     draw = ImageDraw.Draw(strip)
     face = font(max(10, rows // 4))
     draw.text((pad, pad + bar_h + 2), f"{scale.vmin:.3g}", fill=(0, 0, 0), font=face)
-    draw.text((pad + bar_w, pad + bar_h + 2), f"{scale.vmax:.3g}", fill=(0, 0, 0), font=face,
-              anchor="ra")  # fmt: skip
-    draw.text((2 * pad + bar_w, pad + bar_h // 2), scale.label, fill=(0, 0, 0), font=face,
-              anchor="lm")  # fmt: skip
+    draw.text(
+        (pad + bar_w, pad + bar_h + 2), f"{scale.vmax:.3g}", fill=(0, 0, 0), font=face, anchor="ra"
+    )
+    draw.text(
+        (2 * pad + bar_w, pad + bar_h // 2), scale.label, fill=(0, 0, 0), font=face, anchor="lm"
+    )
     return np.asarray(strip)
 
 

@@ -45,8 +45,9 @@ def _raster_tiles(
     width, height = size
     rows, cols = rgb.shape[:2]
     for y0 in range(0, height, TILE):
-        ri = np.clip(((y0 + np.arange(TILE) + 0.5) * downsample / raster_scale).astype(np.int64),
-                     0, rows - 1)  # fmt: skip
+        ri = np.clip(
+            ((y0 + np.arange(TILE) + 0.5) * downsample / raster_scale).astype(np.int64), 0, rows - 1
+        )
         for x0 in range(0, width, TILE):
             ci = np.clip(
                 ((x0 + np.arange(TILE) + 0.5) * downsample / raster_scale).astype(np.int64),

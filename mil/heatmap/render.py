@@ -2,13 +2,13 @@
 
 Files in the output folder, named with the slide id (see DESIGN.md, Heatmaps):
 
-| format | files |
-| --- | --- |
-| ``png`` | ``<slide_id>_heatmap.png`` — plain slide beside the overlay, caption, colour scale |
-| ``tiff`` | ``<slide_id>_overlay.tif`` — pyramidal overlay aligned with the slide's level 0 |
-| ``dzi`` | ``<slide_id>.dzi`` + ``_files/`` (slide), ``<slide_id>_overlay.dzi`` + ``_files/``, ``<slide_id>_viewer.js``, and ``index.html`` + ``viewer/`` for the folder |
-| ``geojson`` | ``<slide_id>_attention.geojson`` — QuPath tiles with measurements |
-| ``topk`` | ``topk/<slide_id>_top.png``, ``_bottom.png``, ``topk/<slide_id>/*.png`` |
+* ``png``: ``<slide_id>_heatmap.png``, the plain slide beside the overlay, with a caption
+  and the colour scale;
+* ``tiff``: ``<slide_id>_overlay.tif``, the overlay as a pyramid aligned with level 0;
+* ``dzi``: ``<slide_id>.dzi`` + ``_files/`` (the slide), ``<slide_id>_overlay.dzi`` +
+  ``_files/``, ``<slide_id>_viewer.js``, and ``index.html`` + ``viewer/`` for the folder;
+* ``geojson``: ``<slide_id>_attention.geojson``, QuPath tiles with measurements;
+* ``topk``: ``topk/<slide_id>_top.png``, ``_bottom.png`` and ``topk/<slide_id>/*.png``;
 
 and ``<slide_id>_heatmap.yaml`` with the options. Every file is written under a
 temporary name and renamed when complete.
@@ -181,7 +181,9 @@ def _run_has_bag(run_dir: Path, slide_id: str) -> bool:
     return bool(dirs) and all((Path(d) / f"{slide_id}.h5").is_file() for d in dirs)
 
 
-def colour_scale(values: np.ndarray, score: str, opts: HeatmapOptions, target: str | None) -> tuple[np.ndarray, ColourScale]:  # fmt: skip
+def colour_scale(
+    values: np.ndarray, score: str, opts: HeatmapOptions, target: str | None
+) -> tuple[np.ndarray, ColourScale]:
     """Normalised values (N,) and their colour scale."""
     signed = score == "contribution"
     what = f"contribution to {target or 'the output'}" if signed else "attention"
@@ -291,9 +293,14 @@ def _caption(scores: SlideScores, score: str, opts: HeatmapOptions) -> list[str]
 
 
 def _png(
-    out: Path, s: Any, scores: SlideScores, norm: np.ndarray, scale: ColourScale,
-    opts: HeatmapOptions, score: str,
-) -> Path:  # fmt: skip
+    out: Path,
+    s: Any,
+    scores: SlideScores,
+    norm: np.ndarray,
+    scale: ColourScale,
+    opts: HeatmapOptions,
+    score: str,
+) -> Path:
     from wsi_mil.mil.heatmap.png import write_png
 
     width, height = s.dimensions
@@ -304,7 +311,9 @@ def _png(
     return write_png(path, plain, raster, scale, opts.alpha, _caption(scores, score, opts))
 
 
-def _raster(s: Any, scores: SlideScores, norm: np.ndarray, scale: float, opts: HeatmapOptions) -> Raster:  # fmt: skip
+def _raster(
+    s: Any, scores: SlideScores, norm: np.ndarray, scale: float, opts: HeatmapOptions
+) -> Raster:
     return rasterise(
         scores.coords,
         scores.side,
@@ -316,14 +325,16 @@ def _raster(s: Any, scores: SlideScores, norm: np.ndarray, scale: float, opts: H
     )
 
 
-def _overlay_raster(s: Any, scores: SlideScores, norm: np.ndarray, opts: HeatmapOptions) -> Raster:  # fmt: skip
+def _overlay_raster(s: Any, scores: SlideScores, norm: np.ndarray, opts: HeatmapOptions) -> Raster:
     width, height = s.dimensions
     scale = opts.overlay_mpp / s.mpp if opts.overlay_mpp else max(1.0, scores.side / 4)
     scale = max(scale, float(np.sqrt(width * height / _MAX_RASTER_PX)))
     return _raster(s, scores, norm, scale, opts)
 
 
-def _tiff(out: Path, s: Any, scores: SlideScores, raster: Raster, scale: ColourScale, score: str) -> Path:  # fmt: skip
+def _tiff(
+    out: Path, s: Any, scores: SlideScores, raster: Raster, scale: ColourScale, score: str
+) -> Path:
     from wsi_mil.mil.heatmap.pyramid import write_overlay_tiff
 
     rgba = scale.rgba(raster.value)

@@ -229,7 +229,9 @@ def score_slide(
     outs = [_member_scores(fm, x, torch.device(device), target_class) for fm in members]
     attention = np.mean([o["attention"] for o in outs], axis=0)
     contrib = [o["contribution"] for o in outs]
-    prediction = {k: float(np.mean([o["prediction"][k] for o in outs])) for k in outs[0]["prediction"]}
+    prediction = {
+        k: float(np.mean([o["prediction"][k] for o in outs])) for k in outs[0]["prediction"]
+    }
     bag_attrs = _bag_attrs(dirs[0] / f"{slide_id}.h5")
     return SlideScores(
         slide_id=slide_id,
@@ -271,9 +273,7 @@ def _bag_attrs(path: Path) -> dict[str, Any]:
     return dict(bag_info(path))
 
 
-def _member_scores(
-    fm: Any, x: Any, device: Any, target_class: str | None
-) -> dict[str, Any]:
+def _member_scores(fm: Any, x: Any, device: Any, target_class: str | None) -> dict[str, Any]:
     """Attention, contribution and prediction of one fold model on one bag ``x (N, D)``."""
     import torch
 
@@ -306,7 +306,12 @@ def _member_scores(
             tile = _tile_logits(model, x, device)
             contribution = att * (tile[:, k] - tile.mean(axis=1))
             target = f"class {head.classes[k]}"
-    return {"attention": att, "contribution": contribution, "prediction": prediction, "target": target}
+    return {
+        "attention": att,
+        "contribution": contribution,
+        "prediction": prediction,
+        "target": target,
+    }
 
 
 def _class_index(classes: Sequence[str], target: str | None) -> int:

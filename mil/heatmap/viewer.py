@@ -141,10 +141,13 @@ def _slide_data(
         "score": np.round(norm[keep], 4).tolist(),
         "raw": [float(f"{v:.4g}") for v in raw[keep]],
         "top": [
-            {"x": int(scores.coords[i, 0]), "y": int(scores.coords[i, 1]),
-             "score": round(float(norm[i]), 4)}
+            {
+                "x": int(scores.coords[i, 0]),
+                "y": int(scores.coords[i, 1]),
+                "score": round(float(norm[i]), 4),
+            }
             for i in order
-        ],  # fmt: skip
+        ],
         "scale": {
             "label": scale.label,
             "vmin": scale.vmin,

@@ -87,17 +87,18 @@ def test_overlap_is_averaged_not_overwritten() -> None:
 
 def test_raster_smoothing_stays_in_the_scored_tissue() -> None:
     coords = np.array([[0, 0], [4, 0]])
-    sharp = rasterise(coords, 4, np.array([0.0, 1.0]), dimensions=(16, 4), scale=1.0,
-                      slide_mpp=1.0)  # fmt: skip
-    smooth = rasterise(coords, 4, np.array([0.0, 1.0]), dimensions=(16, 4), scale=1.0,
-                       slide_mpp=1.0, sigma_um=2.0)  # fmt: skip
+    sharp = rasterise(coords, 4, np.array([0.0, 1.0]), dimensions=(16, 4), scale=1.0, slide_mpp=1.0)
+    smooth = rasterise(
+        coords, 4, np.array([0.0, 1.0]), dimensions=(16, 4), scale=1.0, slide_mpp=1.0, sigma_um=2.0
+    )
     assert np.isnan(sharp.value[:, 8:]).all() and np.isnan(smooth.value[:, 8:]).all()
     assert sharp.value[0, 3] == 0 and 0 < smooth.value[0, 3] < 0.5  # blurred across the edge
     assert smooth.value[0, 0] < smooth.value[0, 7]
     tissue = np.ones((4, 16), bool)
     tissue[:, :2] = False
-    masked = rasterise(coords, 4, np.array([0.0, 1.0]), dimensions=(16, 4), scale=1.0,
-                       slide_mpp=1.0, tissue=tissue)  # fmt: skip
+    masked = rasterise(
+        coords, 4, np.array([0.0, 1.0]), dimensions=(16, 4), scale=1.0, slide_mpp=1.0, tissue=tissue
+    )
     assert np.isnan(masked.value[:, :2]).all() and masked.value[0, 2] == 0
 
 
@@ -183,7 +184,9 @@ def test_wrong_slide_is_refused_naming_both(
     slide, att = slide_and_attention
     # same size, other bytes: the fingerprint tells them apart
     other = Path(make_synthetic_slide(tmp_path / "other.svs", 2048, 1536, seed=7).path)
-    with pytest.raises(SlideMismatchError, match=r"computed on slide 'slide1'.*other.svs is slide 'other'"):
+    with pytest.raises(
+        SlideMismatchError, match=r"computed on slide 'slide1'.*other.svs is slide 'other'"
+    ):
         render_heatmap(att, other, tmp_path / "out")
     assert not (tmp_path / "out" / "slide1_heatmap.png").exists()
     # a smaller slide: its tiles lie outside
@@ -205,8 +208,18 @@ def test_heatmap_command_refuses_other_options_without_overwrite(
 ) -> None:
     slide, att = slide_and_attention
     out = tmp_path / "hm"
-    argv = ["heatmap", str(tmp_path / "run"), "--slide", str(slide), "--out", str(out),
-            "--max-size", "256", "--format", "png,geojson"]  # fmt: skip
+    argv = [
+        "heatmap",
+        str(tmp_path / "run"),
+        "--slide",
+        str(slide),
+        "--out",
+        str(out),
+        "--max-size",
+        "256",
+        "--format",
+        "png,geojson",
+    ]
     assert main(argv) == 0
     assert (out / "slide1_heatmap.png").is_file() and (out / "slide1_attention.geojson").is_file()
     assert (out / "slide1_heatmap.yaml").is_file() and not (out / "slide1_overlay.tif").exists()
@@ -248,16 +261,25 @@ def test_viewer_opens_offline_in_headless_chromium(
 ) -> None:
     page = _viewer_page(slide_and_attention, tmp_path)
     url = page.resolve().as_uri()
-    common = [str(CHROMIUM), *CHROMIUM_FLAGS, "--virtual-time-budget=20000",
-              f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True,
-                         timeout=180, check=True).stdout  # fmt: skip
+    common = [
+        str(CHROMIUM),
+        *CHROMIUM_FLAGS,
+        "--virtual-time-budget=20000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    dom = subprocess.run(
+        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=True
+    ).stdout
     body = dom[dom.index("<body") : dom.index(">", dom.index("<body"))]
     assert 'data-errors="0"' in body, dom[-2000:]
     assert 'data-status="ready"' in body and 'data-layers="2"' in body
     shot = tmp_path / "shot.png"
-    subprocess.run([*common, "--window-size=900,700", f"--screenshot={shot}", url],
-                   capture_output=True, timeout=180, check=True)  # fmt: skip
+    subprocess.run(
+        [*common, "--window-size=900,700", f"--screenshot={shot}", url],
+        capture_output=True,
+        timeout=180,
+        check=True,
+    )
     with Image.open(shot) as screen:
         pixels = np.asarray(screen.convert("RGB")).astype(int)
     assert pixels.std() > 10  # not blank
