@@ -47,7 +47,7 @@ def test_contributions_add_up_to_the_prediction(trained) -> None:
 
 @pytest.mark.slow
 def test_heatmap_of_a_trained_run(trained, tmp_path: Path, capsys) -> None:
-    cohort, bags, run = trained
+    cohort, _, run = trained
     table = pd.read_csv(cohort.cohort)
     sid = str(table.loc[table["label"] == "pos", "slide_id"].iloc[0])
     slide = next(cohort.slides.glob(f"{sid}.*"))
@@ -55,8 +55,8 @@ def test_heatmap_of_a_trained_run(trained, tmp_path: Path, capsys) -> None:
     argv = ["heatmap", str(run), "--slide", str(slide), "--out", str(out),
             "--sigma-um", "40", "--max-size", "512", "--top-k", "6"]  # fmt: skip
     assert main(argv) == 0
-    for name in (f"{sid}_heatmap.png", f"{sid}_overlay.tif", f"{sid}.dzi",
-                 f"{sid}_overlay.dzi", f"{sid}_attention.geojson", f"topk/{sid}_top.png"):  # fmt: skip
+    names = ["_heatmap.png", "_overlay.tif", ".dzi", "_overlay.dzi", "_attention.geojson"]
+    for name in [f"{sid}{n}" for n in names] + [f"topk/{sid}_top.png"]:
         assert (out / name).is_file(), name
     options = yaml.safe_load((out / f"{sid}_heatmap.yaml").read_text())
     assert options["formats"] == ["png", "tiff", "dzi", "geojson", "topk"]
