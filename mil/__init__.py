@@ -14,7 +14,7 @@ Public API (imported lazily, so ``import wsi_mil.mil`` stays cheap):
 * inference — :func:`predict_cohort`, :func:`load_ensemble`, :func:`uniform_soup`
   (``mil/predict.py``);
 * attention files — :func:`read_attention`, :func:`write_attention`; heatmaps —
-  :func:`render_heatmap` (``mil/heatmap.py``);
+  :func:`render_heatmap` (``mil/heatmap/``);
 * generated cohorts — :func:`make_synthetic_cohort`.
 """
 

@@ -7,8 +7,11 @@
 
 File attributes: ``format`` (``"wsi-mil.attention/1"``), ``slide_id``, ``patient_id``,
 ``model``, ``source`` (``"fold_<k>"`` or ``"ensemble"``), ``tile_level0`` (tile side in
-level-0 px when the bag says it). Attention of a patient-level bag sums to 1 over all the
-patient's tiles, so values are comparable within a slide; heatmaps rank-normalise them.
+level-0 px when the bag says it), and the slide file the tiles came from as tiling
+recorded it: ``source_size``, ``source_sha256``, ``source_path`` (``wsi-mil heatmap``
+refuses to draw the file over a slide with other bytes). Attention of a patient-level
+bag sums to 1 over all the patient's tiles, so values are comparable within a slide;
+heatmaps rank-normalise them.
 """
 
 from __future__ import annotations

@@ -42,9 +42,22 @@ from wsi_mil.mil.run import load_config, write_config
 from wsi_mil.mil.unit_attention import write_unit_attention
 from wsi_mil.outputs import atomic_path
 
-__all__ = ["Ensemble", "load_ensemble", "predict_cohort", "training_ids", "uniform_soup"]
+__all__ = [
+    "Ensemble",
+    "attention_dir_for",
+    "load_ensemble",
+    "predict_cohort",
+    "training_ids",
+    "uniform_soup",
+]
 
 log = logging.getLogger(__name__)
+
+
+def attention_dir_for(out: str | os.PathLike[str]) -> Path:
+    """Default attention folder of a predictions CSV: ``preds.csv`` → ``preds_attention/``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_attention")
 
 
 @dataclass
@@ -147,7 +160,9 @@ def predict_cohort(
             resolved options and, with targets, a ``.metrics.json`` are written beside.
         cohort: Optional cohort CSV (targets optional); default every bag is a patient.
         omics: Omics table for fusion models trained with one.
-        attention_dir: Where ``<slide_id>.h5`` attention goes (default ``<out dir>/attention``).
+        attention_dir: Where ``<slide_id>.h5`` attention goes (default
+            :func:`attention_dir_for`: ``<out stem>_attention/`` beside ``out``, so a second
+            prediction into the same folder never overwrites the first one's attention).
         soup: Use the uniform weight soup instead of the ensemble.
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: Bags per forward pass.
@@ -205,7 +220,8 @@ def predict_cohort(
         [_seen(table, p, seen_patients, seen_slides) for p in result["patient_id"]],
     )
     out = Path(out)
-    att_dir = Path(attention_dir) if attention_dir is not None else out.parent / "attention"
+    # each prediction keeps its own attention: preds.csv -> preds_attention/
+    att_dir = Path(attention_dir) if attention_dir is not None else attention_dir_for(out)
     write_unit_attention(
         att_dir,
         store,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,9 @@ def write_unit_attention(
         store: The bags (gives each unit's tile coordinates and slide of each tile).
         units: The bags, aligned with ``attention``.
         attention: Per unit, (N_u,) attention over all its tiles, or None (skipped).
-        source: ``fold_<k>``, ``ensemble`` or ``soup``.
+        source: ``fold_<k>``, ``ensemble`` or ``soup`` (the ``source`` attribute; the
+            slide file's fingerprint from the bag goes to ``source_size``,
+            ``source_sha256`` and ``source_path``).
         model_name: The aggregator's name.
 
     Raises:
@@ -46,6 +49,7 @@ def write_unit_attention(
         _, coords, which = store.unit(unit)
         for j, slide_id in enumerate(unit.slide_ids):
             sel = which == j
+            fingerprint = _source(store, slide_id)
             write_attention(
                 contained_path(att_dir, f"{slide_id}.h5"),
                 att[sel],
@@ -56,5 +60,20 @@ def write_unit_attention(
                     "patient_id": unit.patient_id,
                     "model": model_name,
                     "source": source,
+                    # the slide file the tiles came from, so heatmaps refuse another slide
+                    "source_size": fingerprint.get("size"),
+                    "source_sha256": fingerprint.get("sha256"),
+                    "source_path": fingerprint.get("path"),
                 },
             )
+
+
+def _source(store: BagStore, slide_id: str) -> dict[str, Any]:
+    """The slide fingerprint recorded in the slide's (first) bag, or ``{}``."""
+    from wsi_mil.features.bags import BagError, bag_info
+
+    try:
+        source = bag_info(store.features_dirs[0] / f"{slide_id}.h5").get("source")
+    except BagError:
+        return {}
+    return dict(source) if isinstance(source, dict) else {}

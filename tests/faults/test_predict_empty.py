@@ -32,7 +32,7 @@ def test_cli_exits_2_when_every_bag_is_empty(tiny_run, empty_bags: Path, tmp_pat
     assert code == 2 and "no patient can be predicted" in err
     assert "all 3 slide(s) have empty bags" in err and "e1, e2, e3" in err
     assert not out.exists() and not out.with_suffix(".yaml").exists()
-    assert not (out.parent / "attention").exists()
+    assert not (out.parent / "p_attention").exists()
 
 
 def test_cohort_of_empty_bags_is_refused(tiny_run, empty_bags: Path, tmp_path: Path,

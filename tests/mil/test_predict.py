@@ -28,7 +28,7 @@ def test_ensemble_predicts_new_bags_with_attention(classification_run: Any, tmp_
     assert "label" not in table.columns
     np.testing.assert_allclose(table[["prob_0", "prob_1"]].sum(axis=1), 1.0, atol=1e-6)
     sid = next(s for s, m in syn.planted.items() if m.any())
-    att = read_attention(tmp_path / "attention" / f"{sid}.h5")
+    att = read_attention(tmp_path / "preds_attention" / f"{sid}.h5")
     assert att.attrs["source"] == "ensemble" and att.attention.shape == syn.planted[sid].shape
     options = yaml.safe_load(out.with_suffix(".yaml").read_text())
     assert options["folds"] == [0, 1, 2] and options["soup"] is False

@@ -94,7 +94,7 @@ def test_train_then_predict(cohort, tmp_path: Path, capsys: pytest.CaptureFixtur
     )
     table = pd.read_csv(out)
     assert len(table) == 10 and {"prob_0", "prob_1", "label"} <= set(table.columns)
-    assert (tmp_path / "pred" / "attention").is_dir()
+    assert (tmp_path / "pred" / "preds_attention").is_dir()  # the prediction's own folder
     # the training cohort: every patient seen in training, so no metrics by default
     assert table["seen_in_training"].all() and not out.with_suffix(".metrics.json").exists()
     assert "all 10 labelled patient(s) were seen in training" in capsys.readouterr().err

@@ -18,7 +18,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Average the fold models of RUN_DIR over every bag (or the patients of "
             "--cohort; targets optional) and write a predictions CSV, per-slide attention "
-            "(attention/<slide_id>.h5 beside the CSV) and the resolved options (.yaml). "
+            "(<csv stem>_attention/<slide_id>.h5 beside the CSV) and the resolved options (.yaml). "
             "With --soup a single model whose weights are the mean of the folds' is used "
             "instead (all folds start from the same initial weights). Patients of the "
             "run's splits.json (by patient or slide id) are flagged seen_in_training "
@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--cohort", help="cohort CSV (labels optional); default: one patient per bag")
     p.add_argument("--omics", help="omics table for fusion models")
     p.add_argument("--out", required=True, help="predictions CSV to write")
-    p.add_argument("--attention-dir", help="default: <folder of --out>/attention")
+    p.add_argument("--attention-dir", help="default: <--out without .csv>_attention/")
     p.add_argument(
         "--soup",
         action="store_true",
