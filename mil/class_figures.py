@@ -137,19 +137,11 @@ def draw_class_figures(data: dict[str, Any]) -> list[DrawnFigure]:
 
 def render_class_html(data: dict[str, Any], figures: Sequence[DrawnFigure], source: str) -> str:
     """The self-contained HTML page (PNG figures embedded as base64)."""
-    import jinja2
+    from wsi_mil.survival.render import report_template
 
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["num"] = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"
     embedded: dict[str, dict[str, str] | None] = dict.fromkeys(CLASS_FIGURES)
     for f in figures:
         png = base64.b64encode(f.files["png"]).decode("ascii")
         embedded[f.name] = {"title": f.title, "png": png}
-    template = env.get_template("classification_report.html")
+    template = report_template(Path(__file__).parent / "templates", "classification_report.html")
     return template.render(d=data, figures=embedded, source_name=source)

@@ -16,14 +16,16 @@ import pandas as pd
 from wsi_mil.survival.figures import FIGURES, DrawnFigure
 from wsi_mil.survival.summary import fmt_num, fmt_p
 
-__all__ = ["render_html"]
+__all__ = ["render_html", "report_template"]
 
 
-def _template() -> Any:
+def report_template(folder: Path, name: str) -> Any:
+    """A report template from ``folder``: autoescaped, strict, with the ``num`` and
+    ``pval`` filters (shared by the survival and classification reports)."""
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+        loader=jinja2.FileSystemLoader(folder),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -31,7 +33,11 @@ def _template() -> Any:
     )
     env.filters["num"] = lambda x, d=2: fmt_num(x, d)
     env.filters["pval"] = fmt_p
-    return env.get_template("report.html")
+    return env.get_template(name)
+
+
+def _template() -> Any:
+    return report_template(Path(__file__).parent / "templates", "report.html")
 
 
 def _patient_rows(grouped: pd.DataFrame, df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -252,6 +252,7 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
         "time",
         "event",
         "risk",
+        "linear_predictor",
     ]
     assert not result.predictions.duplicated(["patient_id", "fold", "split"]).any()
     _check_co_attention(result.out, syn, without_omics=set(patients[-2:]))
