@@ -159,6 +159,15 @@ def _fold_column(df: pd.DataFrame, fold: str, lp: str) -> str:
     return name
 
 
+def _curves(base: Any, x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``grid -> (N, T)`` survival of linear predictors ``x`` under a Breslow baseline."""
+
+    def at(grid: np.ndarray) -> np.ndarray:
+        return np.asarray(base.survival(x, grid))
+
+    return at
+
+
 def external_survival(df: pd.DataFrame, ref: TrainingReference) -> FoldSurvival:
     """Survival curves of the external rows from the run's per-fold Breslow baselines.
 
@@ -187,7 +196,7 @@ def external_survival(df: pd.DataFrame, ref: TrainingReference) -> FoldSurvival:
             raise UndefinedStatisticError(f"fold {fold} of the run has no training event")
         base = breslow_survival(tr["time"], tr["event"], tr[lp])
         x = df[_fold_column(df, fold, lp)].to_numpy(float)
-        parts.append(lambda grid, base=base, x=x: np.asarray(base.survival(x, grid)))
+        parts.append(_curves(base, x))
     patients = train.drop_duplicates("patient_id")
     curve = kaplan_meier_fit(patients["time"], patients["event"])
     n = len(df)
