@@ -9,11 +9,13 @@ to fix the problem.
 from __future__ import annotations
 
 __all__ = [
+    "BagMismatchError",
     "CohortError",
     "ConfigError",
     "EncoderError",
     "Interrupted",
     "MissingMPPError",
+    "MissingModalityError",
     "OutputExistsError",
     "OutputNotWritableError",
     "SchedulerUnreachableError",
@@ -46,6 +48,16 @@ class EncoderError(WsiMilError, ValueError):
 
 class ConfigError(WsiMilError, ValueError):
     """An invalid argument or configuration value."""
+
+
+class BagMismatchError(WsiMilError, ValueError):
+    """Feature bags made differently (encoder, weights, resolution, tile size) from the
+    bags a model was trained on; ``--allow-mismatch`` overrides."""
+
+
+class MissingModalityError(WsiMilError, ValueError):
+    """A fusion model is applied without one of its inputs (omics, clinical);
+    ``--mask-missing-modalities`` overrides."""
 
 
 class OutputExistsError(WsiMilError, FileExistsError):

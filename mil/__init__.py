@@ -12,7 +12,8 @@ Public API (imported lazily, so ``import wsi_mil.mil`` stays cheap):
   ``mil/fold.py``, running a model on bags in ``mil/inference.py``, run metrics in
   ``mil/evaluate.py``);
 * inference — :func:`predict_cohort`, :func:`load_ensemble`, :func:`uniform_soup`
-  (``mil/predict.py``);
+  (``mil/predict.py``); external validation — :func:`validate_external`
+  (``mil/validate.py``; bag checks in ``mil/provenance.py``);
 * attention files — :func:`read_attention`, :func:`write_attention`; heatmaps —
   :func:`render_heatmap` (``mil/heatmap/``);
 * generated cohorts — :func:`make_synthetic_cohort`.
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from wsi_mil.mil.splits import make_splits
     from wsi_mil.mil.synthetic import make_synthetic_cohort
     from wsi_mil.mil.train import RunResult, train_cv
+    from wsi_mil.mil.validate import validate_external
 
 _LAZY = {
     "BagStore": "data",
@@ -57,6 +59,7 @@ _LAZY = {
     "scan_bags": "data",
     "train_cv": "train",
     "uniform_soup": "predict",
+    "validate_external": "validate",
     "write_attention": "attention",
 }
 
@@ -80,6 +83,7 @@ __all__ = [
     "scan_bags",
     "train_cv",
     "uniform_soup",
+    "validate_external",
     "write_attention",
 ]
 

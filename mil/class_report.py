@@ -9,6 +9,11 @@ confusion matrix and balanced accuracy, and the prevalence-only reference of the
 score. Outputs, each written atomically beside the predictions (or in ``out_dir``):
 ``report.html`` (self-contained), ``report.json``, ``report_figures/*.png|svg`` and
 ``report_config.yaml``. Figures are in :mod:`wsi_mil.mil.class_figures`.
+
+A table without ``fold`` / ``split`` is an external cohort's (``wsi-mil predict`` /
+``validate``): every row is held out (rows flagged ``seen_in_training`` are left out),
+and the training prevalence comes from the training run (``run=``) or, without it, from
+the cohort itself (said in ``report.json`` ``external``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import pandas as pd
 from wsi_mil.errors import CohortError
 from wsi_mil.mil.calibration import balanced_decision, brier_score
 from wsi_mil.mil.metrics import classification_metrics
+from wsi_mil.survival.external import EXTERNAL_FOLD, is_external
 from wsi_mil.survival.report import (
     ReportResult,
     check_overwrite,
@@ -74,6 +80,8 @@ def load_class_predictions(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, 
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise CohortError(f"cannot read predictions table {path}: {exc}") from exc
     classes = [c[len("prob_") :] for c in df.columns if c.startswith("prob_")]
+    if is_external(df.columns) and not {"fold", "split"} & set(df.columns):
+        df = df.assign(fold=EXTERNAL_FOLD, split="test")
     missing = [c for c in _REQUIRED if c not in df.columns]
     if missing or len(classes) < 2:
         raise CohortError(
@@ -144,14 +152,31 @@ def _curves(y: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, A
 
 
 def analyse_classification(
-    df: pd.DataFrame, classes: list[str], *, n_bootstrap: int = 1000, seed: int = 0
+    df: pd.DataFrame,
+    classes: list[str],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    prior: Any = None,
 ) -> dict[str, Any]:
-    """Every number of the classification report, without writing anything."""
+    """Every number of the classification report, without writing anything.
+
+    Args:
+        df: A validated predictions table.
+        classes: Its classes.
+        n_bootstrap: Bootstrap resamples.
+        seed: Bootstrap seed.
+        prior: (C,) training prevalence for every row (external cohorts); default each
+            fold's from its train rows.
+    """
     test = df[df["split"] == "test"]
     index = {c: i for i, c in enumerate(classes)}
     y = test["label"].map(index).to_numpy(int)
     probs = test[[f"prob_{c}" for c in classes]].to_numpy(float)
-    prior = _prior(df, test, classes)
+    if prior is None:
+        prior = _prior(df, test, classes)
+    else:
+        prior = np.tile(np.asarray(prior, dtype=float), (len(test), 1))
     pts = df.drop_duplicates("patient_id")
     folds = sorted(df["fold"].unique().tolist(), key=lambda f: (str(type(f)), f))
     pooled = classification_metrics(y, probs, prior=prior, n_boot=n_bootstrap, seed=seed)
@@ -236,6 +261,7 @@ def make_classification_report(
     n_bootstrap: int = 1000,
     seed: int = 0,
     force: bool = False,
+    run: str | os.PathLike[str] | None = None,
 ) -> ReportResult:
     """Write the classification report of a run folder or predictions CSV.
 
@@ -245,6 +271,8 @@ def make_classification_report(
         n_bootstrap: bootstrap resamples per confidence interval.
         seed: bootstrap seed.
         force: replace a report made from a different input.
+        run: for external predictions (no ``fold`` / ``split``), the training run whose
+            training prevalence sets the balanced decision and the Brier reference.
 
     Raises:
         CohortError: invalid predictions.
@@ -259,14 +287,25 @@ def make_classification_report(
     digest = file_sha256(csv)
     check_overwrite(out, csv, digest, force)
     df, classes = load_class_predictions(csv)
+    external = bool((df["fold"] == EXTERNAL_FOLD).all())
+    prior, ext = None, None
+    if external:
+        df, ext, prior = _external(df, classes, run, csv.name)
+    elif run is not None:
+        raise CohortError(
+            f"--run applies to external predictions (a table without fold/split); {csv} "
+            "holds a run's own cross-validation predictions"
+        )
     data = {
         "format": REPORT_FORMAT,
         "task": "classification",
         "wsi_mil_version": __version__,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "input": {"path": str(csv.resolve()), "sha256": digest, "rows": len(df)},
-        **analyse_classification(df, classes, n_bootstrap=n_bootstrap, seed=seed),
+        **analyse_classification(df, classes, n_bootstrap=n_bootstrap, seed=seed, prior=prior),
     }
+    if ext is not None:
+        data["external"] = ext
     data = _jsonable(data)
     drawn = draw_class_figures(data)
     data["figures"] = {
@@ -285,3 +324,36 @@ def make_classification_report(
     write_atomic(out / "report.html", html.encode("utf-8"))
     write_atomic(out / "report.json", json.dumps(data, indent=2, allow_nan=False).encode())
     return ReportResult(out / "report.html", out / "report.json", figures, data)
+
+
+def _external(
+    df: pd.DataFrame, classes: list[str], run: str | os.PathLike[str] | None, name: str
+) -> tuple[pd.DataFrame, dict[str, Any], np.ndarray | None]:
+    """External rows without those seen in training, the ``external`` block and the
+    training prevalence of the run (None without ``run``: the cohort's own is used)."""
+    seen = pd.Series(False, index=df.index)
+    if "seen_in_training" in df.columns:
+        seen = df["seen_in_training"].astype(str).str.strip().str.lower().isin(["true", "1"])
+    if seen.all():
+        raise CohortError(
+            f"{name}: every patient is flagged seen_in_training, so there is nothing "
+            "external to report; the run's own report is `wsi-mil report RUN`"
+        )
+    df = df[~seen.to_numpy()].copy()
+    ext: dict[str, Any] = {"run": None, "excluded_seen_in_training": int(seen.sum())}
+    if run is None:
+        ext["prior"] = (
+            "the external cohort's own prevalence (no training run given; pass --run RUN "
+            "for the training prevalence)"
+        )
+        return df, ext, None
+    train, _ = load_class_predictions(Path(run) / "predictions.csv")
+    rows = train[train["split"] == "train"].drop_duplicates("patient_id")
+    counts = np.array([(rows["label"] == c).sum() for c in classes], float)
+    if (train["fold"] == EXTERNAL_FOLD).all() or counts.sum() == 0:
+        raise CohortError(f"--run {run}: its predictions.csv has no labelled train rows")
+    ext.update(run=str(Path(run).resolve()), prior="the training run's prevalence")
+    ext["training_prevalence"] = {
+        c: float(v) for c, v in zip(classes, counts / counts.sum(), strict=True)
+    }
+    return df, ext, counts / counts.sum()

@@ -15,7 +15,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 LEVELS = ("patient", "slide")
+#: Bag attributes recorded per slide by :func:`scan_bags` (what a bag was extracted with).
+_PROVENANCE = ("encoder", "weights_sha256", "target_mpp", "tile_px", "path")
 
 
 @dataclass(frozen=True)
@@ -67,12 +69,16 @@ class BagScan:
         dims: Dimension of each feature folder.
         n_tiles: Tiles per slide.
         empty: Slides with no tiles (excluded from training and prediction).
+        attrs: Per feature folder, each slide's bag attributes (``encoder``,
+            ``weights_sha256``, ``target_mpp``, ``tile_px``, ``path``): what the bags
+            were extracted with (:mod:`wsi_mil.mil.provenance`).
     """
 
     dim: int
     dims: list[int]
     n_tiles: dict[str, int]
     empty: list[str]
+    attrs: list[dict[str, dict[str, Any]]] = field(default_factory=list)
 
 
 def scan_bags(
@@ -99,8 +105,10 @@ def scan_bags(
     problems: list[str] = []
     dims: list[int] = []
     n_tiles: dict[str, int] = {}
+    attrs: list[dict[str, dict[str, Any]]] = []
     for k, folder in enumerate(map(Path, features_dirs)):
         infos = {s: bag_info(folder / f"{s}.h5") for s in slide_ids}
+        attrs.append({s: {a: i.get(a) for a in _PROVENANCE} for s, i in infos.items()})
         found = [i["dim"] for i in infos.values()]
         if expected_dims is not None:
             ref = int(expected_dims[k])
@@ -125,7 +133,7 @@ def scan_bags(
     if problems:
         raise BagError(f"{len(problems)} bad feature bag(s):\n" + "\n".join(problems))
     empty = [s for s, n in n_tiles.items() if n == 0]
-    return BagScan(sum(dims), dims, n_tiles, empty)
+    return BagScan(sum(dims), dims, n_tiles, empty, attrs)
 
 
 def make_units(

@@ -13,6 +13,13 @@ the ensemble has seen them all. A patient is seen when its id, or the id of one 
 slides, is in the training run. Their predictions are kept but, unless
 ``allow_in_sample``, they are left out of the metrics; with ``allow_in_sample`` they are
 included and the metrics file says ``"in_sample": true``.
+
+Before any compute the new bags are compared with the run's (encoder, weights hash,
+``target_mpp``, ``tile_px``; :mod:`wsi_mil.mil.provenance`) and a model trained with
+omics or clinical inputs is refused without them (``mask_missing_modalities`` applies it
+with those inputs masked, as for a training patient who lacks them). With a cohort, its
+other columns (clinical covariates such as ``age``) are joined to the predictions by
+``patient_id``.
 """
 
 from __future__ import annotations
@@ -30,13 +37,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_mil.errors import CohortError, ConfigError
+from wsi_mil.errors import CohortError, ConfigError, MissingModalityError
 from wsi_mil.features.bags import BagError
 from wsi_mil.mil.cohort import Cohort, Patient, Slide, load_cohort
 from wsi_mil.mil.data import BagStore, Unit, make_units, scan_bags
 from wsi_mil.mil.fold import FoldModel
+from wsi_mil.mil.heads import SurvivalHead
 from wsi_mil.mil.inference import UnitSet, patient_rows, predict_units, resolve_device
 from wsi_mil.mil.metrics import classification_metrics, survival_metrics
+from wsi_mil.mil.provenance import check_provenance, run_provenance
 from wsi_mil.mil.repeats import repeat_dirs
 from wsi_mil.mil.run import load_config, write_config
 from wsi_mil.mil.unit_attention import write_unit_attention
@@ -45,6 +54,7 @@ from wsi_mil.outputs import atomic_path
 __all__ = [
     "Ensemble",
     "attention_dir_for",
+    "check_modalities",
     "load_ensemble",
     "predict_cohort",
     "training_ids",
@@ -149,6 +159,9 @@ def predict_cohort(
     batch_size: int = 8,
     n_boot: int = 1000,
     allow_in_sample: bool = False,
+    allow_mismatch: bool = False,
+    mask_missing_modalities: bool = False,
+    fold_columns: bool = False,
 ) -> pd.DataFrame:
     """Predict patients of a new cohort with a run's fold ensemble (or weight soup).
 
@@ -170,6 +183,13 @@ def predict_cohort(
         allow_in_sample: Keep patients seen in training in the metrics (which are then
             labelled ``"in_sample": true``); default they are left out, and no metrics
             are written when every labelled patient was seen.
+        allow_mismatch: Predict bags whose encoder, weights hash, ``target_mpp`` or
+            ``tile_px`` differ from the run's (default refused).
+        mask_missing_modalities: Apply a model trained with omics / clinical inputs
+            without them (masked); default refused.
+        fold_columns: Survival: add each fold model's ``risk_fold_<k>`` and
+            ``linear_predictor_fold_<k>`` (its own log relative hazard scale), which the
+            external-validation report needs for its Brier score and calibration.
 
     Returns:
         The predictions table, with ``seen_in_training`` (bool) per patient;
@@ -182,6 +202,9 @@ def predict_cohort(
         ConfigError / CohortError / BagError: Bad run folder, cohort or bags; BagError
             too when no patient can be predicted (every bag has no tiles), so nothing
             is written and the command never succeeds with empty outputs.
+        BagMismatchError: Bags made otherwise than the run's (not ``allow_mismatch``).
+        MissingModalityError: A fusion input of the model is not given (not
+            ``mask_missing_modalities``).
     """
     dev = resolve_device(device)
     ens = load_ensemble(run_dir, dev)
@@ -206,13 +229,23 @@ def predict_cohort(
         )
     else:
         table = _bag_cohort(feature_dirs[0], cfg["task"])
+    masked = check_modalities(
+        ens.folds[0], cohort=cohort, omics=omics, mask_missing=mask_missing_modalities
+    )
     scan = scan_bags(list(table.slides), feature_dirs, expected_dims=ens.folds[0].meta["dims"])
+    mismatches = check_provenance(
+        run_provenance(cfg, ens.folds[0].meta), scan, allow_mismatch=allow_mismatch
+    )
     units = make_units(table, list(table.patients), cfg["level"], set(scan.empty))
     _check_predictable(units, scan.empty, feature_dirs[0])
     members = [uniform_soup(ens.folds)] if soup else ens.folds
     store = BagStore(feature_dirs, int(float(cfg.get("cache_gb", 4.0)) * 2**30))
-    outputs, attention = _ensemble_outputs(members, table, units, store, dev, batch_size)
+    outputs, attention, each = _ensemble_outputs(members, table, units, store, dev, batch_size)
     result = pd.DataFrame(patient_rows(table, units, outputs, members[0].head, details=True))
+    if fold_columns and table.task == "survival":
+        result = _with_fold_columns(result, table, units, members, each)
+    if cohort is not None:
+        result = _join_clinical(result, Path(cohort), cfg)
     seen_patients, seen_slides = training_ids(ens.run_dir, cfg)
     result.insert(
         2,
@@ -248,6 +281,10 @@ def predict_cohort(
         "excluded_empty_slides": scan.empty,
         "allow_in_sample": allow_in_sample,
         "n_seen_in_training": n_seen,
+        "allow_mismatch": allow_mismatch,
+        "bag_mismatches": mismatches,
+        "mask_missing_modalities": mask_missing_modalities,
+        "masked_modalities": masked,
     }
     write_config(out.with_suffix(".yaml"), options)
     result.attrs["metrics_note"] = None
@@ -341,6 +378,88 @@ def _write_metrics(
     return note
 
 
+def check_modalities(
+    fold: FoldModel,
+    *,
+    cohort: str | os.PathLike[str] | None,
+    omics: str | os.PathLike[str] | None,
+    mask_missing: bool = False,
+) -> list[str]:
+    """Refuse to apply a model trained with omics / clinical inputs without them.
+
+    Args:
+        fold: A fold model of the run (its preprocessing says which inputs it used).
+        cohort: The cohort CSV given (the clinical covariates come from it), or None.
+        omics: The omics table given, or None.
+        mask_missing: Apply the model anyway with the missing inputs masked.
+
+    Returns:
+        The modalities that will be masked (``omics``, ``clinical``).
+
+    Raises:
+        MissingModalityError: A modality is missing and not ``mask_missing``.
+    """
+    missing = []
+    if fold.pre.n_omics and omics is None:
+        missing.append(("omics", "--omics (the omics table, same columns as in training)"))
+    if fold.pre.clinical and cohort is None:
+        cols = ", ".join(fold.pre.clinical)
+        missing.append(("clinical", f"--cohort with the clinical column(s) {cols}"))
+    if missing and not mask_missing:
+        name = fold.meta.get("aggregator", {}).get("name", "the model")
+        raise MissingModalityError(
+            f"the run's model ({name}) was trained with {' and '.join(m for m, _ in missing)} "
+            f"inputs, which are not given; pass {' and '.join(h for _, h in missing)}, or "
+            "--mask-missing-modalities to predict with them masked (as for a training "
+            "patient without them; predictions then rest on the slides alone)"
+        )
+    for modality, _ in missing:
+        log.warning("%s inputs not given: masked (--mask-missing-modalities)", modality)
+    return [m for m, _ in missing]
+
+
+def _join_clinical(result: pd.DataFrame, cohort: Path, cfg: dict[str, Any]) -> pd.DataFrame:
+    """Join the cohort's patient-level columns (clinical covariates) to the predictions:
+    every column but the slide ids, paths, targets and names already in ``result``; the
+    first non-empty value of a patient's slides."""
+    table = pd.read_csv(cohort, encoding="utf-8-sig", dtype={"patient_id": str, "case_id": str})
+    pid = "patient_id" if "patient_id" in table.columns else "case_id"
+    skip = {
+        pid,
+        "slide_id",
+        "slide_path",
+        "mpp",
+        cfg.get("label_column"),
+        cfg.get("time_column"),
+        cfg.get("event_column"),
+        *result.columns,
+    }
+    keep = [c for c in table.columns if c not in skip]
+    if not keep or pid not in table.columns:
+        return result
+    first = table.groupby(pid, sort=False)[keep].first()
+    first.index = first.index.astype(str)
+    return result.join(first, on="patient_id")
+
+
+def _with_fold_columns(
+    result: pd.DataFrame,
+    table: Cohort,
+    units: list[Unit],
+    members: Sequence[FoldModel],
+    each: Sequence[np.ndarray],
+) -> pd.DataFrame:
+    """Add ``risk_fold_<k>`` and ``linear_predictor_fold_<k>`` of every member."""
+    out = result.copy()
+    for fm, outputs in zip(members, each, strict=True):
+        rows = pd.DataFrame(patient_rows(table, units, outputs, fm.head)).set_index("patient_id")
+        risk = rows.loc[out["patient_id"], "risk"].to_numpy(float)
+        out[f"risk_fold_{fm.fold}"] = risk
+        if isinstance(fm.head, SurvivalHead):
+            out[f"linear_predictor_fold_{fm.fold}"] = fm.head.linear_predictor(risk)
+    return out
+
+
 def _check_predictable(units: Sequence[Unit], empty: Sequence[str], folder: Path) -> None:
     """Refuse a prediction that would write no patient (every bag empty)."""
     if units:
@@ -360,14 +479,17 @@ def _ensemble_outputs(
     store: BagStore,
     device: torch.device,
     batch_size: int,
-) -> tuple[np.ndarray, list[np.ndarray | None]]:
-    """Mean over members of head outputs (U, ...) and of per-unit attention."""
+) -> tuple[np.ndarray, list[np.ndarray | None], list[np.ndarray]]:
+    """Mean over members of head outputs (U, ...) and of per-unit attention, and each
+    member's outputs."""
+    each: list[np.ndarray] = []
     total: np.ndarray | None = None
     attention: list[np.ndarray | None] = [None] * len(units)
     for fm in members:
         data = UnitSet.build(table, units, None, fm.pre)
         preds = predict_units(fm.model, data, store, device, batch_size=batch_size)
         out = fm.head.predict(preds.logits)
+        each.append(out)
         total = out if total is None else total + out
         for i, att in enumerate(preds.attention):
             if att is not None:
@@ -375,7 +497,7 @@ def _ensemble_outputs(
                 attention[i] = att.copy() if prev is None else prev + att
     n = len(members)
     mean = total / n if total is not None else np.zeros((0,))
-    return mean, [None if a is None else a / n for a in attention]
+    return mean, [None if a is None else a / n for a in attention], each
 
 
 def _metrics(result: pd.DataFrame, table: Cohort, n_boot: int) -> dict[str, Any]:

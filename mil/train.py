@@ -62,6 +62,7 @@ from wsi_mil.mil.inference import (
     resolve_device,
 )
 from wsi_mil.mil.models.base import Aggregator
+from wsi_mil.mil.provenance import summarise_provenance
 from wsi_mil.mil.repeats import repeat_dir, summarise_repeats, write_repeat_outputs
 from wsi_mil.mil.run import TrainConfig, prepare_run_dir
 from wsi_mil.mil.scaling import fit_scaler
@@ -354,6 +355,7 @@ def train_fold(
         "in_dim": ctx.scan.dim,
         "dims": ctx.scan.dims,
         "features": [Path(f).name for f in cfg.features],
+        "bags": summarise_provenance(ctx.scan, [Path(f).name for f in cfg.features]),
         "level": cfg.level,
         "device": str(ctx.device),
     }

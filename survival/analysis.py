@@ -88,6 +88,8 @@ class _Params(NamedTuple):
     tau: float | None
     n_bootstrap: int
     seed: int
+    external: bool = False
+    reference: Any = None  # survival.external.TrainingReference
 
     @property
     def boot(self) -> dict[str, int]:
@@ -253,12 +255,29 @@ def _time_auc(test: pd.DataFrame, p: _Params, notes: list[str]) -> dict[str, Any
     return _attempt(run, "time-dependent AUC (pooled test rows)", notes)
 
 
+def _external_brier(df: pd.DataFrame, tau: float, p: _Params) -> tuple[Any, Any]:
+    """:func:`out_of_fold_brier` of external rows, with the training run's baselines."""
+    from wsi_mil.survival.calibration import brier_vs_km, ibs_grid
+    from wsi_mil.survival.external import external_survival
+
+    if p.reference is None:
+        raise UndefinedStatisticError(
+            "an external cohort needs the training run's baseline hazard; pass --run RUN"
+        )
+    fs = external_survival(df, p.reference)
+    grid = ibs_grid(fs.time, fs.event, tau)
+    return brier_vs_km(fs.time, fs.event, fs.model(grid), fs.km(grid), grid, **p.boot), fs
+
+
 def _brier(df: pd.DataFrame, tau: float, p: _Params, notes: list[str]) -> tuple[dict, dict]:
     """The Brier score beside its Kaplan–Meier reference, and the calibration table at τ."""
     from wsi_mil.survival.calibration import calibration_by_group, out_of_fold_brier
 
     try:
-        res, fs = out_of_fold_brier(df, tau, **p.boot)
+        if p.external:
+            res, fs = _external_brier(df, tau, p)
+        else:
+            res, fs = out_of_fold_brier(df, tau, **p.boot)
     except UndefinedStatisticError as exc:
         note = {"note": _undefined("integrated Brier score (pooled test rows)", exc, notes)}
         return note, {"note": note["note"]}
@@ -272,6 +291,13 @@ def _brier(df: pd.DataFrame, tau: float, p: _Params, notes: list[str]) -> tuple[
         f"Breslow baseline on column {fs.lp_column!r} of each fold's training rows; "
         "Kaplan–Meier reference fitted on the same training rows"
     )
+    if p.external:
+        brier["baseline"] = (
+            f"Breslow baseline of each fold of the training run on its train rows (column "
+            f"{fs.lp_column!r}), applied to that fold model's prediction of each external "
+            "patient, survival averaged over the folds; Kaplan–Meier reference of the "
+            "training patients"
+        )
 
     def table() -> dict[str, Any]:
         cal = calibration_by_group(fs.time, fs.event, fs.model(np.array([tau]))[:, 0], tau)
@@ -326,10 +352,47 @@ def calibration_json(cal: Any) -> dict[str, Any]:
 # ---- risk groups ----------------------------------------------------------------------
 
 
+def _external_groups(df: pd.DataFrame, p: _Params, notes: list[str]) -> tuple[pd.DataFrame, dict]:
+    """Risk groups of external rows with the training run's (ensemble) cut-offs."""
+    from wsi_mil.survival.stratify import assign_groups, group_labels
+
+    labels = group_labels(p.n_groups)
+    test = df.copy()
+    ref = p.reference
+    info: dict[str, Any] = {"labels": labels, "method": _group_method(p.n_groups)}
+    if ref is None:
+        _undefined(
+            "risk groups",
+            "an external cohort has no training rows to learn cut-offs from; pass --run "
+            "RUN (the training run) to use its cut-offs",
+            notes,
+        )
+        info.update(cutoffs={}, cutoffs_learnt_on="not available (no training run given)")
+        return test.iloc[:0].assign(risk_group=pd.Categorical([], categories=labels)), info
+    test["risk_group"] = pd.Categorical(
+        [labels[g] for g in assign_groups(test["risk"], ref.cutoffs)], categories=labels
+    )
+    info.update(
+        cutoffs={"ensemble": _jsonable(ref.cutoffs), **ref.fold_cutoffs},
+        cutoffs_learnt_on=(
+            f"train rows of each fold of the training run {ref.run_dir}; the ensemble's "
+            "cut-off (applied to every external patient) is the mean of the folds'"
+        ),
+    )
+    return test, info
+
+
+def _group_method(n_groups: int) -> str:
+    q = np.linspace(0, 100, n_groups + 1)[1:-1]
+    return "median" if n_groups == 2 else "percentiles " + ", ".join(f"{v:.0f}" for v in q)
+
+
 def _risk_groups(df: pd.DataFrame, p: _Params, notes: list[str]) -> tuple[pd.DataFrame, dict]:
     """Assign held-out risk groups with per-fold training cut-offs."""
     from wsi_mil.survival.stratify import assign_groups, group_labels, learn_cutoffs
 
+    if p.external:
+        return _external_groups(df, p, notes)
     labels = group_labels(p.n_groups)
     test = df[df["split"] == "test"].copy()
     test["risk_group"] = pd.Series(pd.NA, index=test.index, dtype="object")
@@ -348,12 +411,10 @@ def _risk_groups(df: pd.DataFrame, p: _Params, notes: list[str]) -> tuple[pd.Dat
         test.loc[m, "risk_group"] = [labels[g] for g in assign_groups(test.loc[m, "risk"], cut)]
     grouped = test[test["risk_group"].notna()].copy()
     grouped["risk_group"] = pd.Categorical(grouped["risk_group"], categories=labels)
-    q = np.linspace(0, 100, p.n_groups + 1)[1:-1]
-    method = "median" if p.n_groups == 2 else "percentiles " + ", ".join(f"{v:.0f}" for v in q)
     info = {
         "labels": labels,
         "cutoffs": cutoffs,
-        "method": method,
+        "method": _group_method(p.n_groups),
         "cutoffs_learnt_on": "train rows of each fold, applied to its test rows",
     }
     return grouped, info
@@ -457,6 +518,22 @@ def _risk_distribution(test: pd.DataFrame) -> dict[str, Any]:
 # ---- the report data ------------------------------------------------------------------
 
 
+def _tau(df: pd.DataFrame, tau: float | None, p: _Params, notes: list[str]) -> tuple[float, str]:
+    """τ and how it was chosen: given, the training run's (external), or the table's."""
+    if tau is not None:
+        same = not p.external and float(tau) == run_tau(df)
+        return float(tau), TAU_RULE if same else "given (tau / --tau)"
+    if p.reference is not None:
+        return float(p.reference.tau), p.reference.tau_source
+    if p.external:
+        notes.append(
+            "tau: no training run given, so tau is the 80th percentile of the external "
+            "cohort's own follow-up, not the run's; pass --run RUN to use the run's"
+        )
+        return run_tau(df), f"{TAU_RULE} — of the external cohort (no training run given)"
+    return run_tau(df), TAU_RULE
+
+
 def analyse_predictions(
     df: pd.DataFrame,
     *,
@@ -466,6 +543,8 @@ def analyse_predictions(
     tau: float | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    external: bool = False,
+    reference: Any = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Every statistic of the report, without writing anything.
 
@@ -481,6 +560,11 @@ def analyse_predictions(
             follow-up of the patients in the training rows).
         n_bootstrap: bootstrap resamples of every confidence interval.
         seed: bootstrap seed.
+        external: every row is an external patient (``fold`` = ``external``, ``split`` =
+            ``test``): cut-offs, τ and the Brier baselines come from ``reference``.
+        reference: the training run's
+            :class:`~wsi_mil.survival.external.TrainingReference` (external only); without
+            it risk groups, hazard ratios, Brier score and calibration are not computed.
 
     Returns:
         (report data, test rows with their ``risk_group``).
@@ -494,15 +578,21 @@ def analyse_predictions(
         tau,
         int(n_bootstrap),
         int(seed),
+        bool(external),
+        reference if external else None,
     )
     notes: list[str] = []
     test = df[df["split"] == "test"]
-    tau_used = float(tau) if tau is not None else run_tau(df)
+    tau_used, tau_rule = _tau(df, tau, p, notes)
     data: dict[str, Any] = {
         "tau": _num(tau_used),
-        "tau_rule": TAU_RULE if tau_used == run_tau(df) else "given (tau / --tau)",
+        "tau_rule": tau_rule,
         "cohort": _cohort(df, p, notes),
     }
+    if external:
+        from wsi_mil.survival.external import describe
+
+        data["external"] = describe(p.reference)
     if test.empty:
         notes.append("no test rows: out-of-fold statistics are not defined")
     data["concordance"] = {

@@ -2,7 +2,12 @@
 
 Input is a predictions table (``runs/<name>/predictions.csv``): one row per fold and
 patient with ``patient_id``, ``fold``, ``split`` (``train`` or ``test``), ``time``,
-``event``, ``risk`` (higher = earlier event) and optional clinical columns.
+``event``, ``risk`` (higher = earlier event) and optional clinical columns. A table
+without ``fold`` / ``split`` is an *external* cohort's (``wsi-mil predict`` /
+``validate``): one row per patient, all held out; its cut-offs, τ and Brier baselines
+come from the training run (``run=``; :mod:`~wsi_mil.survival.external`), without
+which only the statistics of the cohort alone are computed. Rows flagged
+``seen_in_training`` are left out of an external report.
 Out-of-fold statistics use the **test** rows; risk-group cut-offs, the Breslow
 baseline of the Brier score (on the optional ``linear_predictor`` column, the model's
 own log relative hazard, else on ``risk``) and its Kaplan–Meier reference are learnt on
@@ -36,6 +41,7 @@ import pandas as pd
 from wsi_mil.errors import OutputExistsError
 from wsi_mil.outputs import atomic_path
 from wsi_mil.survival.analysis import analyse_predictions
+from wsi_mil.survival.external import EXTERNAL_FOLD, is_external, training_reference
 from wsi_mil.survival.validate import SurvivalDataError, _plain, validate_survival
 
 __all__ = [
@@ -113,6 +119,14 @@ def _line(df: pd.DataFrame, name: str) -> list[str]:
 
 
 def _check_predictions(df: pd.DataFrame, name: str, covariates: Sequence[str]) -> pd.DataFrame:
+    if is_external(df.columns) and {"fold", "split"} & set(df.columns):
+        raise SurvivalDataError(
+            f"{name}: has {'fold' if 'fold' in df.columns else 'split'} but not "
+            f"{'split' if 'fold' in df.columns else 'fold'}; a run's predictions need both, "
+            "an external cohort's neither"
+        )
+    if is_external(df.columns):
+        df = df.assign(fold=EXTERNAL_FOLD, split="test")
     missing = [c for c in (*REQUIRED_COLUMNS, *covariates) if c not in df.columns]
     if missing:
         which = "covariate" if set(missing) <= set(covariates) else "required"
@@ -180,7 +194,8 @@ def load_predictions(
 
     Args:
         path: CSV with ``patient_id, fold, split, time, event, risk`` and optional
-            clinical columns.
+            clinical columns; without ``fold`` and ``split`` (an external cohort) every
+            row gets ``fold`` = ``"external"`` and ``split`` = ``"test"``.
         covariates: clinical columns that must be present.
 
     Returns:
@@ -197,6 +212,20 @@ def load_predictions(
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SurvivalDataError(f"cannot read predictions table {path}: {exc}") from exc
     return _check_predictions(df, path.name, covariates)
+
+
+def _drop_seen(df: pd.DataFrame, name: str) -> tuple[pd.DataFrame, int]:
+    """Leave out external rows flagged ``seen_in_training`` (the run trained on them)."""
+    if "seen_in_training" not in df.columns:
+        return df, 0
+    seen = df["seen_in_training"].astype(str).str.strip().str.lower().isin(["true", "1"])
+    if seen.all():
+        raise SurvivalDataError(
+            f"{name}: every patient is flagged seen_in_training (the run was trained on "
+            "them), so there is nothing external to validate; the run's own out-of-fold "
+            "report is `wsi-mil report RUN`"
+        )
+    return df[~seen.to_numpy()].copy(), int(seen.sum())
 
 
 # ---- writing --------------------------------------------------------------------------
@@ -253,6 +282,7 @@ def make_report(
     n_bootstrap: int = 1000,
     seed: int = 0,
     force: bool = False,
+    run: str | os.PathLike[str] | None = None,
 ) -> ReportResult:
     """Write the survival report of a run folder or predictions CSV.
 
@@ -269,6 +299,9 @@ def make_report(
         n_bootstrap: bootstrap resamples per confidence interval.
         seed: bootstrap seed.
         force: replace a report made from a different input.
+        run: for external predictions (no ``fold`` / ``split``), the training run
+            folder whose risk-group cut-offs, τ and Brier baselines are carried over
+            (:func:`~wsi_mil.survival.external.training_reference`).
 
     Returns:
         A :class:`ReportResult`.
@@ -288,6 +321,15 @@ def make_report(
     digest = file_sha256(csv)
     check_overwrite(out, csv, digest, force)
     df = load_predictions(csv, covariates)
+    external = bool((df["fold"] == EXTERNAL_FOLD).all())
+    if run is not None and not external:
+        raise SurvivalDataError(
+            f"--run applies to external predictions (a table without fold/split); {csv} "
+            "holds a run's own cross-validation predictions, whose cut-offs come from its "
+            "train rows"
+        )
+    df, seen = _drop_seen(df, csv.name) if external else (df, 0)
+    reference = training_reference(run, n_groups) if run is not None else None
     data, grouped = analyse_predictions(
         df,
         covariates=covariates,
@@ -296,7 +338,12 @@ def make_report(
         tau=tau,
         n_bootstrap=n_bootstrap,
         seed=seed,
+        external=external,
+        reference=reference,
     )
+    if external:
+        data["external"]["excluded_seen_in_training"] = seen
+        data["parameters"]["run"] = None if run is None else str(Path(run).resolve())
     data = {
         "format": REPORT_FORMAT,
         "wsi_mil_version": __version__,

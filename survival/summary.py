@@ -48,7 +48,11 @@ def _cohort_line(c: dict[str, Any]) -> str:
     return (
         f"{c['patients']} patients, {c['events']} events, median follow-up "
         f"{fmt_num(fu, 1) if fu is not None else 'not reached'} (time units of the input), "
-        f"{len(c['folds'])} cross-validation fold(s)."
+        + (
+            "external cohort (fold-ensemble predictions)."
+            if c["folds"] == ["external"]
+            else f"{len(c['folds'])} cross-validation fold(s)."
+        )
     )
 
 

@@ -29,6 +29,7 @@ COMMANDS = (
     "extract",
     "train",
     "predict",
+    "validate",
     "heatmap",
     "report",
     "run",

@@ -7,7 +7,27 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_check_overrides", "add_parser", "run"]
+
+
+def add_check_overrides(p: argparse.ArgumentParser) -> None:
+    """``--allow-mismatch`` and ``--mask-missing-modalities`` (shared with ``validate``)."""
+    p.add_argument(
+        "--allow-mismatch",
+        action="store_true",
+        help=(
+            "predict bags whose encoder, weights hash, target_mpp or tile_px differ from "
+            "the bags the run was trained on (default: refused, exit 2, naming the bag)"
+        ),
+    )
+    p.add_argument(
+        "--mask-missing-modalities",
+        action="store_true",
+        help=(
+            "apply a model trained with omics / clinical inputs (e.g. dual_xattn) without "
+            "them, masked as for a training patient who lacks them (default: refused)"
+        ),
+    )
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -54,6 +74,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             "seen_in_training and excluded); the metrics file then says in_sample: true"
         ),
     )
+    add_check_overrides(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     return p
@@ -78,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         allow_in_sample=args.allow_in_sample,
+        allow_mismatch=args.allow_mismatch,
+        mask_missing_modalities=args.mask_missing_modalities,
     )
     print(f"{len(table)} patient(s) predicted -> {args.out}")
     n_seen = table.attrs.get("n_seen_in_training", 0)

@@ -43,7 +43,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "score vs Kaplan–Meier, calibration at tau. Classification (patient_id, fold, "
             "split, label, prob_<class>): ROC, precision–recall, confusion matrix, "
             "calibration. Given a run folder, reads predictions.csv and writes the report "
-            "beside it."
+            "beside it.\n\n"
+            "External predictions (`wsi-mil predict` of a new cohort: no fold/split "
+            "columns) are all held out. With --run RUN (the training run) the report uses "
+            "its training risk cut-offs, tau and baseline hazard (Brier score and "
+            "calibration need the per-fold columns `wsi-mil validate` writes); without "
+            "it only the C-index, time-dependent AUC and risk distribution can be computed "
+            "(survival) or the cohort's own prevalence is used (classification). Rows "
+            "flagged seen_in_training are left out."
         ),
     )
     p.add_argument("source", metavar="RUN_DIR_OR_PREDICTIONS_CSV")
@@ -74,6 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "calibration time (default: 80th percentile of the training patients' follow-up, "
         "the tau of the run's metrics.json)",
     )
+    p.add_argument(
+        "--run",
+        default=None,
+        metavar="RUN_DIR",
+        help="for external predictions: the training run whose cut-offs and tau apply",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per CI")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument(
@@ -97,7 +110,12 @@ def run(args: argparse.Namespace) -> int:
         from wsi_mil.mil.class_report import make_classification_report
 
         result = make_classification_report(
-            args.source, args.out, n_bootstrap=args.bootstrap, seed=args.seed, force=args.force
+            args.source,
+            args.out,
+            n_bootstrap=args.bootstrap,
+            seed=args.seed,
+            force=args.force,
+            run=args.run,
         )
         return _print(result)
     covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
@@ -111,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         force=args.force,
+        run=args.run,
     )
     return _print(result)
 
@@ -121,4 +140,10 @@ def _print(result: Any) -> int:
     print(f"numbers: {result.json}")
     for line in result.data["summary"]:
         print(f"  {line}")
+    ext = result.data.get("external")
+    if ext is not None and ext.get("run") is None and "not_computed" in ext:
+        print(f"external predictions: not computed: {'; '.join(ext['not_computed'])}")
+        print(f"  {ext['how']}")
+    if ext is not None and ext.get("excluded_seen_in_training"):
+        print(f"left out {ext['excluded_seen_in_training']} patient(s) seen in training")
     return 0
