@@ -237,6 +237,7 @@ def load_annotations(
 
 def _features(data: Any, path: Path) -> list[dict[str, Any]]:
     """The features of a FeatureCollection, a list of Features, a Feature or a geometry."""
+    features: Any
     if isinstance(data, list):
         features = data
     elif isinstance(data, dict) and data.get("type") == "FeatureCollection":

@@ -115,16 +115,17 @@ def test_qupath_export_classes_and_ignored_objects(tmp_path: Path) -> None:
     assert len(load_annotations(bare, ["Stroma"]).polygons) == 1
 
 
+_POLY = '[{{"type": "Feature", "geometry": {{"type": "Polygon", "coordinates": {}}}}}]'
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
         ('{"type": "FeatureCollection", "features": [', "not valid JSON (line 1"),
         ('{"type": "Topology"}', "expected a GeoJSON FeatureCollection"),
         ('[{"type": "Feature"}]', "feature 0 is not a GeoJSON Feature"),
-        ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1]]]}}]',
-         "feature 0: ring 0 must be a list of [x, y] numbers"),
-        ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}}]',
-         "fewer than 3 distinct points"),
+        (_POLY.format("[[[0, 0], [1]]]"), "feature 0: ring 0 must be a list of [x, y] numbers"),
+        (_POLY.format("[[[0, 0], [1, 1]]]"), "fewer than 3 distinct points"),
         ('[{"type": "Feature", "geometry": {"type": "Circle", "coordinates": [1, 2]}}]',
          "unknown geometry type 'Circle'"),
     ],
