@@ -9,6 +9,7 @@ to fix the problem.
 from __future__ import annotations
 
 __all__ = [
+    "AnnotationError",
     "BagMismatchError",
     "CohortError",
     "ConfigError",
@@ -74,6 +75,10 @@ class UnsafePathError(WsiMilError, ValueError):
 
 class SlideTooLargeError(WsiMilError, ValueError):
     """A slide needs more pixels decoded than the pixel budget allows (no usable pyramid)."""
+
+
+class AnnotationError(WsiMilError, ValueError):
+    """An annotation file (QuPath GeoJSON) is missing, unreadable or not valid GeoJSON."""
 
 
 class SchedulerUnreachableError(WsiMilError, ConnectionError):

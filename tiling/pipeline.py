@@ -8,6 +8,11 @@ write the store under a temporary name and rename it when complete, then write t
 overlay PNG and tissue GeoJSON (``<out_dir>/qc/``) and, if asked, the CLAM/TRIDENT
 coordinates h5 (``<out_dir>/coords/``).
 
+With annotations (``include_geojson`` / ``exclude_geojson``, QuPath GeoJSON, see
+:mod:`wsi_mil.tiling.annotations`) the regions are rasterised onto the tissue-mask grid
+and combined with the tissue mask (include: AND, exclude: AND NOT) before the grid is
+laid; the store records each file's sha256, so a changed annotation rebuilds it.
+
 A re-run skips a complete, intact store (every chunk checksum verified, see
 :func:`~wsi_mil.tiling.store.verify_store`) whose parameters and source fingerprint (a
 hash of the whole slide file) match, filling in missing QC/coords files from the store,
@@ -23,7 +28,7 @@ import os
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,8 +37,14 @@ import numpy as np
 from PIL import Image
 
 from wsi_mil import __version__
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import AnnotationError, ConfigError
 from wsi_mil.outputs import atomic_path, contained_path, ensure_writable
+from wsi_mil.tiling.annotations import (
+    RegionSource,
+    load_annotations,
+    rasterise_polygons,
+    region_sources,
+)
 from wsi_mil.tiling.export import export_coords_h5, matching_level
 from wsi_mil.tiling.grid import TileGrid, tile_grid
 from wsi_mil.tiling.qc import qc_overlay, save_qc_png, save_tissue_geojson
@@ -149,6 +160,10 @@ def tile_slide(
     read_threads: int = 2,
     overwrite: bool = False,
     raise_errors: bool = False,
+    include_geojson: str | os.PathLike[str] | None = None,
+    exclude_geojson: str | os.PathLike[str] | None = None,
+    include_class: str | Sequence[str] | None = None,
+    exclude_class: str | Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Detect tissue, tile one slide and write ``<out_dir>/<slide_id>.zarr``.
 
@@ -163,7 +178,8 @@ def tile_slide(
       ``pixels="none"``);
     - ``mask``: uint8 (h, w) tissue mask and ``thumbnail`` uint8 (h, w, 3), both at
       ``mask_mpp`` (mask pixel (r, c) covers level-0 ``[c·s, (c+1)·s) × [r·s, (r+1)·s)``,
-      ``s = mask_mpp / mpp``);
+      ``s = mask_mpp / mpp``); with annotations, ``mask`` is the tissue within them and
+      ``regions`` uint8 (h, w) the rasterised annotations (1 where tiles are allowed);
     - attributes as in ``DESIGN.md``, ``complete: true`` written last.
 
     Tissue detection and the tile grid depend only on the slide and the parameters,
@@ -189,6 +205,12 @@ def tile_slide(
             depend on it).
         overwrite: Rebuild the store even when a complete one matches.
         raise_errors: Raise instead of returning a ``failed`` row.
+        include_geojson: QuPath GeoJSON of the regions to tile (a file, or a folder
+            holding ``<slide_id>.geojson``); a slide without a file in the folder fails.
+        exclude_geojson: QuPath GeoJSON of regions left out (file or folder); a slide
+            without a file in the folder is tiled normally.
+        include_class: Only these classes of ``include_geojson`` (``"Tumor,Stroma"``).
+        exclude_class: Only these classes of ``exclude_geojson``.
 
     Returns:
         Manifest row (a dict, no arrays): ``slide_id``, ``path``, ``status`` (ok |
@@ -198,7 +220,7 @@ def tile_slide(
 
     Raises:
         Only with ``raise_errors=True``: whatever failed (``SlideOpenError``,
-        ``MissingMPPError``, ``ConfigError``, ``SlideTooLargeError`` over
+        ``MissingMPPError``, ``ConfigError``, ``AnnotationError``, ``SlideTooLargeError`` over
         :data:`~wsi_mil.tiling.tissue.MASK_PIXEL_BUDGET`, ``UnsafePathError``,
         ``OSError``...).
     """
@@ -221,7 +243,10 @@ def tile_slide(
             chunk_tiles=chunk_tiles, jpeg_quality=jpeg_quality, tissue=tissue,
         )  # fmt: skip
         options: dict[str, Any] = {"export_coords": export_coords, "qc": qc, "backend": backend,
-                   "read_threads": read_threads, "overwrite": overwrite}  # fmt: skip
+                   "read_threads": read_threads, "overwrite": overwrite,
+                   "annotations": {"include": include_geojson, "exclude": exclude_geojson,
+                                   "include_class": include_class,
+                                   "exclude_class": exclude_class}}  # fmt: skip
         row.update(_tile(slide_path, Path(out_dir), params, **options))
     except Exception as exc:
         if raise_errors:
@@ -249,6 +274,7 @@ def _tile(
     backend: str,
     read_threads: int,
     overwrite: bool,
+    annotations: dict[str, Any],
 ) -> dict[str, Any]:
     from wsi_mil.wsi import open_slide
 
@@ -258,6 +284,9 @@ def _tile(
         source = source_fingerprint(slide_path)
         slide_id = slide.slide_id
         final = store_path(out_dir, slide_id)
+        sources = region_sources(slide_path, slide_id, **annotations)
+        records = {src.mode: src.record() for src in sources}
+        params = {**params, "annotations": records or None}
         reason, store = _reuse_reason(final, params, source, overwrite=overwrite)
         if store is not None:
             extra = _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=True)
@@ -270,7 +299,7 @@ def _tile(
         ensure_writable(out_dir)
         _remove_stale_temporaries(final)
         messages = [] if reason == "new" else [f"rebuilt: {reason}"]
-        n_tiles, extra = _build_store(slide, final, params, source, read_threads)
+        n_tiles, extra = _build_store(slide, final, params, source, read_threads, sources)
         messages += extra
         store = open_tile_store(final)
         messages += _side_outputs(store, out_dir, slide, export_coords, qc, missing_only=False)
@@ -303,12 +332,32 @@ def _reuse_reason(
     old = store.attrs.get("params", {})
     changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
     if changed:
-        parts = [f"{k} {old.get(k)!r}→{params.get(k)!r}" for k in changed if k != "tissue_params"]
+        long = ("tissue_params", "annotations")
+        parts = [f"{k} {old.get(k)!r}→{params.get(k)!r}" for k in changed if k not in long]
         if "tissue_params" in changed:
             parts.append("tissue-detection parameters changed")
+        if "annotations" in changed:
+            parts.append(_annotations_change(old.get("annotations"), params.get("annotations")))
         return "parameters changed (" + ", ".join(parts) + ")", None
     why = _source_reason(store.attrs.get("source", {}), source)
     return (why, None) if why else _damage_reason(store)
+
+
+def _annotations_change(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str:
+    """``"annotations changed (include file changed, exclude added)"``."""
+    old, new = old or {}, new or {}
+    parts = []
+    for mode in ("include", "exclude"):
+        a, b = old.get(mode), new.get(mode)
+        if a == b:
+            continue
+        if a is None or b is None:
+            parts.append(f"{mode} {'added' if a is None else 'removed'}")
+        elif a.get("sha256") != b.get("sha256"):
+            parts.append(f"{mode} file changed")
+        else:
+            parts.append(f"{mode} classes {a.get('classes')}→{b.get('classes')}")
+    return f"annotations changed ({', '.join(parts)})"
 
 
 def _source_reason(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -330,7 +379,12 @@ def _damage_reason(store: TileStore) -> tuple[str | None, TileStore | None]:
 
 
 def _build_store(
-    slide: Any, final: Path, params: dict[str, Any], source: dict[str, Any], threads: int
+    slide: Any,
+    final: Path,
+    params: dict[str, Any],
+    source: dict[str, Any],
+    threads: int,
+    sources: Sequence[RegionSource] = (),
 ) -> tuple[int, list[str]]:
     """Detect, grid, read and write the store at ``final``; returns (N, messages)."""
     check_mask_budget(slide, params["mask_mpp"])
@@ -339,6 +393,9 @@ def _build_store(
     thumb = np.ascontiguousarray(slide.get_thumbnail(mpp=params["mask_mpp"])[..., :3])
     scale = (params["mask_mpp"] / mpp, params["mask_mpp"] / mpp)  # get_thumbnail's contract
     mask = detect_tissue(thumb, params["mask_mpp"], TissueParams(**params["tissue_params"]))
+    regions, notes, record = _annotated_regions(sources, mask.shape, scale, (width, height))
+    if regions is not None:
+        mask = mask & regions
     grid = tile_grid(
         mask, (width, height), mpp=mpp, target_mpp=params["target_mpp"],
         tile_px=params["tile_px"], stride_px=params["stride_px"],
@@ -346,7 +403,7 @@ def _build_store(
     )  # fmt: skip
     coords, tissue, index = grid.coords, grid.tissue, grid.index
     read_level = int(slide.best_level_for_mpp(params["target_mpp"]))
-    messages = _warnings(grid, mask, width, height, mpp, params)
+    messages = _warnings(grid, mask, width, height, mpp, params, regions is not None) + notes
     attrs = {
         "format": FORMAT,
         "slide_id": slide.slide_id,
@@ -370,6 +427,7 @@ def _build_store(
         "tissue_params": params["tissue_params"],
         "tissue_fraction": float(mask.mean()) if mask.size else 0.0,
         "params": params,
+        "annotations": record,
         "warnings": messages,
         "wsi_mil_version": __version__,
     }
@@ -378,6 +436,7 @@ def _build_store(
             tmp, attrs=attrs, coords=coords, tissue=tissue, mask=mask, thumbnail=thumb,
             pixels=params["pixels"], tile_px=params["tile_px"],
             chunk_tiles=params["chunk_tiles"], jpeg_quality=params["jpeg_quality"] or 90,
+            regions=regions,
         )  # fmt: skip
         writer = TileWriter(group)
         if params["pixels"] != "none":
@@ -387,8 +446,61 @@ def _build_store(
     return int(coords.shape[0]), messages
 
 
+def _annotated_regions(
+    sources: Sequence[RegionSource],
+    shape: tuple[int, int],
+    scale: tuple[float, float],
+    dimensions: tuple[int, int],
+) -> tuple[np.ndarray | None, list[str], dict[str, Any] | None]:
+    """Where the annotations allow tiles on the mask grid.
+
+    Returns:
+        ``(bool (h, w) or None without annotations, notes for the manifest, the store's
+        ``annotations`` attribute)``.
+
+    Raises:
+        AnnotationError: A bad file, or an include file without a (matching) polygon.
+    """
+    if not sources:
+        return None, [], None
+    allowed = np.ones(shape, np.bool_)
+    notes: list[str] = []
+    record: dict[str, Any] = {}
+    for src in sources:
+        ann = load_annotations(src.path, src.classes)
+        which = f" of class {', '.join(src.classes)}" if src.classes else ""
+        if not ann.polygons and src.mode == "include":
+            raise AnnotationError(
+                f"{src.path}: no polygon annotation{which} to tile within (classes found: "
+                f"{ann.classes_text()}); draw or export the regions, or fix --include-class"
+            )
+        inside = rasterise_polygons(ann.polygons, shape, scale)
+        allowed &= inside if src.mode == "include" else ~inside
+        if not ann.polygons:
+            notes.append(f"{src.path.name}: no polygon annotation{which}; nothing excluded")
+        elif not inside.any():
+            notes.append(
+                f"{src.path.name}: the annotations lie outside the slide "
+                f"({dimensions[0]}x{dimensions[1]} level-0 px); coordinates must be level-0 "
+                "pixels of this slide"
+            )
+        record[src.mode] = {
+            "path": str(src.path), "sha256": src.sha256,
+            "classes": list(src.classes) if src.classes else None,
+            "n_polygons": len(ann.polygons), "n_ignored": ann.n_ignored,
+            "classes_found": ann.classes_found,
+        }  # fmt: skip
+    return allowed, notes, record
+
+
 def _warnings(
-    grid: TileGrid, mask: np.ndarray, width: int, height: int, mpp: float, p: dict[str, Any]
+    grid: TileGrid,
+    mask: np.ndarray,
+    width: int,
+    height: int,
+    mpp: float,
+    p: dict[str, Any],
+    annotated: bool = False,
 ) -> list[str]:
     if grid.grid_shape[0] == 0 or grid.grid_shape[1] == 0:
         side = grid.tile_level0
@@ -398,7 +510,8 @@ def _warnings(
             "store has 0 tiles"
         ]
     if not mask.any():
-        return ["no tissue found; store has 0 tiles"]
+        where = " within the annotations" if annotated else ""
+        return [f"no tissue found{where}; store has 0 tiles"]
     if grid.n_tiles == 0:
         return [f"no tile reaches --min-tissue {p['min_tissue']:g}; store has 0 tiles"]
     return []
@@ -512,8 +625,9 @@ def _side_outputs(
     geo = contained_path(out_dir, "qc", f"{sid}.geojson")
     if qc and not (missing_only and png.exists()):
         image = qc_overlay(
-            store.thumbnail, store.mask, store.coords, float(store.attrs["tile_level0"]), scale
-        )
+            store.thumbnail, store.mask, store.coords, float(store.attrs["tile_level0"]), scale,
+            regions=store.regions,
+        )  # fmt: skip
         save_qc_png(png, image)
     if qc and not (missing_only and geo.exists()):
         save_tissue_geojson(geo, store.mask, scale)

@@ -22,6 +22,7 @@ __all__ = ["qc_overlay", "save_qc_png", "save_tissue_geojson", "tissue_geojson"]
 
 _OUTLINE = (0, 120, 255)
 _TILE = (255, 200, 0)
+_REGIONS = (230, 0, 200)
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
@@ -37,6 +38,18 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _line(mask: np.ndarray, k: int) -> np.ndarray:
+    """Outline (bool (h·k, w·k)) of a bool (h, w) mask enlarged ``k`` times."""
+    big = np.repeat(np.repeat(mask, k, axis=0), k, axis=1) if k > 1 else mask
+    line = _outline(big)
+    if k > 2:  # thicken the outline on enlarged images
+        thick = line.copy()
+        thick[1:] |= line[:-1]
+        thick[:, 1:] |= line[:, :-1]
+        line = thick
+    return line
+
+
 def qc_overlay(
     thumbnail: np.ndarray,
     mask: np.ndarray,
@@ -45,8 +58,10 @@ def qc_overlay(
     scale: tuple[float, float],
     *,
     min_side: int = 800,
+    regions: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Thumbnail with the tissue outline (blue) and the kept tiles (yellow boxes).
+    """Thumbnail with the tissue outline (blue), the kept tiles (yellow boxes) and the
+    outline of annotated regions (magenta), if any.
 
     Args:
         thumbnail: uint8 (h, w, 3) at the mask's resolution.
@@ -55,6 +70,7 @@ def qc_overlay(
         tile_level0: Tile side in level-0 pixels.
         scale: (sx, sy) level-0 pixels per thumbnail pixel.
         min_side: Small thumbnails are enlarged (integer factor) to at least this.
+        regions: bool (h, w) where annotations allowed tiles, or None.
 
     Returns:
         uint8 (H, W, 3) image.
@@ -64,17 +80,10 @@ def qc_overlay(
     img = np.ascontiguousarray(thumbnail[..., :3], dtype=np.uint8)
     if k > 1:
         img = np.repeat(np.repeat(img, k, axis=0), k, axis=1)
-        big_mask = np.repeat(np.repeat(mask, k, axis=0), k, axis=1)
-    else:
-        big_mask = mask
-    line = _outline(big_mask)
-    if k > 2:  # thicken the outline on enlarged images
-        thick = line.copy()
-        thick[1:] |= line[:-1]
-        thick[:, 1:] |= line[:, :-1]
-        line = thick
     img = img.copy()
-    img[line] = _OUTLINE
+    img[_line(mask, k)] = _OUTLINE
+    if regions is not None:
+        img[_line(regions, k)] = _REGIONS
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
     fx, fy = k / scale[0], k / scale[1]

@@ -2,7 +2,8 @@
 
 Layout (see ``DESIGN.md``): arrays ``coords`` int64 (N, 2), ``tissue`` float32 (N,),
 optional ``tiles`` uint8 (N, tile_px, tile_px, 3) chunked ``chunk_tiles`` tiles per chunk,
-``mask`` uint8 (h, w) and ``thumbnail`` uint8 (h, w, 3) at ``mask_mpp``; group attributes
+``mask`` uint8 (h, w) and ``thumbnail`` uint8 (h, w, 3) at ``mask_mpp`` (and ``regions``
+uint8 (h, w) when tiled within annotations); group attributes
 describe the source, the geometry and the detection, and ``complete: true`` is written
 last. Stores are written under a temporary name and renamed when complete (see
 :func:`wsi_mil.outputs.atomic_path`).
@@ -264,6 +265,7 @@ def create_store(
     tile_px: int,
     chunk_tiles: int = 64,
     jpeg_quality: int = 90,
+    regions: np.ndarray | None = None,
 ) -> zarr.Group:
     """Create a store with its geometry arrays (and an empty ``tiles`` array).
 
@@ -281,6 +283,8 @@ def create_store(
         tile_px: Tile side in pixels.
         chunk_tiles: Tiles per chunk of ``tiles`` (and of ``coords``/``tissue``).
         jpeg_quality: Quality of ``"jpeg"`` pixels.
+        regions: bool/uint8 (h, w) where annotations allow tiles (``--include-geojson``
+            / ``--exclude-geojson``), stored as ``regions``; None when not annotated.
 
     Returns:
         The open zarr group (mode ``w``).
@@ -303,6 +307,8 @@ def create_store(
     group.create_array(
         "thumbnail", data=np.ascontiguousarray(thumbnail, np.uint8), compressors=_compressor()
     )
+    if regions is not None:
+        group.create_array("regions", data=np.asarray(regions, np.uint8), compressors=_compressor())
     if pixels != "none":
         shape = (n, tile_px, tile_px, 3)
         chunks = (max(1, chunk_tiles), tile_px, tile_px, 3)
@@ -584,6 +590,17 @@ class TileStore:
     def thumbnail(self) -> np.ndarray:
         """uint8 (h, w, 3) thumbnail at ``mask_mpp``."""
         return self._read_checked("thumbnail")
+
+    @property
+    def regions(self) -> np.ndarray | None:
+        """bool (h, w) at ``mask_mpp`` where annotations allowed tiles, or None.
+
+        Present when the slide was tiled with ``--include-geojson`` or
+        ``--exclude-geojson`` (``mask`` is then the tissue mask within these regions).
+        """
+        if "regions" not in self._group:
+            return None
+        return self._read_checked("regions") > 0
 
     def read_pixels(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Tiles ``start:stop`` as uint8 (n, tile_px, tile_px, 3).

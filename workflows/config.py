@@ -56,7 +56,8 @@ _RUN_OWNED = {
 _FLAG_OWNER = {"--workers": "tile", "--batch-size": "train"}
 
 #: Keys holding a path (resolved against the file's folder, or the working folder).
-PATH_KEYS = ("slides", "cohort", "out", "tile.mpp_csv", "extract.weights", "train.omics",
+PATH_KEYS = ("slides", "cohort", "out", "tile.mpp_csv", "tile.include_geojson",
+             "tile.exclude_geojson", "extract.weights", "train.omics",
              "train.omics_groups")  # fmt: skip
 
 #: One line of help for stage options whose parser gives none.

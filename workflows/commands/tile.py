@@ -13,7 +13,14 @@ from wsi_mil import __version__
 from wsi_mil.errors import ConfigError
 from wsi_mil.wsi.slide import slide_id_from_path
 
-__all__ = ["SLIDE_EXTENSIONS", "add_parser", "find_slides", "read_mpp_csv", "run"]
+__all__ = [
+    "SLIDE_EXTENSIONS",
+    "add_parser",
+    "annotation_options",
+    "find_slides",
+    "read_mpp_csv",
+    "run",
+]
 
 #: File extensions searched for in input folders (case-insensitive).
 SLIDE_EXTENSIONS = (
@@ -38,6 +45,18 @@ Re-running skips complete stores with the same parameters and rebuilds the other
 (the manifest and the console say why). A slide without a resolution needs --mpp or a
 row in --mpp-csv; a slide with no tissue, or smaller than one tile, gets an empty store
 (status ok, with a warning).
+
+Annotations (QuPath: File → Export objects as GeoJSON, level-0 pixel coordinates):
+--include-geojson tiles only tissue inside the annotated polygons, --exclude-geojson
+leaves tissue inside them out (both may be given). Each is a .geojson file (for a
+single slide) or a folder holding <slide_id>.geojson per slide (also
+<file name>.geojson, <slide_id>.json). A slide without a file in the include folder
+fails (named, with the file expected); one without a file in the exclude folder is
+tiled as usual. Only annotation objects with Polygon/MultiPolygon geometry are used
+(holes respected); --include-class/--exclude-class keep only the named classes. A
+file that is not valid GeoJSON fails its slide only. The store records each file's
+sha256: a changed annotation rebuilds the store. The QC image outlines the regions in
+magenta.
 
 Each slide runs in a worker process: a slide whose reader crashes (e.g. a segfault in
 a C library) fails alone, named with the signal. Two `tile` runs on one --out folder
@@ -94,6 +113,22 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default="auto",
         help="slide library (default auto: OpenSlide, then tiffslide)",
     )
+    p.add_argument(
+        "--include-geojson", type=Path, default=None, metavar="DIR_OR_FILE",
+        help="tile only inside these QuPath GeoJSON annotations (<DIR>/<slide_id>.geojson)",
+    )  # fmt: skip
+    p.add_argument(
+        "--exclude-geojson", type=Path, default=None, metavar="DIR_OR_FILE",
+        help="leave out tissue inside these QuPath GeoJSON annotations",
+    )  # fmt: skip
+    p.add_argument(
+        "--include-class", default=None, metavar="NAMES",
+        help="only annotations of these classes (comma-separated) for --include-geojson",
+    )  # fmt: skip
+    p.add_argument(
+        "--exclude-class", default=None, metavar="NAMES",
+        help="only annotations of these classes (comma-separated) for --exclude-geojson",
+    )  # fmt: skip
     p.add_argument("--export-coords", action="store_true", help="also write CLAM/TRIDENT coords h5")
     p.add_argument("--no-qc", action="store_true", help="skip the QC PNG and GeoJSON")
     p.add_argument("--overwrite", action="store_true", help="rebuild every store (even complete)")
@@ -189,6 +224,38 @@ def read_mpp_csv(path: Path) -> dict[str, float]:
     return out
 
 
+def annotation_options(args: argparse.Namespace, n_slides: int) -> dict[str, Any]:
+    """``tile_slide``'s annotation arguments, checked before any work.
+
+    Raises:
+        ConfigError: A path that does not exist, a file given for several slides, or a
+            class filter without its annotations.
+    """
+    from wsi_mil.tiling.annotations import parse_classes
+
+    out: dict[str, Any] = {}
+    for mode in ("include", "exclude"):
+        source: Path | None = getattr(args, f"{mode}_geojson", None)
+        classes = parse_classes(getattr(args, f"{mode}_class", None))
+        if source is None:
+            if classes:
+                raise ConfigError(f"--{mode}-class needs --{mode}-geojson")
+            continue
+        if not source.exists():
+            raise ConfigError(
+                f"--{mode}-geojson {source} does not exist; give a QuPath GeoJSON file or a "
+                "folder of <slide_id>.geojson files"
+            )
+        if source.is_file() and n_slides > 1:
+            raise ConfigError(
+                f"--{mode}-geojson {source} is one file for {n_slides} slides; give a folder "
+                "of <slide_id>.geojson files (one per slide)"
+            )
+        out[f"{mode}_geojson"] = str(source.resolve())  # jobs may run elsewhere (Dask)
+        out[f"{mode}_class"] = ",".join(classes) if classes else None
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Tile every slide; returns 1 when any slide failed, else 0."""
     import yaml
@@ -207,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
     slides = find_slides(args.inputs)
     ids = {s: slide_id_from_path(s) for s in slides}
     _check_duplicates(ids)
+    annotations = annotation_options(args, len(slides))
     mpp_map = read_mpp_csv(args.mpp_csv) if args.mpp_csv else {}
     out: Path = args.out.resolve()  # jobs may run elsewhere (Dask workers)
     ensure_writable(out)
@@ -214,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         "target_mpp": args.target_mpp, "tile_px": args.tile_px, "stride_px": args.stride_px,
         "min_tissue": args.min_tissue, "pixels": args.pixels, "mask_mpp": args.mask_mpp,
         "export_coords": args.export_coords, "qc": not args.no_qc, "overwrite": args.overwrite,
+        **annotations,
     }  # fmt: skip
     jobs = [_job(s, ids[s], out, common, mpp_map.get(ids[s], args.mpp), args.backend)
             for s in slides]  # fmt: skip
@@ -234,6 +303,10 @@ def run(args: argparse.Namespace) -> int:
         "backend": args.backend,
         "export_coords": bool(args.export_coords),
         "qc": not args.no_qc,
+        "include_geojson": annotations.get("include_geojson"),
+        "include_class": annotations.get("include_class"),
+        "exclude_geojson": annotations.get("exclude_geojson"),
+        "exclude_class": annotations.get("exclude_class"),
         **params,
     }
     with atomic_path(out / "config.yaml") as tmp:
