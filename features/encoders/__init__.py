@@ -3,7 +3,8 @@
 ``builtin`` (hand-crafted), ``owkin`` (phikon, phikon-v2), ``meta`` (dinov2-*),
 ``mahmood`` (uni, uni2-h, conch), ``bioptimus`` (h-optimus-0, h-optimus-1), ``paige``
 (virchow, virchow2), ``providence`` (prov-gigapath), ``histai`` (hibou-b, hibou-l),
-``kaiko`` (kaiko-vit*), ``transpath`` (ctranspath) and ``timm_any`` (``timm:<name>``). Imported lazily by :mod:`wsi_mil.features.registry`.
+``kaiko`` (kaiko-vit*), ``transpath`` (ctranspath) and ``timm_any``
+(``timm:<name>``). Imported lazily by :mod:`wsi_mil.features.registry`.
 """
 
 __all__ = [

@@ -73,28 +73,34 @@ def build_uni2_h(spec: EncoderSpec) -> TimmBackbone:
     )
 
 
+class _CrossAttentionParams(nn.Module):
+    """Parameters of a cross-attention, named as ``torch.nn.MultiheadAttention``'s when
+    ``kdim != embed_dim`` (so the publisher's checkpoint loads as is)."""
+
+    def __init__(self, d_model: int, context_dim: int) -> None:
+        super().__init__()
+        self.q_proj_weight = nn.Parameter(torch.empty(d_model, d_model))
+        self.k_proj_weight = nn.Parameter(torch.empty(d_model, context_dim))
+        self.v_proj_weight = nn.Parameter(torch.empty(d_model, context_dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+            nn.init.xavier_uniform_(w)
+
+
 class AttentionalPooler(nn.Module):
     """Learned queries attending over the tokens (CoCa's attentional pooling).
 
     Queries (``n_queries``, ``d_model``) are layer-normed (``ln_q``), the tokens (width
     ``context_dim``) too (``ln_k``); one multi-head cross-attention with separate query,
-    key and value projections (parameter names as in ``torch.nn.MultiheadAttention``
-    with ``kdim != embed_dim``, so the publisher's checkpoint loads as is) returns
-    (B, n_queries, d_model).
+    key and value projections returns (B, n_queries, d_model).
     """
 
     def __init__(self, d_model: int, context_dim: int, n_head: int, n_queries: int) -> None:
         super().__init__()
         self.n_head = n_head
         self.query = nn.Parameter(torch.randn(n_queries, d_model))
-        self.attn = nn.Module()
-        self.attn.q_proj_weight = nn.Parameter(torch.empty(d_model, d_model))
-        self.attn.k_proj_weight = nn.Parameter(torch.empty(d_model, context_dim))
-        self.attn.v_proj_weight = nn.Parameter(torch.empty(d_model, context_dim))
-        self.attn.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
-        self.attn.out_proj = nn.Linear(d_model, d_model)
-        for w in (self.attn.q_proj_weight, self.attn.k_proj_weight, self.attn.v_proj_weight):
-            nn.init.xavier_uniform_(w)
+        self.attn = _CrossAttentionParams(d_model, context_dim)
         self.ln_q = nn.LayerNorm(d_model)
         self.ln_k = nn.LayerNorm(context_dim)
 
@@ -107,7 +113,7 @@ class AttentionalPooler(nn.Module):
         q = F.linear(self.ln_q(self.query), a.q_proj_weight, b_q)  # (Q, D)
         k = F.linear(kv, a.k_proj_weight, b_k)  # (B, L, D)
         v = F.linear(kv, a.v_proj_weight, b_v)
-        batch, length, width = k.shape
+        batch, _, width = k.shape
         heads = self.n_head
 
         def split(t: torch.Tensor) -> torch.Tensor:

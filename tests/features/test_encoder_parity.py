@@ -97,15 +97,13 @@ def _timm_parity(
         torch.save(state, path)
     del ref_model, state
     gc.collect()
-    try:
-        enc = create_encoder(name, weights=str(path))
-        assert enc.weights_sha256 == file_sha256(weights_file)
-        with torch.inference_mode():
-            ours = enc(tiles)
-        _check(ours, ref)
-    finally:
-        enc = None  # noqa: F841
-        gc.collect()
+    enc = create_encoder(name, weights=str(path))
+    assert enc.weights_sha256 == file_sha256(weights_file)
+    with torch.inference_mode():
+        ours = enc(tiles)
+    del enc
+    gc.collect()
+    _check(ours, ref)
 
 
 # ---------------------------------------------------------------- timm-layout encoders
