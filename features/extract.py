@@ -2,12 +2,19 @@
 
 Output layout (``out_dir`` is ``wsi-mil extract --out``)::
 
-    <out_dir>/<encoder>/<slide_id>.h5     one bag per slide (see bags.py)
-    <out_dir>/<encoder>/manifest.csv      ok / skipped / failed per store, with reasons
-    <out_dir>/<encoder>/config.yaml       the fully resolved settings of the last run
+    <out_dir>/<bags>/<slide_id>.h5     one bag per slide (see bags.py)
+    <out_dir>/<bags>/manifest.csv      ok / skipped / failed per store, with reasons
+    <out_dir>/<bags>/config.yaml       the fully resolved settings of the last run
 
-``timm:<name>`` encoders use the folder ``timm_<name>``. A re-run skips slides whose bag
-records the same encoder, weights sha256 and tile-store fingerprint and redoes the rest.
+The bag folder ``<bags>`` (:func:`bag_folder_name`) is ``--name`` when given; else the
+encoder name for the publisher's weights fetched from the hub, ``random`` weights and
+weight-free encoders; else ``<encoder>-<sha8>`` (the first 8 hex digits of the weights
+file's sha256), so two checkpoints of one architecture never share a folder. A folder
+made before this scheme (``<encoder>/`` holding bags of exactly these weights) is kept.
+``extract`` refuses to write into a folder whose bags were made with other weights,
+naming both hashes. ``timm:<name>`` encoders use the folder ``timm_<name>``. A re-run
+skips slides whose bag records the same encoder, weights sha256 and tile-store
+fingerprint and redoes the rest.
 Each slide's bag is locked while it is extracted (``<bags>/.<slide_id>.h5.lock``, see
 :func:`~wsi_mil.outputs.acquire_lock`): temporaries of killed runs are removed under the
 lock, and a slide another ``extract`` on the folder is embedding is waited for, then
@@ -40,6 +47,7 @@ from typing import Any
 from wsi_mil.errors import ConfigError, Interrupted
 
 __all__ = [
+    "bag_folder_name",
     "extract_features",
     "extract_slide",
     "find_stores",
@@ -108,10 +116,78 @@ def _bag_matches(bag: Path, encoder: str, sha: str, fingerprint: str) -> bool:
     )
 
 
+def bag_folder_name(
+    encoder: str,
+    weights: str | os.PathLike[str] | None,
+    weights_sha256: str,
+    out_dir: str | os.PathLike[str],
+    name: str | None = None,
+) -> str:
+    """The bag folder (under ``out_dir``) for ``encoder`` with these weights.
+
+    ``name`` when given; the encoder name for hub weights (``weights=None``),
+    ``random`` and weight-free encoders, or when ``<out_dir>/<encoder>/`` already holds
+    bags of exactly these weights (folders made before hashed names); otherwise
+    ``<encoder>-<first 8 hex digits of the weights sha256>``.
+
+    Raises:
+        ConfigError: ``name`` is not a plain folder name.
+    """
+    from wsi_mil.features.weights import RANDOM_WEIGHTS
+
+    if name is not None:
+        if not name or name in (".", "..") or any(c in name for c in "/\\:"):
+            raise ConfigError(f"--name must be a plain folder name, got {name!r}")
+        return name
+    if weights is None or str(weights) == RANDOM_WEIGHTS or weights_sha256 == "none":
+        return encoder
+    plain = Path(out_dir) / encoder.replace(":", "_").replace("/", "_")
+    if weights_sha256 in _recorded_weights(plain):
+        return encoder
+    return f"{encoder}-{weights_sha256[:8]}"
+
+
+def _recorded_weights(folder: Path) -> dict[str, str]:
+    """``{weights_sha256: a bag recording it}`` over the readable bags in ``folder``."""
+    from wsi_mil.features.bags import BagError, bag_info
+
+    found: dict[str, str] = {}
+    if not folder.is_dir():
+        return found
+    for bag in sorted(folder.glob("*.h5")):
+        try:
+            sha = str(bag_info(bag).get("weights_sha256", ""))
+        except (BagError, OSError):
+            continue
+        found.setdefault(sha, bag.name)
+    return found
+
+
+def _check_folder_weights(folder: Path, weights_sha256: str) -> None:
+    """Refuse a bag folder holding bags made with other weights (naming both hashes)."""
+    other = {k: v for k, v in _recorded_weights(folder).items() if k != weights_sha256}
+    if other:
+        sha, bag = next(iter(other.items()))
+        raise ConfigError(
+            f"bag folder {folder} holds bags made with other weights (sha256 {sha[:16]}…, "
+            f"e.g. {bag}); these weights are sha256 {weights_sha256[:16]}…. Pass --name "
+            "to write them to their own folder, another --out, or remove the old bags"
+        )
+
+
 def plan_extraction(
-    stores: Sequence[Path], encoder: str, out_dir: Path, weights_sha256: str, *, overwrite: bool
+    stores: Sequence[Path],
+    encoder: str,
+    out_dir: Path,
+    weights_sha256: str,
+    *,
+    overwrite: bool,
+    folder: str | None = None,
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """Split stores into tasks (largest first) and rows for skipped/failed stores.
+
+    Bags go to ``<out_dir>/<folder>/`` (default: the encoder name, see
+    :func:`bag_folder_name`).
 
     Returns:
         ``(tasks, rows)``: :class:`~wsi_mil.features.pool.SlideTask` list and manifest
@@ -126,7 +202,9 @@ def plan_extraction(
         row: dict[str, Any] = {
             "slide_id": path.stem, "path": str(path), "n_tiles": 0, "store": str(path)
         }  # fmt: skip
-        planned = _plan_store(path, row, encoder, out_dir, weights_sha256, overwrite)
+        planned = _plan_store(
+            path, row, encoder, out_dir, weights_sha256, overwrite, folder or encoder
+        )
         if isinstance(planned, dict):
             rows.append(planned)
         else:
@@ -136,7 +214,13 @@ def plan_extraction(
 
 
 def _plan_store(
-    path: Path, row: dict[str, Any], encoder: str, out_dir: Path, sha: str, overwrite: bool
+    path: Path,
+    row: dict[str, Any],
+    encoder: str,
+    out_dir: Path,
+    sha: str,
+    overwrite: bool,
+    folder: str,
 ) -> dict[str, Any] | tuple[str, int, str, str]:
     """A finished manifest row for ``path``, or ``(slide_id, n_tiles, bag, fingerprint)``."""
     from wsi_mil.features.bags import bag_path
@@ -153,7 +237,7 @@ def _plan_store(
                     f"{'; '.join(damage[:3])}; re-run `wsi-mil tile` (it rebuilds damaged "
                     "stores)"}  # fmt: skip
         fp = store_fingerprint(st)
-        bag = bag_path(out_dir, encoder, st.slide_id)
+        bag = bag_path(out_dir, folder, st.slide_id)
         row.update(slide_id=st.slide_id, n_tiles=st.n_tiles, path=str(bag))
     except Exception as exc:
         return {**row, "status": "failed", "error": f"unreadable tile store: {exc}"}
@@ -325,13 +409,16 @@ def extract_features(
     lock_wait: float = 600.0,
     scheduler: str | None = None,
     dask_chunk: int = 8,
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Embed every tile of every store and write one bag per slide.
 
     Args:
         tiles: Folder of ``<slide_id>.zarr`` tile stores (or store paths).
         encoder: Encoder name (see ``wsi-mil encoders``) or ``timm:<model>``.
-        out_dir: Output root; bags go to ``<out_dir>/<encoder>/<slide_id>.h5``.
+        out_dir: Output root; bags go to ``<out_dir>/<bags>/<slide_id>.h5`` where
+            ``<bags>`` is ``name``, the encoder name (hub / random / no weights) or
+            ``<encoder>-<sha8>`` (see :func:`bag_folder_name`).
         weights: Weights folder/file, ``None`` = hub download, ``"random"`` = tests only.
         devices: ``"cpu"``, ``"cuda:0,cuda:1"``, ...; default every GPU, else CPU.
         batch_size: Tiles per forward pass (rounded to whole store chunks).
@@ -350,9 +437,10 @@ def extract_features(
             :mod:`wsi_mil.features.cluster`); ``devices`` and ``workers`` then apply on
             each worker. Paths are resolved here; the cluster must see them.
         dask_chunk: Slides per Dask task.
+        name: Bag folder name (``--name``) instead of the default.
 
     Returns:
-        Manifest rows (also written to ``<out_dir>/<encoder>/manifest.csv``): slide_id,
+        Manifest rows (also written to ``<out_dir>/<bags>/manifest.csv``): slide_id,
         path (the bag), status (ok / skipped / failed; a slide whose decoding crashed
         natively fails alone, its error naming the signal), n_tiles, seconds, error, and
         ``message`` where there is a note (``up to date``, ``no tissue``: an empty bag
@@ -360,7 +448,8 @@ def extract_features(
 
     Raises:
         EncoderError: Unknown encoder, bad weights, hub unreachable with no weights.
-        ConfigError: Bad arguments or no stores.
+        ConfigError: Bad arguments or no stores, or the bag folder holds bags made with
+            other weights (the message names both hashes).
         SchedulerUnreachableError: ``scheduler`` did not answer (within seconds).
         Interrupted: SIGINT or SIGTERM arrived: the decode workers and device processes
             were stopped and the manifest written (slides in flight ``interrupted``,
@@ -386,9 +475,11 @@ def extract_features(
             pass
         stores = [p.resolve() for p in stores]  # workers run in other folders
         out_dir = Path(out_dir).resolve()
-    enc_dir = bag_path(out_dir, encoder, "x").parent
+    folder = bag_folder_name(encoder, weights, resolved.sha256, out_dir, name)
+    enc_dir = bag_path(out_dir, folder, "x").parent
+    _check_folder_weights(enc_dir, resolved.sha256)
     tasks, rows = plan_extraction(stores, encoder, Path(out_dir), resolved.sha256,
-                                  overwrite=overwrite)  # fmt: skip
+                                  overwrite=overwrite, folder=folder)  # fmt: skip
     weights_arg = RANDOM_WEIGHTS if weights == RANDOM_WEIGHTS else resolved.path
     job = ExtractJob(
         encoder=encoder,
@@ -404,6 +495,7 @@ def extract_features(
         "tiles": [str(s) for s in stores] if len(stores) < 20 else str(tiles),
         "out_dir": str(out_dir),
         "bags": str(enc_dir),
+        "name": folder,
         "encoder": spec.describe() | {"name": encoder},
         "weights": str(resolved.path) if resolved.path else weights,
         "weights_sha256": resolved.sha256,
@@ -420,7 +512,7 @@ def extract_features(
     with _dask_client(scheduler) as client, stop_signals() as stop:
         dask = None if client is None else _Dask(client, devices, per_worker, dask_chunk, stop)
         run = _Settings(devs[: job.n_procs], job, resolved, Path(out_dir), overwrite, progress,
-                        lock_wait, dask)  # fmt: skip
+                        lock_wait, folder, dask)  # fmt: skip
         try:
             rows += _extract_rounds(tasks, run, stop)
         except Interrupted as exc:
@@ -448,6 +540,7 @@ class _Settings:
     overwrite: bool
     progress: bool
     lock_wait: float
+    folder: str
     dask: Any = None
 
 
@@ -490,7 +583,8 @@ def _extract_rounds(tasks: list[Any], run: _Settings, stop: Any) -> list[dict[st
             deferred = [t for t in deferred if t not in free]
             again, planned = plan_extraction([Path(t.store) for t in free], run.job.encoder,
                                              run.out_dir, run.resolved.sha256,
-                                             overwrite=run.overwrite)  # fmt: skip
+                                             overwrite=run.overwrite,
+                                             folder=run.folder)  # fmt: skip
             rows += planned
             deferred += _extract_claimed(again, run, rows)
     except Interrupted as exc:

@@ -37,7 +37,10 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TIMM_PREFIX = "timm:"
-_FAMILIES = ("builtin", "owkin", "meta", "mahmood", "bioptimus", "paige")
+_FAMILIES = (
+    "builtin", "owkin", "meta", "mahmood", "bioptimus", "paige", "providence", "histai", "kaiko",
+    "transpath",
+)  # fmt: skip
 _REGISTRY: dict[str, EncoderSpec] = {}
 
 
@@ -55,8 +58,8 @@ class EncoderSpec:
         mpp: Resolution (µm/px) the model was trained at, ``None`` when not
             histology-specific.
         pooling: How the embedding is formed: ``cls``, ``cls+mean`` (CLS concatenated
-            with the mean of patch tokens), ``timm`` (the timm model's own pooling) or
-            ``handcrafted``.
+            with the mean of patch tokens), ``timm`` (the timm model's own pooling),
+            ``attn-pool`` (a learned attentional pooler, CONCH) or ``handcrafted``.
         licence: Licence of the published weights.
         source: Where the weights are published.
         architecture: The timm architecture and settings, for humans.

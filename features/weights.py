@@ -7,6 +7,11 @@ Accepted ``weights``:
   ``pytorch_model.bin``; its keys are mapped onto the timm model;
 * a timm state-dict file (``.safetensors``, ``.pth``, ``.pt``, ``.bin``), or a folder
   holding one as ``model.safetensors`` / ``pytorch_model.bin`` (timm hub layout);
+* a publisher's own layout, where the backbone maps it with ``adapt_state_dict(state)``
+  (CONCH's ``pytorch_model.bin`` of the whole CoCa model, CTransPath's ``ctranspath.pth``
+  written by an old timm Swin);
+* a transformers ``Dinov2WithRegistersModel`` folder (Hibou): the class token's position
+  embedding is folded into the class token for timm's ``no_embed_class`` layout;
 * ``None``: the publisher's weights are fetched from the hub (cached); offline, the
   error says how to pass ``--weights``;
 * ``"random"``: seeded random initialisation (tests and benchmarks only).
@@ -261,6 +266,28 @@ def _adapt_pos_embed(model: Any, state: dict[str, torch.Tensor]) -> None:
         return
 
 
+def _is_square(n: int) -> bool:
+    return n > 0 and round(n**0.5) ** 2 == n
+
+
+def _fold_class_pos(model: Any, state: dict[str, torch.Tensor]) -> None:
+    """Fold the class token's position embedding into the class token.
+
+    DINOv2 (Meta's and transformers' ``Dinov2Model`` / ``Dinov2WithRegistersModel``, e.g.
+    Hibou) adds a position embedding to the class token and none to the registers; timm's
+    ``no_embed_class`` models embed patches only. As the class token is a constant,
+    ``cls + pos[0]`` is the same input to the first block.
+    """
+    pos, cls = state.get("pos_embed"), state.get("cls_token")
+    if not getattr(model, "no_embed_class", False) or pos is None or cls is None:
+        return
+    n = pos.shape[1] if pos.ndim == 3 else 0
+    if _is_square(n) or not _is_square(n - 1):
+        return
+    state["cls_token"] = cls + pos[:, :1]
+    state["pos_embed"] = pos[:, 1:]
+
+
 def _square_part(n_tokens: int) -> int:
     """Largest square ≤ n_tokens whose remainder is a plausible prefix (0–8 tokens)."""
     for prefix in range(0, 9):
@@ -287,11 +314,17 @@ def load_resolved(backbone: torch.nn.Module, spec: EncoderSpec, resolved: Resolv
     if resolved.path is None:
         return resolved.sha256
     model = getattr(backbone, "model", backbone)
-    state = _strip_prefixes(read_state_dict(resolved.path))
-    if _is_hf(state):
-        state = hf_to_timm_keys(state)
+    state = read_state_dict(resolved.path)
+    adapt = getattr(backbone, "adapt_state_dict", None)
+    if callable(adapt):  # the publisher's own layout (CONCH, CTransPath): the builder maps it
+        state = adapt(state)
+    else:
+        state = _strip_prefixes(state)
+        if _is_hf(state):
+            state = hf_to_timm_keys(state)
     if not any(k.startswith("head.") for k in model.state_dict()):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    _fold_class_pos(model, state)
     _adapt_pos_embed(model, state)
     check_state_dict(model, state, spec.name, resolved.path)
     model.load_state_dict(state, strict=True)

@@ -129,6 +129,8 @@ _TOP = (
 def _kind(action: argparse.Action) -> str:
     if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
         return "bool"
+    if action.nargs in ("+", "*"):
+        return "list"
     if action.type is int:
         return "int"
     if action.type is float:
@@ -163,7 +165,7 @@ def _long_flag(action: argparse.Action) -> str:
 def run_options() -> tuple[Option, ...]:
     """Every key of the configuration, top-level first, then each stage's options."""
     actions = _stage_actions()
-    count: dict[str, int] = {}
+    count: dict[str, int] = {o.flag: 2 for o in _TOP if o.flag}  # a top-level flag wins
     for stage_actions in actions.values():
         for a in stage_actions:
             count[_long_flag(a)] = count.get(_long_flag(a), 0) + 1
@@ -207,9 +209,13 @@ def _check_value(opt: Option, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got null")
         return None
     expected = {"bool": "true or false", "int": "an integer", "float": "a number",
-                "str": "a string", "path": "a path"}[opt.kind]  # fmt: skip
+                "str": "a string", "path": "a path", "list": "a list of strings"}[opt.kind]  # fmt: skip
     ok: bool
-    if opt.kind == "bool":
+    if opt.kind == "list":
+        value = value.split() if isinstance(value, str) else value
+        ok = isinstance(value, list) and all(isinstance(v, str | int | float) for v in value)
+        value = [str(v) for v in value] if ok else value
+    elif opt.kind == "bool":
         ok = isinstance(value, bool)
     elif opt.kind == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)

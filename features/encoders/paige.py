@@ -1,4 +1,10 @@
-"""Paige Virchow2: ViT-H/14 with SwiGLU MLP and 4 registers.
+"""Paige Virchow (v1) and Virchow2: ViT-H/14 with SwiGLU MLP; Virchow2 adds 4 registers.
+
+Virchow (v1, timm config of ``paige-ai/Virchow``): ``vit_huge_patch14_224``, layer scale,
+``mlp_ratio=5.3375`` with SwiGLU/SiLU, no registers, position embedding (1, 257, 1280)
+over the class token and patches; embedding = class token concatenated with the mean of
+the 256 patch tokens (2560), as in its model card — the same pooling as Virchow2, whose
+mean excludes its 4 registers.
 
 As published (timm config of ``paige-ai/Virchow2``) the position embedding also covers
 the class and register tokens (timm's default ``no_embed_class=False``): (1, 261, 1280).
@@ -14,7 +20,7 @@ from timm.layers import SwiGLUPacked
 from wsi_mil.features.encoders._vit import TimmBackbone, build_timm
 from wsi_mil.features.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec, register_encoder
 
-__all__ = ["build_virchow2"]
+__all__ = ["build_virchow", "build_virchow2"]
 
 
 @register_encoder(
@@ -41,5 +47,32 @@ def build_virchow2(spec: EncoderSpec) -> TimmBackbone:
         mlp_layer=SwiGLUPacked,
         act_layer=torch.nn.SiLU,
         reg_tokens=4,
+        dynamic_img_size=True,
+    )
+
+
+@register_encoder(
+    "virchow",
+    dim=2560,
+    input_px=224,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    mpp=0.5,
+    pooling="cls+mean",
+    licence="Apache-2.0 (gated; see model card)",
+    source="https://huggingface.co/paige-ai/Virchow",
+    architecture="timm vit_huge_patch14_224: SwiGLU (mlp ratio 5.3375), no registers",
+    hub=("paige-ai/Virchow", "timm"),
+)
+def build_virchow(spec: EncoderSpec) -> TimmBackbone:
+    """Virchow (v1) at 224 px; CLS + mean patch token pooling."""
+    return build_timm(
+        "vit_huge_patch14_224",
+        "cls+mean",
+        img_size=224,
+        init_values=1e-5,
+        mlp_ratio=5.3375,
+        mlp_layer=SwiGLUPacked,
+        act_layer=torch.nn.SiLU,
         dynamic_img_size=True,
     )

@@ -18,13 +18,17 @@ from wsi_mil.features.registry import Encoder
 HUGE = {
     "dinov2-g", "dinov2-g-reg", "uni2-h", "h-optimus-0", "virchow2",
     "dinov2-l", "dinov2-l-reg", "phikon-v2", "uni",
+    "prov-gigapath", "h-optimus-1", "virchow", "hibou-l", "kaiko-vitl14",
 }  # fmt: skip
 PUBLISHED_PARAMS_M = {
     "h-optimus-0": 1134.8, "uni2-h": 681.4, "virchow2": 631.2, "uni": 303.4, "dinov2-l": 303.2,
 }  # fmt: skip
 # Tokens covered by `pos_embed` in the published checkpoints (224 px): the class token
 # (and Virchow2's 4 registers) are included; UNI2-h and H-optimus-0 exclude all prefix tokens.
-PUBLISHED_POS_TOKENS = {"virchow2": 261, "uni": 197, "uni2-h": 256, "h-optimus-0": 256}
+PUBLISHED_POS_TOKENS = {
+    "virchow2": 261, "uni": 197, "uni2-h": 256, "h-optimus-0": 256,
+    "virchow": 257, "prov-gigapath": 197, "h-optimus-1": 256,
+}  # fmt: skip
 NAMES = [s.name for s in list_encoders()]
 
 
@@ -32,6 +36,8 @@ def test_registry_contents():
     expected = {
         "builtin", "phikon", "phikon-v2", "uni", "uni2-h", "h-optimus-0", "virchow2",
         *(f"dinov2-{s}{r}" for s in "sblg" for r in ("", "-reg")),
+        "prov-gigapath", "h-optimus-1", "virchow", "hibou-b", "hibou-l", "ctranspath", "conch",
+        *(f"kaiko-vit{v}" for v in ("s16", "s8", "b16", "b8", "l14")),
     }  # fmt: skip
     assert set(NAMES) == expected
     for spec in list_encoders():
@@ -40,6 +46,11 @@ def test_registry_contents():
     assert get_encoder_spec("uni").licence.startswith("CC-BY-NC-ND-4.0")
     assert get_encoder_spec("virchow2").pooling == "cls+mean"
     assert get_encoder_spec("h-optimus-0").mean == (0.707223, 0.578729, 0.703617)
+    assert get_encoder_spec("h-optimus-1").mean == get_encoder_spec("h-optimus-0").mean
+    assert get_encoder_spec("virchow").pooling == "cls+mean" == get_encoder_spec("virchow2").pooling
+    assert get_encoder_spec("conch").input_px == 448 and get_encoder_spec("conch").dim == 512
+    assert get_encoder_spec("kaiko-vits16").mean == (0.5, 0.5, 0.5)
+    assert get_encoder_spec("ctranspath").dim == 768
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in HUGE])

@@ -12,11 +12,16 @@ _DESCRIPTION = """\
 Embed every tile of every tile store in TILES (folders of <slide_id>.zarr from `wsi-mil
 tile`, or stores) with ENCODER and write one HDF5 bag per slide:
 
-  OUT/<encoder>/<slide_id>.h5    features (N, D) float16, coords (N, 2) level-0 (x, y)
-  OUT/<encoder>/manifest.csv     ok / skipped / failed per store, with the reason
-  OUT/<encoder>/config.yaml      resolved settings (encoder, weights sha256, devices)
+  OUT/<bags>/<slide_id>.h5    features (N, D) float16, coords (N, 2) level-0 (x, y)
+  OUT/<bags>/manifest.csv     ok / skipped / failed per store, with the reason
+  OUT/<bags>/config.yaml      resolved settings (encoder, weights sha256, devices)
 
-(timm:<name> encoders write to OUT/timm_<name>/.) Weights: --weights accepts the folder
+<bags> is --name when given; else the encoder name for hub weights (no --weights),
+--weights random and builtin; else <encoder>-<sha8> (the first 8 hex digits of the
+weights file's sha256), so two checkpoints of one encoder never share a folder (a folder
+<encoder>/ already holding bags of exactly these weights is kept). A folder whose bags
+were made with other weights is refused (exit 2), naming both hashes. (timm:<name>
+encoders write to OUT/timm_<name>/.) Weights: --weights accepts the folder
 a publisher distributes on Hugging Face (config.json + model.safetensors or
 pytorch_model.bin) or a timm state-dict file (.safetensors / .pth); pickles holding
 anything but tensors are refused. Without --weights the hub is tried. `builtin` needs no
@@ -58,6 +63,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output root of the bags")
     p.add_argument("--weights", default=None, help="weights folder or file (default: hub)")
     p.add_argument(
+        "--name",
+        default=None,
+        help="bag folder name under OUT (default: the encoder name for hub/random weights, "
+        "else <encoder>-<sha8>)",
+    )
+    p.add_argument(
         "--devices", default=None, help="cpu | cuda:0,cuda:1 (default: all GPUs, else cpu)"
     )
     p.add_argument("--batch-size", type=int, default=256, help="tiles per batch (256)")
@@ -96,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             args.encoder,
             args.out,
             weights=args.weights,
+            name=args.name,
             devices=args.devices,
             batch_size=args.batch_size,
             workers=args.workers,

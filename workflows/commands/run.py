@@ -63,8 +63,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
             p.add_argument(opt.flag, dest=opt.dest, action=store, default=sup, help=text)
             continue
         kind = {"int": int, "float": float, "path": Path}.get(opt.kind, str)
+        nargs = "+" if opt.kind == "list" else None
         p.add_argument(opt.flag, dest=opt.dest, type=kind, default=sup, choices=opt.choices,
-                       metavar=None if opt.choices else opt.name.upper(), help=text)  # fmt: skip
+                       nargs=nargs, metavar=None if opt.choices else opt.name.upper(),
+                       help=text)  # fmt: skip
     return p
 
 
@@ -84,6 +86,8 @@ def _stage_args(values: dict[str, Any], stage: str, skip: tuple[str, ...] = ()) 
             continue
         if opt.kind == "bool":
             argv.append(opt.stage_flag)  # differs from the default: the flag is given
+        elif opt.kind == "list":
+            argv += [opt.stage_flag, *map(str, value)]
         else:
             argv += [opt.stage_flag, str(value)]
     return argv
@@ -92,7 +96,8 @@ def _stage_args(values: dict[str, Any], stage: str, skip: tuple[str, ...] = ()) 
 def _features_dir(values: dict[str, Any]) -> Path:
     from wsi_mil.features.bags import bag_path
 
-    return bag_path(Path(values["out"]) / "features", values["extract.encoder"], "x").parent
+    folder = values.get("extract.name") or values["extract.encoder"]
+    return bag_path(Path(values["out"]) / "features", folder, "x").parent
 
 
 def pipeline_steps(
@@ -116,6 +121,8 @@ def pipeline_steps(
     tile += _stage_args(values, "tile")
     extract = ["extract", *stores, "--out", str(out / "features"), *dask]
     extract += _stage_args(values, "extract")
+    if not values.get("extract.name"):  # one bag folder per run, whatever the weights
+        extract += ["--name", values["extract.encoder"]]
     train = ["train", cohort, "--features", str(_features_dir(values)), "--task", values["task"]]
     train += ["--out", str(out / "runs" / values["name"]), *_stage_args(values, "train")]
     return [tile, extract, train]
