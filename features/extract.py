@@ -12,9 +12,12 @@ weight-free encoders; else ``<encoder>-<sha8>`` (the first 8 hex digits of the w
 file's sha256), so two checkpoints of one architecture never share a folder. A folder
 made before this scheme (``<encoder>/`` holding bags of exactly these weights) is kept.
 ``extract`` refuses to write into a folder whose bags were made with other weights,
-naming both hashes. ``timm:<name>`` encoders use the folder ``timm_<name>``. A re-run
-skips slides whose bag records the same encoder, weights sha256 and tile-store
-fingerprint and redoes the rest.
+naming both hashes. ``timm:<name>`` encoders use the folder ``timm_<name>``. With stain
+normalisation (``stain="macenko"``, see :mod:`~wsi_mil.features.stain`) and no
+``--name`` the folder gets the suffix ``_stain-macenko`` (``_stain-macenko-<target
+sha256[:8]>`` for a user's target tile), so bags of different stain settings never share
+a folder. A re-run skips slides whose bag records the same encoder, weights sha256,
+tile-store fingerprint and stain setting and redoes the rest.
 Each slide's bag is locked while it is extracted (``<bags>/.<slide_id>.h5.lock``, see
 :func:`~wsi_mil.outputs.acquire_lock`): temporaries of killed runs are removed under the
 lock, and a slide another ``extract`` on the folder is embedding is waited for, then
@@ -52,6 +55,7 @@ __all__ = [
     "extract_slide",
     "find_stores",
     "plan_extraction",
+    "stain_folder",
     "store_fingerprint",
     "write_empty_bag",
 ]
@@ -100,7 +104,20 @@ def store_fingerprint(store: Any) -> str:
     return digest.hexdigest()[:32]
 
 
-def _bag_matches(bag: Path, encoder: str, sha: str, fingerprint: str) -> bool:
+def stain_folder(encoder: str, stain: Any = None) -> str:
+    """The bag folder label of ``encoder`` with stain setting ``stain`` (a StainSpec)."""
+    return encoder if stain is None else f"{encoder}_stain-{stain.folder_suffix}"
+
+
+def _same_stain(recorded: Any, stain: Any) -> bool:
+    if stain is None:
+        return recorded in (None, {"method": "none"})
+    if not isinstance(recorded, dict):
+        return False
+    return all(recorded.get(k) == v for k, v in stain.record().items())
+
+
+def _bag_matches(bag: Path, encoder: str, sha: str, fingerprint: str, stain: Any = None) -> bool:
     from wsi_mil.features.bags import BagError, bag_info
 
     if not bag.is_file():
@@ -113,6 +130,7 @@ def _bag_matches(bag: Path, encoder: str, sha: str, fingerprint: str) -> bool:
         info.get("encoder") == encoder
         and info.get("weights_sha256") == sha
         and info.get("store_fingerprint") == fingerprint
+        and _same_stain(info.get("stain"), stain)
     )
 
 
@@ -183,11 +201,13 @@ def plan_extraction(
     *,
     overwrite: bool,
     folder: str | None = None,
+    stain: Any = None,
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """Split stores into tasks (largest first) and rows for skipped/failed stores.
 
     Bags go to ``<out_dir>/<folder>/`` (default: the encoder name, see
-    :func:`bag_folder_name`).
+    :func:`bag_folder_name`); ``stain`` (a :class:`~wsi_mil.features.stain.StainSpec`
+    or None) must match for a bag to be up to date.
 
     Returns:
         ``(tasks, rows)``: :class:`~wsi_mil.features.pool.SlideTask` list and manifest
@@ -203,7 +223,7 @@ def plan_extraction(
             "slide_id": path.stem, "path": str(path), "n_tiles": 0, "store": str(path)
         }  # fmt: skip
         planned = _plan_store(
-            path, row, encoder, out_dir, weights_sha256, overwrite, folder or encoder
+            path, row, encoder, out_dir, weights_sha256, overwrite, folder or encoder, stain
         )
         if isinstance(planned, dict):
             rows.append(planned)
@@ -221,6 +241,7 @@ def _plan_store(
     sha: str,
     overwrite: bool,
     folder: str,
+    stain: Any = None,
 ) -> dict[str, Any] | tuple[str, int, str, str]:
     """A finished manifest row for ``path``, or ``(slide_id, n_tiles, bag, fingerprint)``."""
     from wsi_mil.features.bags import bag_path
@@ -241,13 +262,15 @@ def _plan_store(
         row.update(slide_id=st.slide_id, n_tiles=st.n_tiles, path=str(bag))
     except Exception as exc:
         return {**row, "status": "failed", "error": f"unreadable tile store: {exc}"}
-    if not overwrite and _bag_matches(bag, encoder, sha, fp):
+    if not overwrite and _bag_matches(bag, encoder, sha, fp, stain):
         note = "up to date; no tissue" if st.n_tiles == 0 else "up to date"
         return {**row, "status": "skipped", "error": "", "message": note}
     return st.slide_id, st.n_tiles, str(bag), fp
 
 
-def write_empty_bag(task: Any, *, encoder: str, weights_sha256: str, dim: int, dtype: str) -> Path:
+def write_empty_bag(
+    task: Any, *, encoder: str, weights_sha256: str, dim: int, dtype: str, stain: Any = None
+) -> Path:
     """Write the bag of a store without tiles: features (0, dim), coords (0, 2).
 
     Args:
@@ -256,6 +279,7 @@ def write_empty_bag(task: Any, *, encoder: str, weights_sha256: str, dim: int, d
         weights_sha256: Recorded in the bag.
         dim: Embedding dimension D of the encoder.
         dtype: ``float16`` or ``float32``.
+        stain: The run's :class:`~wsi_mil.features.stain.StainSpec` (recorded) or None.
 
     Returns:
         The bag path (attributes as for a bag with tiles, see
@@ -282,13 +306,19 @@ def write_empty_bag(task: Any, *, encoder: str, weights_sha256: str, dim: int, d
         "source": st.attrs.get("source"),
         "pooling": spec.pooling,
         "input_px": spec.input_px,
+        "stain": stain.record() if stain is not None else {"method": "none"},
     }
     feats = np.zeros((0, int(dim)), np.float32)
     return write_bag(task.bag, feats, np.zeros((0, 2), np.int64), attrs=attrs, dtype=dtype)
 
 
 def _empty_bags(
-    tasks: list[Any], rows: list[dict[str, Any]], encoder: str, resolved: Any, dtype: str
+    tasks: list[Any],
+    rows: list[dict[str, Any]],
+    encoder: str,
+    resolved: Any,
+    dtype: str,
+    stain: Any = None,
 ) -> list[dict[str, Any]]:
     """Write the empty bags of ``tasks`` (stores without tiles); their manifest rows."""
     import time
@@ -302,7 +332,7 @@ def _empty_bags(
         row = {"slide_id": task.slide_id, "path": task.bag, "n_tiles": 0, "store": task.store}
         try:
             write_empty_bag(task, encoder=encoder, weights_sha256=resolved.sha256, dim=dim,
-                            dtype=dtype)  # fmt: skip
+                            dtype=dtype, stain=stain)  # fmt: skip
             row.update(status="ok", error="", message="no tissue")
         except (OSError, ValueError) as exc:
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -410,6 +440,8 @@ def extract_features(
     scheduler: str | None = None,
     dask_chunk: int = 8,
     name: str | None = None,
+    stain: str = "none",
+    stain_target: str | os.PathLike[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Embed every tile of every store and write one bag per slide.
 
@@ -438,6 +470,12 @@ def extract_features(
             each worker. Paths are resolved here; the cluster must see them.
         dask_chunk: Slides per Dask task.
         name: Bag folder name (``--name``) instead of the default.
+        stain: Stain normalisation ``none``, ``macenko`` or ``reinhard`` (see
+            :mod:`~wsi_mil.features.stain`): fitted per slide on its tissue tiles,
+            applied on the device before the encoder's preprocessing and recorded in
+            each bag (``stain`` attribute); without ``name`` the bags go to
+            ``<bags>_stain-<method>``.
+        stain_target: Reference tile (PNG) to normalise to; default the bundled target.
 
     Returns:
         Manifest rows (also written to ``<out_dir>/<bags>/manifest.csv``): slide_id,
@@ -469,6 +507,12 @@ def extract_features(
         raise ConfigError(f"--dask-chunk must be ≥ 1, got {dask_chunk}")
     spec = get_encoder_spec(encoder)
     resolved = resolve_weights(spec, weights)
+    from wsi_mil.features.stain import stain_spec
+
+    try:
+        stain_setting = stain_spec(stain, stain_target)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from exc
     stores = find_stores(tiles)
     if scheduler is not None:
         with _dask_client(scheduler):  # unreachable: fail now, before any work
@@ -476,10 +520,12 @@ def extract_features(
         stores = [p.resolve() for p in stores]  # workers run in other folders
         out_dir = Path(out_dir).resolve()
     folder = bag_folder_name(encoder, weights, resolved.sha256, out_dir, name)
+    folder = folder if name else stain_folder(folder, stain_setting)
     enc_dir = bag_path(out_dir, folder, "x").parent
     _check_folder_weights(enc_dir, resolved.sha256)
     tasks, rows = plan_extraction(stores, encoder, Path(out_dir), resolved.sha256,
-                                  overwrite=overwrite, folder=folder)  # fmt: skip
+                                  overwrite=overwrite, folder=folder,
+                                  stain=stain_setting)  # fmt: skip
     weights_arg = RANDOM_WEIGHTS if weights == RANDOM_WEIGHTS else resolved.path
     job = ExtractJob(
         encoder=encoder,
@@ -489,6 +535,7 @@ def extract_features(
         workers=workers,
         dtype=dtype,
         n_procs=max(1, min(len(devs), sum(t.n_tiles > 0 for t in tasks))),
+        stain=stain_setting,
     )
     config = {
         "stage": "extract",
@@ -505,6 +552,7 @@ def extract_features(
         "workers": workers,
         "dtype": dtype,
         "overwrite": overwrite,
+        "stain": stain_setting.record() if stain_setting is not None else {"method": "none"},
     }
     if manifest:
         _write_config(enc_dir / "config.yaml", config)
@@ -584,7 +632,8 @@ def _extract_rounds(tasks: list[Any], run: _Settings, stop: Any) -> list[dict[st
             again, planned = plan_extraction([Path(t.store) for t in free], run.job.encoder,
                                              run.out_dir, run.resolved.sha256,
                                              overwrite=run.overwrite,
-                                             folder=run.folder)  # fmt: skip
+                                             folder=run.folder,
+                                             stain=run.job.stain)  # fmt: skip
             rows += planned
             deferred += _extract_claimed(again, run, rows)
     except Interrupted as exc:
@@ -602,7 +651,8 @@ def _extract_claimed(tasks: list[Any], run: _Settings, rows: list[dict[str, Any]
         else:
             rows += _run(run.devices, run.job, full, run.progress)
         empty = [t for t in claimed if t.n_tiles == 0]
-        rows += _empty_bags(empty, rows, run.job.encoder, run.resolved, run.job.dtype)
+        rows += _empty_bags(empty, rows, run.job.encoder, run.resolved, run.job.dtype,
+                            run.job.stain)  # fmt: skip
     finally:
         _release(claimed)
     return deferred

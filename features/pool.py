@@ -87,6 +87,8 @@ class ExtractJob:
         workers: Decode worker processes per device (0 = decode in the device process).
         dtype: Bag feature dtype (``float16`` or ``float32``).
         n_procs: Device processes sharing this machine (CPU threads are split).
+        stain: Stain normalisation (:class:`~wsi_mil.features.stain.StainSpec`), fitted
+            per slide on its tiles when the slide starts; ``None`` = none.
     """
 
     encoder: str
@@ -96,6 +98,7 @@ class ExtractJob:
     workers: int = 2
     dtype: str = "float16"
     n_procs: int = 1
+    stain: Any = None
 
 
 def parse_devices(devices: str | list[str] | None) -> list[str]:
@@ -316,9 +319,12 @@ def _autocast(device: torch.device, encoder: Any) -> contextlib.AbstractContextM
 class _Slide:
     """Embeddings of one slide as its batches arrive (float32 (n, dim) on the device)."""
 
-    def __init__(self, seq: int, task: SlideTask) -> None:
+    def __init__(self, seq: int, task: SlideTask, stain: Any = None) -> None:
         self.seq = seq
         self.task = task
+        self.stain = stain  # StainSpec | None
+        self.stain_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.stain_record: dict[str, Any] | None = None
         self.t0 = time.perf_counter()
         self.out: torch.Tensor | None = None
         self.n_done = 0
@@ -337,9 +343,11 @@ class _Slide:
             return 0
         try:
             if self.out is None:
+                self._fit_stain(dev)
                 self.out = torch.empty((self.task.n_tiles, encoder.dim), device=dev)
             x = tiles.to(dev, non_blocking=True)
-            self.out[start : start + len(x)] = encoder(x).float()
+            y = encoder(x) if self.stain_fn is None else encoder(x, stain=self.stain_fn)
+            self.out[start : start + len(x)] = y.float()
         except _SLIDE_ERRORS as exc:
             if _worker_death(exc):
                 raise  # torch's SIGCHLD handler: a decode worker died, not this slide
@@ -347,6 +355,19 @@ class _Slide:
             return 0
         self.n_done += len(x)
         return len(x)
+
+    def _fit_stain(self, dev: torch.device) -> None:
+        """Fit the slide's stain on its tiles (:func:`~wsi_mil.features.stain.fit_store`)."""
+        if self.stain is None:
+            return
+        from wsi_mil.features import stain as st
+
+        source = st.fit_store(self.task.store, self.stain.method)
+        target = self.stain.target_tuple()
+        src = type(source)(*(v.to(dev) for v in source))
+        tgt = type(target)(*(v.to(dev) for v in target))
+        self.stain_fn = lambda t: st.apply_stain(t, src, tgt)
+        self.stain_record = self.stain.record(source)
 
     def result(self) -> tuple[dict[str, Any], torch.Tensor | None]:
         """The manifest row so far and the features on the CPU (``None`` when failed)."""
@@ -359,7 +380,8 @@ class _Slide:
         return row, self.out.cpu()
 
 
-def _write(task: SlideTask, feats: torch.Tensor, job: ExtractJob, encoder: Any) -> None:
+def _write(task: SlideTask, feats: torch.Tensor, job: ExtractJob, encoder: Any,
+           stain: dict[str, Any] | None = None) -> None:  # fmt: skip
     from wsi_mil.features.bags import write_bag
     from wsi_mil.tiling import open_tile_store
 
@@ -378,6 +400,7 @@ def _write(task: SlideTask, feats: torch.Tensor, job: ExtractJob, encoder: Any) 
         "source": a.get("source"),
         "pooling": encoder.spec.pooling,
         "input_px": encoder.spec.input_px,
+        "stain": stain or {"method": "none"},
     }
     write_bag(task.bag, feats.numpy(), st.coords, attrs=attrs, dtype=job.dtype)
 
@@ -463,7 +486,7 @@ class _Device:
                 left = [t for i, t in enumerate(plan.taken) if i not in self.closed]
                 return _Broken(signal_name(-(self.stop.signum or 0)), left, stopped=True)
             if slide is None:
-                slide = _Slide(seq, plan.taken[seq])
+                slide = _Slide(seq, plan.taken[seq], self.job.stain)
             n = slide.add(start, tiles, self.encoder, self.dev)
             if n:
                 self.emit(("progress", n))
@@ -477,7 +500,7 @@ class _Device:
     def close(self, slide: _Slide) -> None:
         """Hand ``slide`` to the bag writer; report the slide written before it."""
         row, feats = slide.result()
-        args = (slide.task, row, feats, slide.t0, self.job, self.encoder)
+        args = (slide.task, row, feats, slide.t0, self.job, self.encoder, slide.stain_record)
         self.pending.append(self.writer.submit(_finish, *args))
         self.closed.add(slide.seq)
         self.flush(keep=1)  # at most one slide's features wait to be written
@@ -546,11 +569,12 @@ def _finish(
     t0: float,
     job: ExtractJob,
     encoder: Any,
+    stain: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the bag (in the writer thread, while the device embeds the next slide)."""
     if feats is not None:
         try:
-            _write(task, feats, job, encoder)
+            _write(task, feats, job, encoder, stain)
             row.update(status="ok", error="")
         except _SLIDE_ERRORS as exc:
             row.update(status="failed", error=_one_line(exc))

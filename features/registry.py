@@ -241,22 +241,30 @@ class Encoder(torch.nn.Module):
         """Embedding dimension D."""
         return int(self.spec.dim or 0)
 
-    def preprocess(self, tiles: torch.Tensor) -> torch.Tensor:
+    def preprocess(
+        self, tiles: torch.Tensor, stain: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Convert uint8 tiles (B, H, W, 3) to normalised float (B, 3, S, S) on-device.
 
-        Tiles are resized (bilinear, antialiased) when their side differs from
-        ``spec.input_px``.
+        ``stain`` (see :mod:`~wsi_mil.features.stain`) maps the tiles to float
+        (B, H, W, 3) on 0-255 first, in float32 (outside autocast). Tiles are resized
+        (bilinear, antialiased) when their side differs from ``spec.input_px``.
         """
         import torch.nn.functional as F
 
         if tiles.ndim != 4 or tiles.shape[-1] != 3:
             raise EncoderError(f"tiles must be uint8 (B, H, W, 3), got shape {tuple(tiles.shape)}")
+        if stain is not None:
+            with torch.autocast(tiles.device.type, enabled=False):
+                tiles = stain(tiles)
         x = tiles.permute(0, 3, 1, 2).float()
         size = self.spec.input_px
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         return x.div_(self._scale).sub_(self._mean / self._scale * 255.0)
 
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """Embed uint8 tiles (B, H, W, 3) → (B, dim)."""
-        return self.backbone(self.preprocess(tiles))
+    def forward(
+        self, tiles: torch.Tensor, stain: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Embed uint8 tiles (B, H, W, 3) → (B, dim) (``stain``: see :meth:`preprocess`)."""
+        return self.backbone(self.preprocess(tiles, stain))

@@ -209,7 +209,8 @@ def _check_value(opt: Option, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got null")
         return None
     expected = {"bool": "true or false", "int": "an integer", "float": "a number",
-                "str": "a string", "path": "a path", "list": "a list of strings"}[opt.kind]  # fmt: skip
+                "str": "a string", "path": "a path",
+                "list": "a list of strings"}[opt.kind]  # fmt: skip
     ok: bool
     if opt.kind == "list":
         value = value.split() if isinstance(value, str) else value

@@ -41,8 +41,12 @@ def test_contributions_add_up_to_the_prediction(trained) -> None:
         assert s.target == "class pos" and s.contribution is not None
         assert s.attention.sum() == pytest.approx(1.0, abs=1e-4)
         p = s.prediction["prob_pos"]
-        # two classes: the contributions add up to (logit_pos - logit_neg) / 2
-        assert 2 * s.contribution.sum() == pytest.approx(np.log(p / (1 - p)), abs=1e-3)
+        # two classes: the contributions add up to (logit_pos - logit_neg) / 2; the
+        # prediction is shifted back to the training prevalence by the class weights
+        head = json.loads((run / f"fold_{fold}" / "fold.json").read_text())["head"]
+        w = dict(zip(head["classes"], head["class_weights"], strict=True))
+        logit = np.log(p / (1 - p)) + np.log(w["pos"] / w["neg"])
+        assert 2 * s.contribution.sum() == pytest.approx(logit, abs=1e-3)
 
 
 @pytest.mark.slow

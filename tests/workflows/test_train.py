@@ -236,7 +236,7 @@ def test_empty_bags_counted_predict_soup_and_without_cohort(
         table = pd.read_csv(dest, dtype={"patient_id": str})
         options = yaml.safe_load(dest.with_suffix(".yaml").read_text())
         assert options["soup"] is (name == "soup")
-        atts = {p.stem for p in (tmp_path / name / "attention").glob("*.h5")}
+        atts = {p.stem for p in (tmp_path / name / "p_attention").glob("*.h5")}
         assert atts == {s for s in syn.planted if s != empty}
         if name == "bags":  # one row per non-empty bag, no targets
             assert len(table) == len(syn.planted) - 1 and "label" not in table.columns

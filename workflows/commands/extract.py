@@ -21,7 +21,9 @@ tile`, or stores) with ENCODER and write one HDF5 bag per slide:
 weights file's sha256), so two checkpoints of one encoder never share a folder (a folder
 <encoder>/ already holding bags of exactly these weights is kept). A folder whose bags
 were made with other weights is refused (exit 2), naming both hashes. (timm:<name>
-encoders write to OUT/timm_<name>/.) Weights: --weights accepts the folder
+encoders write to OUT/timm_<name>/; with --stain macenko|reinhard and no --name the
+folder gets the suffix _stain-<method>, the method, target and each slide's fitted
+parameters recorded in its bag.) Weights: --weights accepts the folder
 a publisher distributes on Hugging Face (config.json + model.safetensors or
 pytorch_model.bin) or a timm state-dict file (.safetensors / .pth); pickles holding
 anything but tensors are refused. Without --weights the hub is tried. `builtin` needs no
@@ -90,6 +92,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--dask-chunk", type=int, default=8, help="slides per Dask task (with --dask-scheduler)"
     )
+    p.add_argument(
+        "--stain", choices=("none", "macenko", "reinhard"), default="none",
+        help="stain normalisation, fitted per slide on its tissue tiles (none); bags go to "
+        "OUT/<encoder>_stain-<method>/",
+    )  # fmt: skip
+    p.add_argument(
+        "--stain-target", default=None, metavar="PNG",
+        help="reference tile to normalise to (default: the bundled H&E target)",
+    )  # fmt: skip
     return p
 
 
@@ -116,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             scheduler=args.dask_scheduler,
             dask_chunk=args.dask_chunk,
+            stain=args.stain,
+            stain_target=args.stain_target,
         )
     except Interrupted as stop:
         rows, status = stop.rows, stop.exit_status
