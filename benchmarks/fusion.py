@@ -172,10 +172,14 @@ def main() -> None:
             if first:
                 first = False
                 lines.append(f"# oracle (true log hazard): {task} {_fmt(oracle(mm, task))}")
-            # histology alone does not depend on the omics: train it once per task
-            hist_run = root / f"{effects}-missing0" / "runs" / f"abmil-{task}"
+            # histology alone does not depend on the omics (the outcomes are the same at
+            # every missing share): train it once per task, on the complete cohort
+            complete = make_multimodal_cohort(base, root / f"{effects}-missing0",
+                                              histology_effect=args.histology_effect,
+                                              omics_effect=args.omics_effect)  # fmt: skip
+            hist_run = complete.cohort.parent / "runs" / f"abmil-{task}"
             t0 = time.perf_counter()
-            hist = train(mm, bags, task, "abmil", hist_run)
+            hist = train(complete, bags, task, "abmil", hist_run)
             splits = json.loads((hist_run / "splits.json").read_text())
             omics = omics_linear(mm, task, splits)
             results = {
