@@ -24,6 +24,11 @@ def _set_env(name: str, value: str) -> None:
     os.environ[name] = value
 
 
+# the workers cannot import this test module (pytest's importlib mode): ship the
+# function's code itself, not a reference to it
+_set_env.__module__ = "__main__"
+
+
 class _InodeWatch:
     """Records every inode seen at each final bag path while the run goes on."""
 
