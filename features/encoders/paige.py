@@ -38,6 +38,11 @@ __all__ = ["build_virchow", "build_virchow2"]
 )
 def build_virchow2(spec: EncoderSpec) -> TimmBackbone:
     """Virchow2 at 224 px; CLS + mean patch token pooling."""
+    return _virchow(reg_tokens=4)
+
+
+def _virchow(reg_tokens: int) -> TimmBackbone:
+    """The Virchow ViT-H/14 (SwiGLU, layer scale) with ``reg_tokens`` registers."""
     return build_timm(
         "vit_huge_patch14_224",
         "cls+mean",
@@ -46,7 +51,7 @@ def build_virchow2(spec: EncoderSpec) -> TimmBackbone:
         mlp_ratio=5.3375,
         mlp_layer=SwiGLUPacked,
         act_layer=torch.nn.SiLU,
-        reg_tokens=4,
+        reg_tokens=reg_tokens,
         dynamic_img_size=True,
     )
 
@@ -66,13 +71,4 @@ def build_virchow2(spec: EncoderSpec) -> TimmBackbone:
 )
 def build_virchow(spec: EncoderSpec) -> TimmBackbone:
     """Virchow (v1) at 224 px; CLS + mean patch token pooling."""
-    return build_timm(
-        "vit_huge_patch14_224",
-        "cls+mean",
-        img_size=224,
-        init_values=1e-5,
-        mlp_ratio=5.3375,
-        mlp_layer=SwiGLUPacked,
-        act_layer=torch.nn.SiLU,
-        dynamic_img_size=True,
-    )
+    return _virchow(reg_tokens=0)
