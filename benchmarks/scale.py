@@ -7,9 +7,10 @@ per worker. The baseline in the same run is the decode floor: OpenSlide (or tiff
 ``read_region`` of the same tiles at level 0 in one process, so ``tile / floor`` says
 how much of tiling is more than reading pixels.
 
-The projection scales the measured per-slide costs to ``--tiles-per-slide`` (a typical
-40× biopsy or resection at 0.5 µm/px: 10,000–30,000 tissue tiles) and divides by the
-workers: tiling by ``--tile-workers`` CPU processes, extraction by ``--gpus`` at the
+Per-tile costs come from the seconds each stage's manifest records per slide (the
+work on the slide, without the command's start-up). The projection scales them to
+``--tiles-per-slide`` (a typical 40× biopsy or resection at 0.5 µm/px: 10,000–30,000
+tissue tiles) and divides by the workers: tiling by ``--tile-workers`` CPU processes, extraction by ``--gpus`` at the
 GPU throughput ``--gpu-tiles-s`` (default: ViT-B/16 on one H100 as measured by
 ``benchmarks/cuda.sh``, 7,130 tiles/s; tiling and extraction overlap slide by slide in a
 cluster, so the wall time is the slower of the two), plus training, which does not grow
@@ -53,6 +54,15 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - t0
 
 
+def work_seconds(manifest: Path) -> float:
+    """Seconds spent on the slides themselves (the stage manifest's ``seconds``), without
+    the command's start-up (imports, worker processes)."""
+    import csv
+
+    with open(manifest, newline="") as fh:
+        return sum(float(r["seconds"] or 0) for r in csv.DictReader(fh) if r["status"] == "ok")
+
+
 def decode_floor(slides: list[Path], tiles: Path) -> float:
     """Seconds to read every kept tile's level-0 region with the slide reader alone."""
     from wsi_mil.tiling import open_tile_store
@@ -94,8 +104,10 @@ def main() -> None:
     from wsi_mil.tiling import open_tile_store
 
     n_tiles = sum(len(open_tile_store(tiles / f"{p.stem}.zarr").coords) for p in slides)
-    per_tile_tile = t_tile / n_tiles
-    per_tile_cpu_extract = t_extract / n_tiles
+    w_tile = work_seconds(tiles / "manifest.csv")
+    w_extract = work_seconds(feats / "builtin" / "manifest.csv")
+    per_tile_tile = w_tile / n_tiles
+    per_tile_cpu_extract = w_extract / n_tiles
     print(f"measured here ({os.cpu_count()} CPU cores, one process per stage), "
           f"{args.slides} slides of {args.side}² px, {n_tiles} tiles of 224 px at "
           f"{args.target_mpp} µm/px; data in {root}")  # fmt: skip
