@@ -10,13 +10,13 @@ how much of tiling is more than reading pixels.
 Per-tile costs come from the seconds each stage's manifest records per slide (the
 work on the slide, without the command's start-up). The projection scales them to
 ``--tiles-per-slide`` (a typical 40× biopsy or resection at 0.5 µm/px: 10,000–30,000
-tissue tiles) and divides by the workers: tiling by ``--tile-workers`` CPU processes, extraction by ``--gpus`` at the
-GPU throughput ``--gpu-tiles-s`` (default: ViT-B/16 on one H100 as measured by
-``benchmarks/cuda.sh``, 7,130 tiles/s; tiling and extraction overlap slide by slide in a
-cluster, so the wall time is the slower of the two), plus training, which does not grow
-with the cohort (a fixed step budget per fold, ``--train-minutes``). Costs use
-``--cpu-hour`` (per CPU worker) and ``--gpu-hour`` (per GPU) prices; every assumption is
-printed. Usage::
+tissue tiles) and divides by the workers: tiling by ``--tile-workers`` CPU processes,
+extraction by ``--gpus`` at the GPU throughput ``--gpu-tiles-s`` (default: ViT-B/16 on
+one H100 as measured by ``benchmarks/cuda.sh``, 7,130 tiles/s; tiling and extraction
+overlap slide by slide in a cluster, so the wall time is the slower of the two), plus
+training, which does not grow with the cohort (a fixed step budget per fold,
+``--train-minutes``). Costs use ``--cpu-hour`` (per CPU worker) and ``--gpu-hour`` (per
+GPU) prices; every assumption is printed. Usage::
 
     python benchmarks/scale.py [--slides 3] [--side 8192] [--tile-workers 64] [--gpus 8]
 """
