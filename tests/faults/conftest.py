@@ -15,7 +15,9 @@ from wsi_mil.mil.run import TrainConfig
 from wsi_mil.mil.synthetic import SyntheticCohort, make_synthetic_cohort
 from wsi_mil.mil.train import train_cv
 
-BAG_ATTRS = {"encoder": "enc0", "weights_sha256": "0" * 64, "target_mpp": 0.5, "tile_px": 64}
+#: What the bags of :func:`~wsi_mil.mil.synthetic.make_synthetic_cohort` record, so that
+#: bags written here pass ``predict``'s check against the tiny run's encoder and tiles.
+BAG_ATTRS = {"encoder": "enc0", "weights_sha256": "synthetic", "target_mpp": 0.5, "tile_px": 224}
 
 
 @dataclass
