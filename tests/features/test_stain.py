@@ -10,7 +10,8 @@ import torch
 
 from wsi_mil.features import stain as S
 
-REAL = Path("/work/shared/data/CMU-1-Small-Region.svs")
+# the real slide beside the checkout (../shared/data), as in tests/wsi/conftest.py
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
 # Mean |ΔOD| (optical density, ln units) between our output and torchstain's, with the
 # textbook fit (tissue_only=False) that torchstain implements. The residual comes from
 # torchstain truncating to int and not undoing the +1 of its OD (≈ 0.005 measured).
