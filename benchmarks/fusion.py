@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from learning import _fmt, prepare
+from learning import _fmt, fit_linear, prepare
 
 from wsi_mil.mil.metrics import classification_metrics, survival_metrics
 from wsi_mil.mil.planted import MultimodalCohort, make_multimodal_cohort
@@ -75,38 +75,17 @@ def score(predictions: pd.DataFrame, task: str) -> pd.Series:
 
 
 def omics_linear(mm: MultimodalCohort, task: str, splits: dict[str, Any]) -> pd.DataFrame:
-    """The omics-only linear model per outer fold: ``patient_id, fold, split, score``."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import GridSearchCV, KFold
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sksurv.linear_model import CoxPHSurvivalAnalysis
-    from sksurv.util import Surv
-
+    """The omics-only linear model per outer fold (:func:`learning.fit_linear`; missing
+    rows imputed with the training mean): ``patient_id, fold, split, score``."""
     table = pd.read_csv(mm.cohort, dtype={"patient_id": str}).set_index("patient_id")
     omics = pd.read_csv(mm.omics, dtype={"patient_id": str}).set_index("patient_id")
     x_all = omics.reindex(table.index)
     rows = []
     for fold in splits["folds"]:
         train_ids = fold["train"] + fold["val"]
-        x_tr = x_all.loc[train_ids]
-        fill = x_tr.mean()
-        x_tr = x_tr.fillna(fill).to_numpy()
-        if task == "classification":
-            model = make_pipeline(
-                StandardScaler(), LogisticRegressionCV(Cs=10, cv=3, max_iter=5000)
-            )
-            model.fit(x_tr, (table.loc[train_ids, "label"] == "pos").to_numpy(int))
-            predict = model.decision_function
-        else:
-            y = Surv.from_arrays(
-                table.loc[train_ids, "event"].astype(bool), table.loc[train_ids, "time"]
-            )
-            pipe = make_pipeline(StandardScaler(), CoxPHSurvivalAnalysis())
-            grid = {"coxphsurvivalanalysis__alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]}
-            model = GridSearchCV(pipe, grid, cv=KFold(3, shuffle=True, random_state=0))
-            model.fit(x_tr, y)
-            predict = model.predict
+        fill = x_all.loc[train_ids].mean()
+        predict = fit_linear(task, x_all.loc[train_ids].fillna(fill).to_numpy(),
+                             table.loc[train_ids])  # fmt: skip
         for split, ids in (("train", train_ids), ("test", fold["test"])):
             values = predict(x_all.loc[ids].fillna(fill).to_numpy())
             rows += [(p, fold["fold"], split, float(v)) for p, v in zip(ids, values, strict=True)]

@@ -105,8 +105,10 @@ def _slide_means(bags: Path, slide_ids: list[str]) -> np.ndarray:
     )
 
 
-def baseline(cohort: PlantedCohort, bags: Path, task: str, splits: Path) -> dict[str, Any]:
-    """Linear model on mean-pooled features, same outer folds, inner-CV regularisation."""
+def fit_linear(task: str, x: np.ndarray, rows: pd.DataFrame) -> Any:
+    """A linear model on standardised ``x`` (P, F) for the patients ``rows``: logistic
+    regression, or a ridge Cox model with its penalty chosen by 3-fold CV. Returns a
+    function mapping (M, F) to (M,) scores (log-odds or risk)."""
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.model_selection import GridSearchCV, KFold
     from sklearn.pipeline import make_pipeline
@@ -114,37 +116,33 @@ def baseline(cohort: PlantedCohort, bags: Path, task: str, splits: Path) -> dict
     from sksurv.linear_model import CoxPHSurvivalAnalysis
     from sksurv.util import Surv
 
+    if task == "classification":
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=10, cv=3, max_iter=5000))
+        model.fit(x, (rows["label"] == "pos").to_numpy(int))
+        return model.decision_function
+    pipe = make_pipeline(StandardScaler(), CoxPHSurvivalAnalysis())
+    grid = {"coxphsurvivalanalysis__alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]}
+    search = GridSearchCV(pipe, grid, cv=KFold(3, shuffle=True, random_state=0))
+    search.fit(x, Surv.from_arrays(rows["event"].astype(bool), rows["time"]))
+    return search.predict
+
+
+def baseline(cohort: PlantedCohort, bags: Path, task: str, splits: Path) -> dict[str, Any]:
+    """Linear model on mean-pooled features, same outer folds, inner-CV regularisation."""
     table = pd.read_csv(cohort.cohort, dtype={"patient_id": str}).set_index("patient_id")
     x_all = pd.DataFrame(_slide_means(bags, list(table["slide_id"])), index=table.index)
     truth, outputs = [], []
     for fold in json.loads(splits.read_text())["folds"]:
         train = fold["train"] + fold["val"]
-        x_tr, x_te = x_all.loc[train].to_numpy(), x_all.loc[fold["test"]].to_numpy()
-        rows = table.loc[fold["test"]]
-        if task == "classification":
-            y_tr = (table.loc[train, "label"] == "pos").to_numpy(int)
-            model = make_pipeline(
-                StandardScaler(), LogisticRegressionCV(Cs=10, cv=3, max_iter=5000)
-            )
-            model.fit(x_tr, y_tr)
-            outputs.append(model.predict_proba(x_te)[:, 1])
-            truth.append((rows["label"] == "pos").to_numpy(int))
-        else:
-            y_tr = Surv.from_arrays(
-                table.loc[train, "event"].astype(bool), table.loc[train, "time"]
-            )
-            pipe = make_pipeline(StandardScaler(), CoxPHSurvivalAnalysis())
-            grid = {"coxphsurvivalanalysis__alpha": [0.1, 1.0, 10.0, 100.0, 1000.0]}
-            search = GridSearchCV(pipe, grid, cv=KFold(3, shuffle=True, random_state=0))
-            search.fit(x_tr, y_tr)
-            outputs.append(search.predict(x_te))
-            truth.append(rows[["time", "event"]].to_numpy(float))
-    out = np.concatenate(outputs)
+        predict = fit_linear(task, x_all.loc[train].to_numpy(), table.loc[train])
+        outputs.append(predict(x_all.loc[fold["test"]].to_numpy()))
+        truth.append(table.loc[fold["test"]])
+    out, rows = np.concatenate(outputs), pd.concat(truth)
     if task == "classification":
-        y = np.concatenate(truth)
-        return classification_metrics(y, np.stack([1 - out, out], 1), n_boot=500)["auc"]
-    te = np.concatenate(truth)
-    return survival_metrics(te[:, 0], te[:, 1].astype(int), out, n_boot=500)["harrell_c"]
+        prob = 1 / (1 + np.exp(-out))
+        y = (rows["label"] == "pos").to_numpy(int)
+        return classification_metrics(y, np.stack([1 - prob, prob], 1), n_boot=500)["auc"]
+    return survival_metrics(rows["time"], rows["event"], out, n_boot=500)["harrell_c"]
 
 
 def oracle_c(cohort: PlantedCohort) -> float:
