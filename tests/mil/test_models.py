@@ -434,6 +434,23 @@ def test_transmil_grid_layout_repeats_first_tiles() -> None:
     assert index[1][valid[1]].tolist() == [0, 1, 0, 1]
 
 
+def test_transmil_attention_averages_the_cells_of_a_repeated_tile() -> None:
+    from wsi_mil.mil.models.transmil import TransMIL
+
+    mask = torch.zeros(1, 6, dtype=torch.bool)
+    mask[0, [0, 2, 3, 5]] = True  # 4 real tiles -> 2 x 2 grid, no repeats
+    index, valid, _ = TransMIL._grid_layout(mask)
+    cells = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    got = TransMIL._per_tile(cells, index, valid, mask)
+    assert torch.allclose(got, torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.0, 0.4]]))
+    # 3 real tiles fill a 2 x 2 grid: tile 0 shows twice and gets its cells' mean
+    mask = torch.tensor([[True, True, True]])
+    index, valid, _ = TransMIL._grid_layout(mask)
+    got = TransMIL._per_tile(torch.tensor([[0.1, 0.2, 0.3, 0.5]]), index, valid, mask)
+    expected = torch.tensor([0.3, 0.2, 0.3])  # (0.1 + 0.5) / 2, 0.2, 0.3
+    assert torch.allclose(got[0], expected / expected.sum())
+
+
 def test_transmil_heads_must_divide_dim() -> None:
     with pytest.raises(ConfigError, match="n_heads"):
         create_aggregator("transmil", IN_DIM, 2, hidden_dim=10, n_heads=4)
