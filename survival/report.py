@@ -211,7 +211,36 @@ def load_predictions(
         df = pd.read_csv(path, dtype={"patient_id": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise SurvivalDataError(f"cannot read predictions table {path}: {exc}") from exc
+    df = _join_run_covariates(df, path, [c for c in covariates if c not in df.columns])
     return _check_predictions(df, path.name, covariates)
+
+
+def _join_run_covariates(df: pd.DataFrame, path: Path, missing: list[str]) -> pd.DataFrame:
+    """Add covariates that a training run's ``predictions.csv`` lacks from the run's
+    cohort table (named in the ``config.yaml`` beside it), one value per patient."""
+    config = path.parent / "config.yaml"
+    if not missing or "patient_id" not in df.columns or not config.is_file():
+        return df
+    import yaml
+
+    cohort_path = (yaml.safe_load(config.read_text()) or {}).get("cohort")
+    if not cohort_path or not Path(cohort_path).is_file():
+        return df
+    cohort = pd.read_csv(cohort_path, dtype={"patient_id": str}, encoding="utf-8-sig")
+    key = "patient_id" if "patient_id" in cohort.columns else "case_id"
+    absent = [c for c in missing if c not in cohort.columns]
+    if absent or key not in cohort.columns:
+        return df  # the missing-column error names them
+    values = cohort[[key, *missing]].drop_duplicates()
+    clash = values[key][values[key].duplicated()]
+    if len(clash):
+        raise SurvivalDataError(
+            f"{cohort_path}: patient {clash.iloc[0]!r} has different values of "
+            f"{', '.join(map(repr, missing))} on its slides; a covariate must be one "
+            "value per patient"
+        )
+    values = values.rename(columns={key: "patient_id"}).astype({"patient_id": str})
+    return df.merge(values, on="patient_id", how="left")
 
 
 def _drop_seen(df: pd.DataFrame, name: str) -> tuple[pd.DataFrame, int]:

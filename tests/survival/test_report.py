@@ -100,6 +100,29 @@ def test_report_end_to_end(run_dir: Path, capsys):
     assert all(line in html for line in data["summary"][:1])
 
 
+def test_covariates_of_a_training_run_come_from_its_cohort(tmp_path: Path, make_preds):
+    """A training run's predictions.csv has no clinical columns: the report joins them
+    from the cohort its config.yaml names, one value per patient."""
+    df = make_preds(n_patients=60)
+    run = tmp_path / "run"
+    run.mkdir()
+    df.drop(columns=["age"]).to_csv(run / "predictions.csv", index=False)
+    patients = df.drop_duplicates("patient_id")[["patient_id", "age"]]
+    cohort = pd.concat(
+        [patients.assign(slide_id=patients["patient_id"] + s) for s in "ab"], ignore_index=True
+    )
+    cohort.to_csv(tmp_path / "cohort.csv", index=False)
+    (run / "config.yaml").write_text(yaml.safe_dump({"cohort": str(tmp_path / "cohort.csv")}))
+    joined = load_predictions(run / "predictions.csv", ["age"])
+    assert joined["age"].tolist() == df["age"].tolist()
+    assert make_report(run, covariates=["age"], n_bootstrap=10).json.is_file()
+
+    cohort.loc[cohort.index[-1], "age"] = -1.0  # one slide of a patient disagrees
+    cohort.to_csv(tmp_path / "cohort.csv", index=False)
+    with pytest.raises(SurvivalDataError, match="one value per patient"):
+        load_predictions(run / "predictions.csv", ["age"])
+
+
 def test_report_from_csv_with_out_and_times(tmp_path: Path, make_preds):
     csv = tmp_path / "preds.csv"
     make_preds(n_patients=60, clinical=False).to_csv(csv, index=False)
