@@ -13,6 +13,7 @@ from wsi_mil.outputs import atomic_path
 __all__ = ["blend", "colour_bar", "font", "write_png"]
 
 _GAP = 8  # px between the two panels
+_PNG_LEVEL = 3  # zlib level: about twice as fast as the default 6, files no larger
 
 
 def blend(image: np.ndarray, rgba: np.ndarray) -> np.ndarray:
@@ -103,5 +104,5 @@ def write_png(
     width = panels.shape[1]
     image = np.vstack([_caption(width, caption), panels, colour_bar(width, scale)])
     with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=_PNG_LEVEL)
     return path
