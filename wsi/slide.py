@@ -336,19 +336,26 @@ class Slide:
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> NDArray:
         """Level pixels ``[x, x + width) x [y, y + height)``; outside is background."""
-        out = np.empty((height, width, 3), dtype=np.uint8)
-        out[:] = self.background
         lw, lh = self.level_dimensions[level]
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, lw), min(y + height, lh)
-        if x1 <= x0 or y1 <= y0:
-            return out
+        inside = (x0, y0, x1, y1) == (x, y, x + width, y + height)
+        out = None
+        if not inside:
+            out = np.empty((height, width, 3), dtype=np.uint8)
+            out[:] = self.background
+            if x1 <= x0 or y1 <= y0:
+                return out
         try:
             arr = self._b.read(level, x0, y0, x1 - x0, y1 - y0)
         except Exception as exc:
             where = f"level {level} region ({x0}, {y0}) {x1 - x0}x{y1 - y0}"
             raise self._read_error(where, exc) from exc
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_rgb(arr, self.background)
+        rgb = _to_rgb(arr, self.background)
+        if out is None:  # wholly inside the level: no background to fill
+            rgb = np.ascontiguousarray(rgb)
+            return rgb if rgb.flags.writeable and rgb.base is None else rgb.copy()
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = rgb
         return out
 
     def _resampled(

@@ -53,9 +53,10 @@ def _level_sizes(width: int, height: int) -> list[tuple[int, int]]:
     return sizes
 
 
-def _index(start: int, downsample: float, raster_scale: float, n: int) -> np.ndarray:
-    """(TILE,) raster index under level pixels ``start ..``: centre ``(j + 0.5) * downsample``."""
-    j = start + np.arange(TILE) + 0.5
+def _index(length: int, downsample: float, raster_scale: float, n: int) -> np.ndarray:
+    """(ceil(length / TILE) * TILE,) raster index under each level pixel ``j``, whose
+    centre is level-0 ``(j + 0.5) * downsample`` (clipped to the raster's ``n``)."""
+    j = np.arange(-(-length // TILE) * TILE) + 0.5
     return np.clip((j * downsample / raster_scale).astype(np.int64), 0, n - 1)
 
 
@@ -76,12 +77,14 @@ def _raster_tiles(
     """
     width, height = size
     rows, cols = rgb.shape[:2]
+    row_index = _index(height, downsample, raster_scale, rows)
+    col_index = _index(width, downsample, raster_scale, cols)
     for y0 in range(0, height, TILE):
-        ri = _index(y0, downsample, raster_scale, rows)
+        ri = row_index[y0 : y0 + TILE]
         band = rgb[ri[0] : ri[-1] + 1]
         strip = None
         for x0 in range(0, width, TILE):
-            ci = _index(x0, downsample, raster_scale, cols)
+            ci = col_index[x0 : x0 + TILE]
             block = band[:, ci[0] : ci[-1] + 1]
             first = block[0, 0]
             if (block == first).all():
@@ -92,7 +95,7 @@ def _raster_tiles(
                 continue
             if strip is None:
                 strip = rgb[ri]  # (TILE, cols, 3): the rows of this band of tiles
-            yield np.ascontiguousarray(strip[:, ci])
+            yield np.take(strip, ci, axis=1)
 
 
 def _in_threads(items: Iterator[Any], work: Callable[[Any], Any], threads: int) -> Iterator[Any]:
@@ -195,45 +198,61 @@ def _half(rows: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(rows).reduce(2))
 
 
+def _uniform(tile: np.ndarray) -> bool:
+    """Whether every pixel of ``tile`` (h, w, C) is the same (a sparse look first)."""
+    first = tile[0, 0]
+    return bool((tile[::16, ::16] == first).all() and (tile == first).all())
+
+
 class _TileWriter:
-    """Encodes and writes Deep Zoom tiles in a few threads, reusing uniform tiles."""
+    """Encodes and writes Deep Zoom tiles, a band of tiles per task in a few threads;
+    a uniform tile is encoded once per colour and size and its bytes reused."""
 
     def __init__(self, fmt: str, threads: int) -> None:
         self.fmt = fmt
         self.ext = "jpeg" if fmt == "jpeg" else "png"
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self.pending: deque[Future[None]] = deque()
-        self.limit = 8 * threads
+        self.limit = 2 * threads
         self.cache: dict[tuple[Any, ...], bytes] = {}
 
     def encode(self, tile: np.ndarray) -> bytes:
+        """JPEG (quality 85, YCbCr 4:2:0, as browsers expect) or PNG bytes of a tile."""
+        if self.fmt == "jpeg":
+            import imagecodecs
+
+            return bytes(imagecodecs.jpeg8_encode(np.ascontiguousarray(tile), level=_JPEG_DZI))
         from PIL import Image
 
-        image = Image.fromarray(tile)
         buf = io.BytesIO()
-        if self.fmt == "jpeg":
-            image.convert("RGB").save(buf, format="JPEG", quality=_JPEG_DZI)
-        else:
-            image.save(buf, format="PNG")
+        Image.fromarray(np.ascontiguousarray(tile)).save(buf, format="PNG")
         return buf.getvalue()
 
-    def _write(self, tile: np.ndarray, out: Path) -> None:
-        out.write_bytes(self.encode(tile))
-
-    def put(self, tile: np.ndarray, out: Path) -> None:
-        first = tile[0, 0]
-        if (tile == first).all():
-            key = (tile.shape, first.tobytes())
-            if key not in self.cache:
-                self.cache[key] = self.encode(tile)
-            out.write_bytes(self.cache[key])
-            return
+    def put(self, band: np.ndarray, folder: Path, row: int) -> None:
+        """Write tile row ``row`` of ``band`` (h, width, C), which is not changed after."""
+        width = band.shape[1]
         if self.pool is None:
-            self._write(tile, out)
+            self._write(band, folder, row, 0, width)
             return
-        self.pending.append(self.pool.submit(self._write, tile.copy(), out))
-        while len(self.pending) > self.limit:
+        step = max(TILE, -(-width // (2 * self.limit * TILE)) * TILE)  # a few tasks a band
+        for x in range(0, width, step):
+            self.pending.append(self.pool.submit(self._write, band, folder, row, x, step))
+        while len(self.pending) > 2 * self.limit:
             self.pending.popleft().result()
+
+    def _write(self, band: np.ndarray, folder: Path, row: int, x: int, step: int) -> None:
+        """Tiles of ``band`` from column ``x`` (px) over ``step`` px."""
+        end = min(x + step, band.shape[1])
+        for col, x0 in enumerate(range(x, end, TILE), start=x // TILE):
+            tile = band[:, x0 : x0 + TILE]
+            if _uniform(tile):
+                key = (tile.shape, tile[0, 0].tobytes())
+                data = self.cache.get(key)
+                if data is None:
+                    data = self.cache[key] = self.encode(tile)
+            else:
+                data = self.encode(tile)
+            (folder / f"{col}_{row}.{self.ext}").write_bytes(data)
 
     def close(self) -> None:
         """Wait for every tile; raise the first error of any."""
@@ -278,27 +297,36 @@ class _Level:
             self.below.finish()
 
     def _tiles(self, band: np.ndarray) -> None:
-        ext = self.writer.ext
-        for col, x in enumerate(range(0, band.shape[1], TILE)):
-            self.writer.put(band[:, x : x + TILE], self.folder / f"{col}_{self.row}.{ext}")
+        self.writer.put(band, self.folder, self.row)
         self.row += 1
 
 
-def _stream(rows: Callable[[int, int], np.ndarray], width: int, height: int, full: _Level) -> None:
-    """Push the full-size image into ``full`` strip by strip, reading one strip ahead."""
-    with ThreadPoolExecutor(1) as reader:
-        ahead = reader.submit(rows, 0, min(TILE, height))
-        for y in range(0, height, TILE):
-            strip = ahead.result()
-            if y + TILE < height:
-                ahead = reader.submit(rows, y + TILE, min(TILE, height - y - TILE))
-            if strip.shape[:2] != (min(TILE, height - y), width):
-                raise ValueError(
-                    f"write_dzi: rows({y}) gave shape {strip.shape}, "
-                    f"expected {min(TILE, height - y)} rows of {width} px"
-                )
-            full.push(np.ascontiguousarray(strip))
+def _stream(
+    rows: Callable[[int, int], np.ndarray], width: int, height: int, full: _Level, readers: int
+) -> None:
+    """Push the full-size image into ``full`` strip by strip, ``readers`` strips read
+    ahead in as many threads."""
+    starts = iter(range(0, height, TILE))
+    with ThreadPoolExecutor(readers) as pool:
+        ahead: deque[tuple[int, Future[np.ndarray]]] = deque()
+        for y in starts:
+            ahead.append((y, pool.submit(rows, y, min(TILE, height - y))))
+            if len(ahead) < readers:
+                continue
+            _push(full, width, height, *ahead.popleft())
+        while ahead:
+            _push(full, width, height, *ahead.popleft())
     full.finish()
+
+
+def _push(full: _Level, width: int, height: int, y: int, future: Future[np.ndarray]) -> None:
+    strip = future.result()
+    if strip.shape[:2] != (min(TILE, height - y), width):
+        raise ValueError(
+            f"write_dzi: rows({y}) gave shape {strip.shape}, "
+            f"expected {min(TILE, height - y)} rows of {width} px"
+        )
+    full.push(np.ascontiguousarray(strip))
 
 
 def write_dzi(
@@ -315,11 +343,11 @@ def write_dzi(
         path: Output ``<name>.dzi``; tiles go to ``<name>_files/`` (both atomic).
         size: Full-size ``(width, height)`` of the image.
         rows: ``rows(y, h)`` returns (h, width, C) uint8, rows ``[y, y + h)`` of the
-            full-size image; called once per strip of at most 256 rows, top to bottom,
-            one strip ahead in a reader thread.
+            full-size image; called once per strip of at most 256 rows, in order, from
+            ``threads`` reader threads at once (so it must be thread-safe).
         fmt: ``"jpeg"`` (RGB) or ``"png"`` (RGBA allowed).
-        threads: Tile-encoding threads (default :func:`encode_threads`); the files do
-            not depend on it.
+        threads: Reading and tile-encoding threads (default :func:`encode_threads`);
+            the files do not depend on it.
 
     Returns:
         ``path``.
@@ -327,14 +355,15 @@ def write_dzi(
     width, height = size
     top = dzi_levels(width, height)
     files = path.with_name(f"{path.stem}_files")
-    writer = _TileWriter(fmt, threads or encode_threads())
+    threads = threads or encode_threads()
+    writer = _TileWriter(fmt, threads)
     with atomic_path(files) as tmp_dir:
         try:
             level: _Level | None = None
             for index in range(top + 1):  # from 1 x 1 px to full size
                 level = _Level(tmp_dir / str(index), writer, level)
             assert level is not None
-            _stream(rows, width, height, level)
+            _stream(rows, width, height, level, threads)
         finally:
             writer.close()
     ext = writer.ext
