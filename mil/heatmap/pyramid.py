@@ -199,9 +199,19 @@ def _half(rows: np.ndarray) -> np.ndarray:
 
 
 def _uniform(tile: np.ndarray) -> bool:
-    """Whether every pixel of ``tile`` (h, w, C) is the same (a sparse look first)."""
+    """Whether every pixel of ``tile`` (h, w, C) is the same (a sparse look first).
+
+    Each row is compared as one run of ``w * C`` bytes (fast), which needs the pixels of
+    a row to be contiguous, as in a column slice of a C-contiguous band.
+    """
     first = tile[0, 0]
-    return bool((tile[::16, ::16] == first).all() and (tile == first).all())
+    if not (tile[::16, ::16] == first).all():
+        return False
+    h, w, c = tile.shape
+    if tile.strides[1:] != (c, 1):
+        tile = np.ascontiguousarray(tile)
+    rows = np.lib.stride_tricks.as_strided(tile, (h, w * c), (tile.strides[0], 1))
+    return bool((rows == np.tile(first, w)).all())
 
 
 class _TileWriter:
