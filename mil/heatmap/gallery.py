@@ -63,13 +63,14 @@ def write_gallery(
     top, bottom = pick(values, k)
     sid = scores.slide_id
     paths: dict[str, Path] = {}
-    with ThreadPoolExecutor(encode_threads()) as pool:  # PNG encoding releases the GIL
+    # slide reads and PNG encoding release the GIL: a few threads use the cores
+    with ThreadPoolExecutor(encode_threads()) as pool:
         saved = []
         for kind, idx in (("top", top), ("bottom", bottom)):
+            xy = [tuple(int(v) for v in scores.coords[i]) for i in idx]
+            read = pool.map(lambda c: _read(slide, scores, *c), xy)
             tiles, labels = [], []
-            for rank, i in enumerate(idx, start=1):
-                x, y = (int(v) for v in scores.coords[i])
-                tile = _read(slide, scores, x, y)
+            for rank, (i, (x, y), tile) in enumerate(zip(idx, xy, read, strict=True), start=1):
                 name = f"{kind}_{rank:02d}_x{x}_y{y}_{float(values[i]):+.4g}.png"
                 saved.append(pool.submit(_save, contained_path(out_dir, "topk", sid, name), tile))
                 tiles.append(tile)
