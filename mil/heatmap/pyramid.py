@@ -34,7 +34,7 @@ from wsi_mil.outputs import atomic_path
 __all__ = ["TILE", "dzi_levels", "encode_threads", "write_dzi", "write_overlay_tiff"]
 
 TILE = 256
-_JPEG_TIFF = {"level": 90}  # the TIFF's JPEG quality
+_JPEG_TIFF = 90  # the TIFF's JPEG quality
 _JPEG_DZI = 85  # the Deep Zoom tiles' JPEG quality
 
 
@@ -125,7 +125,7 @@ def _encode_tiff_tile(tile: np.ndarray) -> bytes:
 
     return bytes(
         imagecodecs.jpeg8_encode(
-            tile, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2), **_JPEG_TIFF
+            tile, level=_JPEG_TIFF, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
         )
     )
 
@@ -172,7 +172,7 @@ def write_overlay_tiff(
                 tile=(TILE, TILE),
                 photometric="rgb",
                 compression="jpeg",
-                compressionargs=dict(_JPEG_TIFF),
+                compressionargs={"level": _JPEG_TIFF},
                 subsampling=(2, 2),
                 subfiletype=0 if level == 0 else 1,
                 resolution=(per_cm, per_cm),
