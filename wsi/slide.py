@@ -217,6 +217,26 @@ class Slide:
         span = tile_px * target_mpp / self.mpp / ds  # tile side in level pixels
         return self._resampled(level, x / ds, y / ds, span, span, tile_px, tile_px)
 
+    def read_resampled(
+        self, x: float, y: float, width: int, height: int, mpp: float
+    ) -> NDArray[np.uint8]:
+        """A rectangle at a physical resolution (see :meth:`read_tile`).
+
+        Output pixel ``(r, c)`` covers level-0 ``[x + c * s, x + (c + 1) * s) x
+        [y + r * s, y + (r + 1) * s)`` with ``s = mpp / self.mpp``; the best level at or
+        finer than ``mpp`` is read once and resampled.
+
+        Returns:
+            uint8 (height, width, 3) RGB.
+        """
+        width, height = int(width), int(height)
+        if width <= 0 or height <= 0:
+            raise ValueError(f"read_resampled size {width}x{height} must be positive")
+        level = self.best_level_for_mpp(mpp)
+        step = mpp / self.mpp / self.level_downsamples[level]  # level px per output px
+        ds = self.level_downsamples[level]
+        return self._resampled(level, x / ds, y / ds, width * step, height * step, width, height)
+
     def read_tiles(
         self, coords: Sequence[tuple[int, int]] | NDArray[np.integer], tile_px: int,
         target_mpp: float,
@@ -236,7 +256,11 @@ class Slide:
         return out
 
     def get_thumbnail(
-        self, mpp: float | None = None, size: tuple[int, int] | None = None
+        self,
+        mpp: float | None = None,
+        size: tuple[int, int] | None = None,
+        *,
+        max_upsample: float = 1.0,
     ) -> NDArray[np.uint8]:
         """The whole slide at low resolution.
 
@@ -249,6 +273,10 @@ class Slide:
                 ``(ceil(height / s), ceil(width / s))``.
             size: Instead of ``mpp``: fit within this ``(width, height)``, keeping the
                 aspect ratio. Default when neither is given: 1024 x 1024.
+            max_upsample: Read a pyramid level up to this factor coarser than the
+                thumbnail and enlarge it (bicubic) when that level is coarser than the
+                best level at or finer than it: fewer pixels to decode, slightly less
+                detail. 1 (the default) never enlarges.
 
         Returns:
             uint8 (rows, cols, 3) RGB.
@@ -266,7 +294,9 @@ class Slide:
             scale = max(width / max_w, height / max_h)
             out_w = min(int(max_w), _ceil(width / scale))
             out_h = min(int(max_h), _ceil(height / scale))
-        level = self.best_level_for_mpp(scale * self.mpp)
+        if max_upsample < 1:
+            raise ValueError(f"max_upsample must be >= 1, got {max_upsample}")
+        level = self.best_level_for_mpp(scale * self.mpp * max_upsample)
         step = scale / self.level_downsamples[level]  # level pixels per output pixel
         band = max(1, int(_BAND_PIXELS / max(1.0, out_w * step * step)))
         out = np.empty((out_h, out_w, 3), dtype=np.uint8)
@@ -306,19 +336,26 @@ class Slide:
 
     def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> NDArray:
         """Level pixels ``[x, x + width) x [y, y + height)``; outside is background."""
-        out = np.empty((height, width, 3), dtype=np.uint8)
-        out[:] = self.background
         lw, lh = self.level_dimensions[level]
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, lw), min(y + height, lh)
-        if x1 <= x0 or y1 <= y0:
-            return out
+        inside = (x0, y0, x1, y1) == (x, y, x + width, y + height)
+        out = None
+        if not inside:
+            out = np.empty((height, width, 3), dtype=np.uint8)
+            out[:] = self.background
+            if x1 <= x0 or y1 <= y0:
+                return out
         try:
             arr = self._b.read(level, x0, y0, x1 - x0, y1 - y0)
         except Exception as exc:
             where = f"level {level} region ({x0}, {y0}) {x1 - x0}x{y1 - y0}"
             raise self._read_error(where, exc) from exc
-        out[y0 - y : y1 - y, x0 - x : x1 - x] = _to_rgb(arr, self.background)
+        rgb = _to_rgb(arr, self.background)
+        if out is None:  # wholly inside the level: no background to fill
+            rgb = np.ascontiguousarray(rgb)
+            return rgb if rgb.flags.writeable and rgb.base is None else rgb.copy()
+        out[y0 - y : y1 - y, x0 - x : x1 - x] = rgb
         return out
 
     def _resampled(

@@ -13,13 +13,14 @@ from wsi_mil.outputs import atomic_path
 __all__ = ["blend", "colour_bar", "font", "write_png"]
 
 _GAP = 8  # px between the two panels
+_PNG_LEVEL = 3  # zlib level: about twice as fast as the default 6, files no larger
 
 
 def blend(image: np.ndarray, rgba: np.ndarray) -> np.ndarray:
     """Alpha-blend ``rgba`` (rows, cols, 4) uint8 over ``image`` (rows, cols, 3) uint8."""
-    a = rgba[..., 3:4].astype(np.float32) / 255.0
-    out = image.astype(np.float32) * (1 - a) + rgba[..., :3].astype(np.float32) * a
-    return out.round().clip(0, 255).astype(np.uint8)
+    a = rgba[..., 3:4].astype(np.uint16)
+    mixed = image.astype(np.uint16) * (255 - a) + rgba[..., :3].astype(np.uint16) * a
+    return ((mixed + 127) // 255).astype(np.uint8)  # rounded; exact in integers
 
 
 def colour_bar(width: int, scale: ColourScale) -> np.ndarray:
@@ -103,5 +104,5 @@ def write_png(
     width = panels.shape[1]
     image = np.vstack([_caption(width, caption), panels, colour_bar(width, scale)])
     with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
+        Image.fromarray(image).save(tmp, format="PNG", compress_level=_PNG_LEVEL)
     return path

@@ -10,6 +10,7 @@ have no value (NaN) and are left uncoloured.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -182,10 +183,21 @@ def colourise(value: np.ndarray, scale: ColourScale, alpha: float = 1.0) -> np.n
     Returns:
         (..., 4) uint8 RGBA; alpha 0 where ``value`` is NaN.
     """
-    from matplotlib import colormaps
-
     span = scale.vmax - scale.vmin
     t = (np.nan_to_num(value, nan=scale.vmin) - scale.vmin) / (span if span > 0 else 1.0)
-    out = (colormaps[scale.cmap](np.clip(t, 0.0, 1.0)) * 255).round().astype(np.uint8)
+    lut = _lut(scale.cmap)
+    n = len(lut)
+    # the index matplotlib's colormap takes for t in [0, 1]: floor(t * N), N -> N - 1
+    index = np.minimum((np.clip(t, 0.0, 1.0) * n).astype(np.intp), n - 1)
+    out = lut[index]
     out[..., 3] = np.where(np.isnan(value), 0, round(255 * alpha))
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _lut(cmap: str) -> np.ndarray:
+    """(N, 4) uint8 colours of a matplotlib colormap's lookup table (N = ``cmap.N``)."""
+    from matplotlib import colormaps
+
+    colours = colormaps[cmap]
+    return (colours(np.arange(colours.N)) * 255).round().astype(np.uint8)

@@ -44,6 +44,9 @@ __all__ = [
 FORMATS = ("png", "tiff", "dzi", "geojson", "topk")
 
 _MAX_RASTER_PX = 16 * 2**20  # overlay raster pixels (TIFF / DZI overlay)
+#: The PNG's slide panel may enlarge a pyramid level up to this factor rather than
+#: decode a finer level (e.g. 2048 px from a 1875 px level instead of a 7500 px one).
+_PNG_MAX_UPSAMPLE = 1.5
 
 
 @dataclass(frozen=True)
@@ -305,7 +308,7 @@ def _png(
 
     width, height = s.dimensions
     mpp = opts.png_mpp or s.mpp * max(1.0, max(width, height) / opts.max_size)
-    plain = s.get_thumbnail(mpp=mpp)
+    plain = s.get_thumbnail(mpp=mpp, max_upsample=_PNG_MAX_UPSAMPLE)
     raster = _raster(s, scores, norm, mpp / s.mpp, opts)
     path = contained_path(out, f"{scores.slide_id}_heatmap.png")
     return write_png(path, plain, raster, scale, opts.alpha, _caption(scores, score, opts))

@@ -33,6 +33,7 @@ __all__ = ["ASSETS", "assets_dir", "write_index", "write_slide_dzi"]
 ASSETS = Path(__file__).parent / "assets" / "openseadragon"
 _TEMPLATE = Path(__file__).parent / "templates" / "index.html"
 _HOVER_TILES = 200_000  # tiles listed for the hover read-out
+_READ_PX = 8192  # widest slide region read at once for the Deep Zoom image
 
 
 def assets_dir() -> Path | None:
@@ -71,31 +72,29 @@ def write_slide_dzi(
         ``{"dzi", "overlay_dzi", "viewer_data", "viewer"}`` (``viewer`` only when the
         OpenSeadragon assets are installed).
     """
-    from PIL import Image
-
     sid = scores.slide_id
     width, height = slide.dimensions
     dzi_mpp = max(slide.mpp, opts.dzi_mpp or scores.target_mpp or slide.mpp)
     b = dzi_mpp / slide.mpp  # level-0 px per full-size DZI px
     size = (max(1, math.ceil(width / b)), max(1, math.ceil(height / b)))
 
-    def read_slide(x: int, y: int, w: int, h: int, f: float) -> np.ndarray:
-        side = max(w, h)
-        tile = slide.read_tile(round(x * b), round(y * b), side, dzi_mpp * f)
-        return np.asarray(tile)[:h, :w]
+    def slide_rows(y: int, h: int) -> np.ndarray:
+        parts = [
+            slide.read_resampled(x * b, y * b, min(_READ_PX, size[0] - x), h, dzi_mpp)
+            for x in range(0, size[0], _READ_PX)
+        ]
+        return parts[0] if len(parts) == 1 else np.hstack(parts)
 
     rgba = scale.rgba(raster.value)
-    image = Image.fromarray(rgba, "RGBA")
     rows, cols = raster.shape
 
-    def read_overlay(x: int, y: int, w: int, h: int, f: float) -> np.ndarray:
-        box = (x, y, min(cols, x + w * f), min(rows, y + h * f))
-        return np.asarray(image.resize((w, h), Image.Resampling.BOX, box=box))
+    def overlay_rows(y: int, h: int) -> np.ndarray:
+        return rgba[y : y + h]
 
     paths = {
-        "dzi": write_dzi(contained_path(out, f"{sid}.dzi"), size, read_slide, "jpeg"),
+        "dzi": write_dzi(contained_path(out, f"{sid}.dzi"), size, slide_rows, "jpeg"),
         "overlay_dzi": write_dzi(
-            contained_path(out, f"{sid}_overlay.dzi"), (cols, rows), read_overlay, "png"
+            contained_path(out, f"{sid}_overlay.dzi"), (cols, rows), overlay_rows, "png"
         ),
     }
     data = _slide_data(scores, raw, norm, scale, size, b, (cols, rows))

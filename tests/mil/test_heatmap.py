@@ -285,3 +285,78 @@ def test_viewer_opens_offline_in_headless_chromium(
     assert pixels.std() > 10  # not blank
     # the overlay's colours are on screen (inferno's hot oranges/yellows)
     assert ((pixels[..., 0] > 200) & (pixels[..., 2] < 120)).sum() > 100
+
+
+def _dzi_level(files: Path, level: int) -> np.ndarray:
+    """The tiles of one Deep Zoom level put together (rows, cols, C)."""
+    tiles = {tuple(map(int, p.stem.split("_"))): p for p in (files / str(level)).iterdir()}
+    n_cols = 1 + max(c for c, _ in tiles)
+    n_rows = 1 + max(r for _, r in tiles)
+    assert len(tiles) == n_cols * n_rows
+    bands = []
+    for r in range(n_rows):
+        row = []
+        for c in range(n_cols):
+            with Image.open(tiles[c, r]) as tile:
+                row.append(np.asarray(tile))
+        bands.append(np.hstack(row))
+    return np.vstack(bands)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dzi_levels_are_the_image_halved(tmp_path: Path, threads: int) -> None:
+    from wsi_mil.mil.heatmap.pyramid import write_dzi
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (700, 555, 4), dtype=np.uint8)
+    image[..., 3] = np.where(rng.random((700, 555)) < 0.2, 0, 255)  # transparent holes
+    image[300:, 300:] = (10, 200, 30, 255)  # uniform tiles (encoded once, reused)
+    calls: list[tuple[int, int]] = []
+
+    def rows(y: int, h: int) -> np.ndarray:
+        calls.append((y, h))
+        return image[y : y + h]
+
+    dzi = write_dzi(tmp_path / "img.dzi", (555, 700), rows, "png", threads=threads)
+    assert 'Width="555" Height="700"' in dzi.read_text()
+    assert sorted(calls) == [(0, 256), (256, 256), (512, 188)]  # every row read once
+    files = tmp_path / "img_files"
+    assert sorted(int(p.name) for p in files.iterdir()) == list(range(11))  # ceil(log2(700))
+    expected = image
+    for level in range(10, -1, -1):
+        got = _dzi_level(files, level)
+        f = 2 ** (10 - level)
+        assert got.shape == (-(-700 // f), -(-555 // f), 4), level
+        np.testing.assert_array_equal(got, expected, err_msg=f"level {level}")
+        expected = np.asarray(Image.fromarray(expected).reduce(2))  # premultiplied 2x2 box
+    # the JPEG slide tiles match the image within JPEG error, and files do not depend
+    # on the number of threads
+    rgb = np.ascontiguousarray(image[..., :3])
+    write_dzi(tmp_path / "a.dzi", (555, 700), lambda y, h: rgb[y : y + h], "jpeg", threads=1)
+    write_dzi(tmp_path / "b.dzi", (555, 700), lambda y, h: rgb[y : y + h], "jpeg", threads=3)
+    full = _dzi_level(tmp_path / "a_files", 10).astype(int)
+    assert full.shape == rgb.shape and np.abs(full[512:, 512:] - rgb[512:, 512:]).max() <= 3
+    for a in (tmp_path / "a_files").rglob("*.jpeg"):
+        assert (
+            a.read_bytes()
+            == (tmp_path / "b_files" / a.relative_to(tmp_path / "a_files")).read_bytes()
+        )
+
+
+def test_slide_dzi_is_the_slide_at_every_level(
+    slide_and_attention: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from wsi_mil.wsi import open_slide
+
+    slide, att = slide_and_attention
+    paths = render_heatmap(att, slide, tmp_path / "d", formats=("dzi",), dzi_mpp=0.5)
+    files = paths["dzi"].with_name("slide1_files")
+    with open_slide(slide) as s:
+        full = s.read_region((0, 0), 0, s.dimensions).astype(int)
+        for level, f in ((11, 1), (9, 4), (7, 16)):
+            got = _dzi_level(files, level).astype(int)
+            want = s.get_thumbnail(mpp=0.5 * f).astype(int) if f > 1 else full
+            assert got.shape == want.shape, level
+            assert np.abs(got - want).mean() < 4, level  # JPEG error only
+    overlay = _dzi_level(paths["overlay_dzi"].with_name("slide1_overlay_files"), 0)
+    assert overlay.shape == (1, 1, 4)

@@ -289,3 +289,28 @@ def test_slide_id_from_path() -> None:
     assert slide_id_from_path("/data/case.ome.tif") == "case"
     assert slide_id_from_path("/data/case.tiff") == "case"
     assert slide_id_from_path("/dicom/case-12/1.2.840.10008.5.dcm") == "case-12"
+
+
+def test_read_resampled_and_thumbnail_from_a_coarser_level(slide_case: SlideCase) -> None:
+    with slide_case.open() as slide:
+        # a square is read_tile; at the slide's own mpp it is the level-0 pixels
+        np.testing.assert_array_equal(
+            slide.read_resampled(300, 200, 96, 96, 1.0), slide.read_tile(300, 200, 96, 1.0)
+        )
+        np.testing.assert_array_equal(
+            slide.read_resampled(16, 8, 120, 50, slide.mpp),
+            slide.read_region((16, 8), 0, (120, 50)),
+        )
+        with pytest.raises(ValueError, match="must be positive"):
+            slide.read_resampled(0, 0, 0, 10, 1.0)
+        if slide.level_count < 2:
+            return
+        target = slide.level_mpp(1) / 1.2  # level 1 is 1.2x coarser than the thumbnail
+        plain = slide.get_thumbnail(mpp=target)
+        np.testing.assert_array_equal(slide.get_thumbnail(mpp=target, max_upsample=1.0), plain)
+        enlarged = slide.get_thumbnail(mpp=target, max_upsample=1.5)
+        assert enlarged.shape == plain.shape
+        diff = np.abs(enlarged.astype(int) - plain.astype(int))
+        assert 0 < diff.mean() < 6  # read from level 1 (not identical), the same picture
+        with pytest.raises(ValueError, match="max_upsample"):
+            slide.get_thumbnail(mpp=target, max_upsample=0.5)
