@@ -78,10 +78,13 @@ def _level_for(slide_downsamples: list[float], base_mpp: float, mask_mpp: float)
 
 
 def _twice(once) -> dict:
-    """``work``: the first call in this process; ``warm``: a second one (as in a batch)."""
+    """``work``: the first call in this process; ``warm``: a second one (as in a batch),
+    skipped when the first took over 10 s."""
     t0 = time.perf_counter()
     n = once()
     t1 = time.perf_counter()
+    if t1 - t0 > 10:
+        return {"work": t1 - t0, "tiles": n}
     once()
     return {"work": t1 - t0, "warm": time.perf_counter() - t1, "tiles": n}
 
@@ -176,7 +179,7 @@ def w_lazyslide_pixels(slide: str, out: Path, a: dict) -> dict:
     t0 = time.perf_counter()
     wsi = _lazyslide_tiles(slide, a)
     n = 0
-    for tile in wsi.iter.tile_images():
+    for tile in wsi.iter.tile_images("tiles"):
         np.asarray(tile.image)
         n += 1
     return {"work": time.perf_counter() - t0, "tiles": n}
@@ -252,14 +255,22 @@ def w_wsimil_features(slide: str, out: Path, a: dict) -> dict:
 
 def w_lazyslide_features(slide: str, out: Path, a: dict) -> dict:
     import lazyslide as zs
+    import numpy as np
     import timm
+    import torch
 
-    a = {**a, "mask_mpp": a["mask_mpp"]}
     wsi = _lazyslide_tiles(slide, a)
     model = timm.create_model(VIT, pretrained=False, num_classes=0).eval()
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+
+    def transform(tile: np.ndarray) -> torch.Tensor:  # uint8 (h, w, 3) -> float (3, h, w)
+        x = torch.from_numpy(np.ascontiguousarray(tile[..., :3])).permute(2, 0, 1)
+        return (x.float() / 255 - mean) / std
+
     t0 = time.perf_counter()
-    zs.tl.feature_extraction(wsi, model=model, device="cpu", batch_size=a["batch"],
-                             pbar=False)  # fmt: skip
+    zs.tl.feature_extraction(wsi, model, model_name="vit_s16_random", transform=transform,
+                             device="cpu", batch_size=a["batch"], pbar=False)  # fmt: skip
     return {"work": time.perf_counter() - t0, "tiles": len(wsi["tiles"])}
 
 
@@ -425,7 +436,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=30_000, help="side of the test slide (px)")
     p.add_argument("--mask-mpp", type=float, default=8.0)
     p.add_argument("--batch", type=int, default=32, help="feature batch size")
-    p.add_argument("--slow-s", type=float, default=60.0, help="do not repeat runs this slow")
+    p.add_argument("--slow-s", type=float, default=120.0, help="do not repeat runs this slow")
+    p.add_argument("--histolab-pixels", action="store_true",
+                   help="also time histolab's PNG export (minutes; once)")  # fmt: skip
     p.add_argument("--cache-dir", type=Path,
                    default=Path(tempfile.gettempdir()) / "wsi-mil-peers")  # fmt: skip
     args = p.parse_args()
@@ -452,22 +465,34 @@ def main() -> None:
         else:
             mods = [k, *PEERS[k], "openslide-python", "torch", "timm", "numpy"]
             print(f"{k} side ({py[k]}): {_versions(py[k], mods, env)}")
-    print(f"settings: {TILE_PX} px tiles at {MPP} µm/px, no overlap, ≥ {MIN_TISSUE:.0%} tissue, "
-          f"tissue mask at {args.mask_mpp} µm/px; {args.repeats} interleaved rounds", flush=True)
+    print(
+        f"settings: {TILE_PX} px tiles at {MPP} µm/px, no overlap, ≥ {MIN_TISSUE:.0%} "
+        f"tissue, tissue mask at {args.mask_mpp} µm/px; {args.repeats} rounds",
+        flush=True,
+    )
 
     a = {"mask_mpp": args.mask_mpp}
     coords = work / "coords.npy"
-    py_o, py_l, py_t, py_h = sys.executable, py["lazyslide"], py["tiatoolbox"], py["histolab"]
-    cli = [py_o, "-m", "wsi_mil.workflows.cli"]
+    cli = [sys.executable, "-m", "wsi_mil.workflows.cli"]
+
+    def job(tool: str, worker: str, slide: Path, **extra: Any):
+        """A job: a fresh command line for ``worker`` under ``tool``'s interpreter."""
+        python = sys.executable if tool == "wsi-mil" else py[tool]
+        return lambda: run.worker(python, worker, slide, {**a, **extra})
+
+    def cli_job(*argv: str):
+        return lambda: [*cli, *argv, "--out", str(run.fresh_dir())]
+
     if "grid" in args.tasks:
         jobs = {
-            "wsi-mil API": lambda: run.worker(py_o, "wsimil_grid", big, {**a, "save_coords": str(coords)}),
-            "wsi-mil CLI (tile --pixels none)": lambda: [*cli, "tile", str(big), "--out",
-                str(run.fresh_dir()), "--pixels", "none", "--no-qc", "--workers", "1",
-                "--mask-mpp", str(args.mask_mpp)],
-            "LazySlide": lambda: run.worker(py_l, "lazyslide_grid", big, a),
-            "TIAToolbox": lambda: run.worker(py_t, "tiatoolbox_grid", big, a),
-            "histolab": lambda: run.worker(py_h, "histolab_grid", big, a),
+            "wsi-mil API": job("wsi-mil", "wsimil_grid", big, save_coords=str(coords)),
+            "wsi-mil CLI (tile --pixels none)": cli_job(
+                "tile", str(big), "--pixels", "none", "--no-qc", "--workers", "1",
+                "--mask-mpp", str(args.mask_mpp),
+            ),
+            "LazySlide": job("lazyslide", "lazyslide_grid", big),
+            "TIAToolbox": job("tiatoolbox", "tiatoolbox_grid", big),
+            "histolab": job("histolab", "histolab_grid", big),
         }  # fmt: skip
         notes = {
             "LazySlide": f"find_tissues at the level nearest {args.mask_mpp:g} µm/px",
@@ -478,17 +503,20 @@ def main() -> None:
         _rounds("tissue + grid", jobs, skip, args, env, notes=notes)
     if "pixels" in args.tasks:
         if not coords.exists():
-            _measure(run.worker(py_o, "wsimil_grid", big, {**a, "save_coords": str(coords)}), env)
-        o = {**a, "threads": 1}
+            _measure(job("wsi-mil", "wsimil_grid", big, save_coords=str(coords))(), env)
         jobs = {
-            "wsi-mil tile_slide lossless": lambda: run.worker(py_o, "wsimil_pixels", big, {**o, "mode": "lossless", "threads": 2}),
-            "wsi-mil tile_slide jpeg": lambda: run.worker(py_o, "wsimil_pixels", big, {**o, "mode": "jpeg", "threads": 2}),
-            "wsi-mil read path, 1 thread": lambda: run.worker(py_o, "wsimil_read", big, o),
-            "openslide loop (pixels only)": lambda: run.worker(py_o, "openslide_pixels", big, {"coords": str(coords), "slide_mpp": slide_mpp}),
-            "LazySlide": lambda: run.worker(py_l, "lazyslide_pixels", big, a),
-            "TIAToolbox": lambda: run.worker(py_t, "tiatoolbox_pixels", big, a),
-            "histolab (PNG files)": lambda: run.worker(py_h, "histolab_pixels", big, a),
+            "wsi-mil tile_slide lossless": job("wsi-mil", "wsimil_pixels", big,
+                                               mode="lossless", threads=2),
+            "wsi-mil tile_slide jpeg": job("wsi-mil", "wsimil_pixels", big, mode="jpeg",
+                                           threads=2),
+            "wsi-mil read path, 1 thread": job("wsi-mil", "wsimil_read", big, threads=1),
+            "openslide loop (pixels only)": job("wsi-mil", "openslide_pixels", big,
+                                                coords=str(coords), slide_mpp=slide_mpp),
+            "LazySlide": job("lazyslide", "lazyslide_pixels", big),
+            "TIAToolbox": job("tiatoolbox", "tiatoolbox_pixels", big),
         }  # fmt: skip
+        if args.histolab_pixels:
+            jobs["histolab (PNG files)"] = job("histolab", "histolab_pixels", big)
         _rounds("tissue + grid + every tile's pixels", jobs, skip, args, env)
     if "features" in args.tasks:
         tiles = work / "feature-tiles"
@@ -496,23 +524,22 @@ def main() -> None:
 
         row = tile_slide(small, tiles, target_mpp=MPP, tile_px=TILE_PX, min_tissue=MIN_TISSUE,
                          mask_mpp=args.mask_mpp, qc=False, raise_errors=True)  # fmt: skip
-        f = {**a, "store": row["store"], "batch": args.batch}
+        f = {"store": row["store"], "batch": args.batch}
         jobs = {
-            "wsi-mil API": lambda: run.worker(py_o, "wsimil_features", small, f),
-            "wsi-mil CLI (extract)": lambda: [*cli, "extract", str(tiles), "--out",
-                str(run.fresh_dir()), "--encoder", f"timm:{VIT}", "--weights", "random",
-                "--devices", "cpu", "--batch-size", str(args.batch), "--no-progress"],
-            "LazySlide": lambda: run.worker(py_l, "lazyslide_features", small, f),
+            "wsi-mil API": job("wsi-mil", "wsimil_features", small, **f),
+            "wsi-mil CLI (extract)": cli_job(
+                "extract", str(tiles), "--encoder", f"timm:{VIT}", "--weights", "random",
+                "--devices", "cpu", "--batch-size", str(args.batch), "--no-progress",
+            ),
+            "LazySlide": job("lazyslide", "lazyslide_features", small, **f),
         }  # fmt: skip
         _rounds(f"ViT-S/16 features on CPU ({small.name})", jobs, skip, args, env,
                 repeats=args.feature_repeats)  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _rounds(
-    title: str, jobs: dict, skip: dict, args, env, repeats: int | None = None,
-    notes: dict[str, str] | None = None,
-) -> None:
+def _rounds(title: str, jobs: dict, skip: dict, args, env, repeats: int | None = None,
+            notes: dict[str, str] | None = None) -> None:  # fmt: skip
     """Run every job once per round, interleaved, and print the table."""
     results: dict[str, list[dict]] = {k: [] for k in jobs}
     notes = {k: v for k, v in (notes or {}).items() if v}
