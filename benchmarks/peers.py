@@ -545,11 +545,16 @@ def _rounds(title: str, jobs: dict, skip: dict, args, env, repeats: int | None =
     notes = {k: v for k, v in (notes or {}).items() if v}
     slow: set[str] = set()
     for i in range(repeats or args.repeats):
+        for k in skip:  # a peer installed while this runs joins at the next round
+            if skip[k]:
+                skip[k] = _peer_available(getattr(args, f"{k}_python") or args.peer_python, k, env)
         for name, make in jobs.items():
             peer = next((k for k in skip if name.lower().startswith(k)), None)
             if peer and skip[peer]:
                 notes[name] = f"not installed ({skip[peer]})"
                 continue
+            if notes.get(name, "").startswith("not installed"):
+                del notes[name]
             if name in slow or (results[name] and "error" in results[name][-1]):
                 continue
             r = _measure(make(), env)
