@@ -77,9 +77,7 @@ def test_abmil_learns_with_default_options(planted15, tmp_path: Path) -> None:
 
 
 def _harrell(table: pd.DataFrame, score: pd.Series) -> float:
-    return float(
-        concordance_index_censored(table["event"].astype(bool), table["time"], score)[0]
-    )
+    return float(concordance_index_censored(table["event"].astype(bool), table["time"], score)[0])
 
 
 @pytest.mark.slow
@@ -107,4 +105,5 @@ def test_dual_xattn_fuses_histology_and_omics(planted15, tmp_path: Path) -> None
         co = read_co_attention(run / "co_attention" / f"{row.slide_id}.h5")
         np.testing.assert_array_equal(co.coords, read_bag(bags / f"{row.slide_id}.h5").coords)
         assert co.tokens[0] == "G00" and co.co_attention.shape == (8, len(co.coords))
+        assert co.attrs["tile_level0"] > 0 and "source_sha256" in co.attrs
         assert (co.weights.sum() == 0) == (row.Index in without)
