@@ -214,6 +214,24 @@ def write_co_attention_summary(run: str | os.PathLike[str], predictions: Any) ->
     return run / "co_attention_summary.csv"
 
 
+def report_section(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The co-attention section of a run's ``report.html``: ``{"png": base64 of
+    co_attention.png, "rows": the summary's rows}``, or None when ``folder`` holds no
+    ``co_attention_summary.csv`` / ``co_attention.png`` (not a fusion run)."""
+    import base64
+
+    import pandas as pd
+
+    csv, png = Path(folder) / "co_attention_summary.csv", Path(folder) / "co_attention.png"
+    if not (csv.is_file() and png.is_file()):
+        return None
+    rows = pd.read_csv(csv).astype(object).where(lambda f: f.notna(), None)
+    return {
+        "png": base64.b64encode(png.read_bytes()).decode("ascii"),
+        "rows": rows.to_dict("records"),
+    }
+
+
 def _figure(summary: Any) -> Any:
     """Two panels per token: mean pooling weight (± SD) and Spearman ρ with the score."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -282,6 +282,8 @@ def _check_co_attention(run: Path, syn: Any, without_omics: set[str]) -> None:
     assert list(summary["n_patients"]) == [8, 8, 10]  # two patients without omics
     assert summary["spearman_rho"].between(-1, 1).all()
     assert (run / "co_attention.png").stat().st_size > 0
+    html = (run / "report.html").read_text()
+    assert "Which gene groups count (co-attention)" in html and "<td>group_1</td>" in html
 
 
 def _omics_cohort(tmp_path: Path, n_patients: int = 10) -> tuple[Any, Path, list[str]]:
