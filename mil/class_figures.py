@@ -135,8 +135,14 @@ def draw_class_figures(data: dict[str, Any]) -> list[DrawnFigure]:
     return drawn
 
 
-def render_class_html(data: dict[str, Any], figures: Sequence[DrawnFigure], source: str) -> str:
-    """The self-contained HTML page (PNG figures embedded as base64)."""
+def render_class_html(
+    data: dict[str, Any],
+    figures: Sequence[DrawnFigure],
+    source: str,
+    co_attention: dict[str, Any] | None = None,
+) -> str:
+    """The self-contained HTML page (PNG figures embedded as base64), with a fusion
+    run's co-attention section (:func:`wsi_mil.mil.co_attention.report_section`)."""
     from wsi_mil.survival.render import report_template
 
     embedded: dict[str, dict[str, str] | None] = dict.fromkeys(CLASS_FIGURES)
@@ -144,4 +150,4 @@ def render_class_html(data: dict[str, Any], figures: Sequence[DrawnFigure], sour
         png = base64.b64encode(f.files["png"]).decode("ascii")
         embedded[f.name] = {"title": f.title, "png": png}
     template = report_template(Path(__file__).parent / "templates", "classification_report.html")
-    return template.render(d=data, figures=embedded, source_name=source)
+    return template.render(d=data, figures=embedded, source_name=source, co_attention=co_attention)

@@ -320,7 +320,9 @@ def make_classification_report(
         "report": {"source": str(csv.resolve()), "out": str(out.resolve()), **data["parameters"]}
     }
     write_atomic(out / "report_config.yaml", yaml.safe_dump(config, sort_keys=False).encode())
-    html = render_class_html(data, drawn, csv.name)
+    from wsi_mil.mil.co_attention import report_section
+
+    html = render_class_html(data, drawn, csv.name, report_section(csv.parent))
     write_atomic(out / "report.html", html.encode("utf-8"))
     write_atomic(out / "report.json", json.dumps(data, indent=2, allow_nan=False).encode())
     return ReportResult(out / "report.html", out / "report.json", figures, data)

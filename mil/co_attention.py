@@ -16,7 +16,10 @@ A token's attention sums to 1 over all tiles of its bag (all the patient's slide
 patient-level bag) and is 0 when its modality is missing; the weights sum to 1 over the
 present tokens. File attributes: ``format`` (``"wsi-mil.co_attention/1"``),
 ``slide_id``, ``patient_id``, ``tokens`` (JSON list of T names: gene groups, then
-``clinical``), ``model``, ``source`` (``"fold_<k>"``).
+``clinical``), ``model``, ``source`` (``"fold_<k>"``) and, where the bag records them,
+``tile_level0`` (tile side in level-0 px) and the slide fingerprint ``source_size`` /
+``source_sha256`` / ``source_path``, so that ``wsi-mil heatmap --gene-group`` draws
+tiles at their size and refuses another slide.
 """
 
 from __future__ import annotations
@@ -91,12 +94,19 @@ def write_unit_co_attention(
     Raises:
         UnsafePathError: A slide id would place its file outside ``out_dir``.
     """
+    from wsi_mil.mil.unit_attention import _source
+
     for unit, co, w in zip(units, co_attention, weights, strict=True):
         if co is None or w is None:
             continue
         _, coords, which = store.unit(unit)
         for j, slide_id in enumerate(unit.slide_ids):
             sel = which == j
+            fingerprint = _source(store, slide_id)
+            located = {
+                "tile_level0": store.tile_level0.get(slide_id),
+                **{f"source_{k}": fingerprint.get(k) for k in ("size", "sha256", "path")},
+            }
             path = contained_path(out_dir, f"{slide_id}.h5")
             with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
                 h5.create_dataset("co_attention", data=np.asarray(co[:, sel], np.float32))
@@ -110,6 +120,7 @@ def write_unit_co_attention(
                     model=model_name,
                     source=source,
                 )
+                h5.attrs.update({k: v for k, v in located.items() if v is not None})
 
 
 def read_co_attention(path: str | os.PathLike[str]) -> CoAttention:
@@ -201,6 +212,24 @@ def write_co_attention_summary(run: str | os.PathLike[str], predictions: Any) ->
     with atomic_path(run / "co_attention.png") as tmp:
         _figure(summary).savefig(tmp, format="png", dpi=120)
     return run / "co_attention_summary.csv"
+
+
+def report_section(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The co-attention section of a run's ``report.html``: ``{"png": base64 of
+    co_attention.png, "rows": the summary's rows}``, or None when ``folder`` holds no
+    ``co_attention_summary.csv`` / ``co_attention.png`` (not a fusion run)."""
+    import base64
+
+    import pandas as pd
+
+    csv, png = Path(folder) / "co_attention_summary.csv", Path(folder) / "co_attention.png"
+    if not (csv.is_file() and png.is_file()):
+        return None
+    rows = pd.read_csv(csv).astype(object).where(lambda f: f.notna(), None)
+    return {
+        "png": base64.b64encode(png.read_bytes()).decode("ascii"),
+        "rows": rows.to_dict("records"),
+    }
 
 
 def _figure(summary: Any) -> Any:

@@ -138,7 +138,8 @@ def write_run_outputs(
     excluded: Sequence[str],
     n_patients: int,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Write ``predictions.csv``, ``metrics.json`` and (survival) the report of a run.
+    """Write ``predictions.csv``, ``metrics.json``, a fusion run's co-attention summary
+    (:func:`wsi_mil.mil.co_attention.write_co_attention_summary`) and the report.
 
     Args:
         out: The run folder.
@@ -154,6 +155,10 @@ def write_run_outputs(
     predictions = contract_columns(pd.concat(frames, ignore_index=True), cohort)
     with atomic_path(out / "predictions.csv") as tmp:
         predictions.to_csv(tmp, index=False)
+    from wsi_mil.mil.co_attention import write_co_attention_summary
+
+    # fusion runs: the co-attention summary first, so that the report shows it
+    write_co_attention_summary(out, predictions)
     metrics = compute_metrics(predictions, cohort, n_boot=config.n_boot, seed=config.seed)
     metrics["excluded_empty_slides"] = list(excluded)
     metrics["n_excluded_empty_slides"] = len(excluded)

@@ -92,7 +92,10 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where:
 
 #: Options whose default changed, with the value that folds saved before the change were
 #: trained with (their ``fold.json`` does not name it).
-_LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"transmil": {"attention": "exact"}}
+_LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "transmil": {"attention": "exact"},
+    "dual_xattn": {"omics_encoder": "snn", "residual": False, "modality_dropout": 0.0},
+}
 
 #: The feature scaler's tensors in a state dict.
 _SCALER_KEYS = frozenset({"scaler.mean", "scaler.std"})

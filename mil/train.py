@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wsi_mil.mil.co_attention import write_co_attention_summary, write_unit_co_attention
+from wsi_mil.mil.co_attention import write_unit_co_attention
 from wsi_mil.mil.cohort import Cohort, load_cohort
 from wsi_mil.mil.data import (
     BagBatch,
@@ -550,7 +550,6 @@ def train_cv(
     predictions, metrics = write_run_outputs(
         out, runs[0][2], cohort, config, excluded=scan.empty, n_patients=len(usable)
     )
-    write_co_attention_summary(out, predictions)
     if config.repeats > 1 or config.search:
         metrics = _add_run_summaries(out, config, metrics, extra)
     return RunResult(out, predictions, metrics, done)

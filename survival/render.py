@@ -63,6 +63,7 @@ def render_html(
     grouped: pd.DataFrame,
     df: pd.DataFrame,
     source_name: str,
+    co_attention: dict[str, Any] | None = None,
 ) -> str:
     """The HTML page of the report.
 
@@ -73,6 +74,8 @@ def render_html(
         grouped: test rows with their ``risk_group`` (from ``analyse_predictions``).
         df: the validated predictions table.
         source_name: file name of the predictions table, shown in the title.
+        co_attention: a fusion run's co-attention section
+            (:func:`wsi_mil.mil.co_attention.report_section`), or None.
 
     Returns:
         The page as a string.
@@ -86,4 +89,5 @@ def render_html(
         figures=embedded,
         patients=_patient_rows(grouped, df),
         source_name=source_name,
+        co_attention=co_attention,
     )

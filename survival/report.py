@@ -384,7 +384,9 @@ def make_report(
     data["figures"] = {
         f.name: {fmt: f"{FIGURES_DIR}/{f.name}.{fmt}" for fmt in f.files} for f in drawn
     }
-    html = render_html(data, drawn, grouped, df, csv.name)
+    from wsi_mil.mil.co_attention import report_section
+
+    html = render_html(data, drawn, grouped, df, csv.name, report_section(csv.parent))
     figures: list[Path] = []
     for f in drawn:
         for fmt, payload in f.files.items():

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         FORMATS,
         HeatmapOptions,
         find_attention,
+        find_co_attention,
         heatmap_slide,
         load_scores,
         parse_formats,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
         rank_normalise,
         score_slide,
         scores_from_attention,
+        scores_from_co_attention,
     )
 
 _LAZY = {
@@ -42,6 +44,7 @@ _LAZY = {
     "SlideScores": "scores",
     "check_slide": "match",
     "find_attention": "render",
+    "find_co_attention": "render",
     "heatmap_slide": "render",
     "load_scores": "render",
     "parse_formats": "render",
@@ -50,6 +53,7 @@ _LAZY = {
     "render_heatmap": "render",
     "score_slide": "scores",
     "scores_from_attention": "scores",
+    "scores_from_co_attention": "scores",
     "tile_average": "raster",
 }
 
@@ -62,6 +66,7 @@ __all__ = [
     "SlideScores",
     "check_slide",
     "find_attention",
+    "find_co_attention",
     "heatmap_slide",
     "load_scores",
     "parse_formats",
@@ -70,6 +75,7 @@ __all__ = [
     "render_heatmap",
     "score_slide",
     "scores_from_attention",
+    "scores_from_co_attention",
     "tile_average",
 ]
 

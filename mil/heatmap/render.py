@@ -26,7 +26,12 @@ import numpy as np
 from wsi_mil.errors import ConfigError, OutputExistsError
 from wsi_mil.mil.heatmap.match import check_slide
 from wsi_mil.mil.heatmap.raster import ColourScale, Raster, rasterise
-from wsi_mil.mil.heatmap.scores import SlideScores, rank_normalise, scores_from_attention
+from wsi_mil.mil.heatmap.scores import (
+    SlideScores,
+    rank_normalise,
+    scores_from_attention,
+    scores_from_co_attention,
+)
 from wsi_mil.outputs import contained_path
 
 __all__ = [
@@ -147,6 +152,26 @@ def find_attention(source: str | os.PathLike[str], slide_id: str) -> Path:
     )
 
 
+def find_co_attention(source: str | os.PathLike[str], slide_id: str) -> Path:
+    """The co-attention file of ``slide_id``: ``source`` itself if it is a file, else
+    ``<source>/co_attention/<slide_id>.h5`` (a fusion run folder).
+
+    Raises:
+        ConfigError: No co-attention file found.
+    """
+    src = Path(source)
+    if src.is_file():
+        return src
+    candidate = src / "co_attention" / f"{slide_id}.h5"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(
+        f"--gene-group: no co-attention for slide {slide_id!r} under {src} (looked for "
+        f"co_attention/{slide_id}.h5); give the run folder of a fusion model (dual_xattn) "
+        "that predicted this slide out of fold, or its co-attention .h5"
+    )
+
+
 def load_scores(
     source: str | os.PathLike[str],
     slide_id: str,
@@ -155,12 +180,15 @@ def load_scores(
     fold: int | None = None,
     target_class: str | None = None,
     device: str = "cpu",
+    gene_group: str | None = None,
 ) -> tuple[SlideScores, str]:
     """Scores of a slide from a run folder (scored from its bag) or an attention file.
 
     A run folder (with ``config.yaml``) scores the slide's feature bag, found in
     ``features`` or the run's own feature folders; without a bag it falls back to the
-    run's ``attention/<slide_id>.h5``. Anything else is read as attention.
+    run's ``attention/<slide_id>.h5``. Anything else is read as attention. With
+    ``gene_group``, the scores are that context token's attention over the tiles from
+    the fusion run's ``co_attention/<slide_id>.h5`` (or a co-attention ``.h5``).
 
     Returns:
         ``(scores, origin)`` where ``origin`` names what they came from.
@@ -168,6 +196,9 @@ def load_scores(
     from wsi_mil.mil.heatmap.scores import score_slide
 
     src = Path(source)
+    if gene_group is not None:
+        path = find_co_attention(src, slide_id)
+        return scores_from_co_attention(path, gene_group), f"co-attention file {path}"
     if src.is_dir() and (src / "config.yaml").is_file():
         if features or fold is not None or _run_has_bag(src, slide_id):
             return score_slide(
@@ -358,6 +389,7 @@ def heatmap_slide(
     target_class: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
+    gene_group: str | None = None,
 ) -> dict[str, Path]:
     """Score one slide (run folder or attention file) and write its heatmaps.
 
@@ -376,7 +408,13 @@ def heatmap_slide(
     with open_slide(slide, mpp=opts.mpp) as s:
         slide_id = s.slide_id
     scores, origin = load_scores(
-        source, slide_id, features=features, fold=fold, target_class=target_class, device=device
+        source,
+        slide_id,
+        features=features,
+        fold=fold,
+        target_class=target_class,
+        device=device,
+        gene_group=gene_group,
     )
     record = {
         "source": str(Path(source).resolve()),
@@ -384,6 +422,7 @@ def heatmap_slide(
         "features": [str(Path(f).resolve()) for f in features or []],
         "fold": fold,
         "class": target_class,
+        "gene_group": gene_group,
         **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(opts).items()},
     }
     config = contained_path(out_dir, f"{scores.slide_id}_heatmap.yaml")

@@ -162,6 +162,51 @@ def scores_from_attention(path: str | os.PathLike[str]) -> SlideScores:
     )
 
 
+def scores_from_co_attention(path: str | os.PathLike[str], token: str) -> SlideScores:
+    """Scores of one context token of a co-attention file (``co_attention/<slide_id>.h5``
+    of a fusion run, :mod:`wsi_mil.mil.co_attention`): the attention of gene group (or
+    ``clinical``) ``token`` over the slide's tiles, in the ``attention`` field.
+
+    Raises:
+        WsiMilError: Not a co-attention file.
+        ConfigError: Unknown token (names the file's tokens), a token the patient does
+            not have (no omics: its attention is empty), or no tiles.
+    """
+    from wsi_mil.mil.co_attention import read_co_attention
+
+    co = read_co_attention(path)
+    if token not in co.tokens:
+        raise ConfigError(
+            f"--gene-group {token!r}: {path} has no such context token; choose from "
+            f"{', '.join(co.tokens)}"
+        )
+    t = co.tokens.index(token)
+    values = np.asarray(co.co_attention[t], np.float64)
+    if not len(co.coords):
+        raise ConfigError(f"{path} has no tiles; nothing to draw")
+    if co.weights[t] == 0 and not values.any():
+        raise ConfigError(
+            f"--gene-group {token!r}: patient {co.attrs.get('patient_id', '?')} of slide "
+            f"{co.attrs.get('slide_id', Path(path).stem)} has no {token} input (missing "
+            "modality), so the token attends to nothing"
+        )
+    fingerprint = {
+        k.removeprefix("source_"): co.attrs[k]
+        for k in ("source_size", "source_sha256", "source_path")
+        if k in co.attrs
+    }
+    return SlideScores(
+        slide_id=str(co.attrs.get("slide_id") or Path(path).stem),
+        coords=np.asarray(co.coords, np.int64),
+        side=_tile_side(co.coords, co.attrs.get("tile_level0")),
+        attention=values,
+        model=f"{co.attrs.get('model', '')} co-attention of {token}".strip(),
+        run=Path(path).parent.parent.name if Path(path).parent.name == "co_attention" else "",
+        source=str(co.attrs.get("source", "")),
+        fingerprint=fingerprint,
+    )
+
+
 def _tile_side(coords: np.ndarray, tile_level0: Any) -> int:
     """Tile side in level-0 px: ``tile_level0`` when recorded, else the grid spacing."""
     if tile_level0:

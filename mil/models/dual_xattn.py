@@ -1,9 +1,11 @@
 """Dual cross-attention fusion of histology tiles with omics groups and clinical covariates.
 
 Tokens: each tile is projected to a *tile token*; each omics group (the columns of one
-gene group or pathway) goes through its own small self-normalising MLP (SELU, alpha
-dropout) to one *omics token*; the clinical vector goes to one *clinical token*. The
-omics and clinical tokens form the *context* stream.
+gene group or pathway, standardised per gene on the fold's training patients) goes
+through its own linear embedding and a layer norm (``omics_encoder="linear"``, the
+default) or its own small self-normalising MLP (``"snn"``, SELU and alpha dropout, as in
+folds trained before the change) to one *omics token*; the clinical vector goes to one
+*clinical token*. The omics and clinical tokens form the *context* stream.
 
 One block (``n_layers`` of them) updates both streams at once from their previous state:
 
@@ -22,6 +24,17 @@ instead. Their input values are never read (set to 0 before encoding).
 
 Each stream is pooled by gated attention (over real tiles; over present context tokens),
 the two embeddings are concatenated and passed through an MLP to the head.
+
+Two additions keep the fusion from costing the histology signal (``residual=True`` and
+``modality_dropout > 0``, the defaults; folds saved before them are rebuilt without):
+
+* a *residual histology path*: gated attention pooling of the tile tokens before any
+  cross-attention, with its own linear head, whose logits are added to the fused
+  logits — the model contains ABMIL and learns what the context adds on top;
+* *modality dropout*: in training, each bag's omics and clinical inputs are masked
+  (exactly as a missing modality) with probability ``modality_dropout`` each, so the
+  histology path and the "missing" embeddings are trained on every batch and a patient
+  without omics is no surprise at prediction time.
 """
 
 from __future__ import annotations
@@ -42,7 +55,58 @@ from wsi_mil.mil.models.base import (
 )
 from wsi_mil.mil.models.registry import register_aggregator
 
-__all__ = ["CrossAttention", "DualCrossAttentionMIL", "GroupedSNN"]
+__all__ = ["CrossAttention", "DualCrossAttentionMIL", "GroupedLinear", "GroupedSNN"]
+
+#: ``omics_encoder`` choices.
+OMICS_ENCODERS = ("linear", "snn")
+
+
+def _group_index(groups: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """``(index (n_groups, longest) long, valid (n_groups, longest) bool)`` of the groups,
+    zero-padded to the longest one."""
+    longest = max(len(g) for g in groups)
+    index = torch.zeros(len(groups), longest, dtype=torch.long)
+    valid = torch.zeros(len(groups), longest, dtype=torch.bool)
+    for i, g in enumerate(groups):
+        index[i, : len(g)] = torch.tensor(g, dtype=torch.long)
+        valid[i, : len(g)] = True
+    return index, valid
+
+
+class GroupedLinear(nn.Module):
+    """One linear embedding per omics group, then a layer norm over the token.
+
+    Group ``g`` maps ``omics[:, groups[g]]`` (standardised genes) through its own
+    ``Linear(len(groups[g]), dim)``; groups are zero-padded to the longest one. Fewer
+    parameters than :class:`GroupedSNN` (a group of ``k`` genes costs ``k * dim``), which
+    matters with many noise groups and few patients.
+
+    Args:
+        groups: column indices of the omics vector per group.
+        dim: token dim.
+        dropout: dropout on the genes (input dropout).
+    """
+
+    index: Tensor
+    valid: Tensor
+
+    def __init__(self, groups: list[list[int]], dim: int, dropout: float) -> None:
+        super().__init__()
+        index, valid = _group_index(groups)
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("valid", valid, persistent=False)
+        sizes = torch.tensor([len(g) for g in groups], dtype=torch.float32)
+        self.weight = nn.Parameter(
+            torch.randn(len(groups), index.shape[1], dim) / sizes.sqrt()[:, None, None]
+        )
+        self.bias = nn.Parameter(torch.zeros(len(groups), dim))
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, omics: Tensor) -> Tensor:
+        """Encode the groups: ``omics (B, G_total)`` -> ``(B, n_groups, dim)`` tokens."""
+        x = self.dropout(omics[:, self.index] * self.valid)  # (B, n_groups, longest)
+        return self.norm(torch.einsum("bgl,gld->bgd", x, self.weight) + self.bias)
 
 
 class GroupedSNN(nn.Module):
@@ -63,12 +127,8 @@ class GroupedSNN(nn.Module):
 
     def __init__(self, groups: list[list[int]], dim: int, dropout: float) -> None:
         super().__init__()
-        longest = max(len(g) for g in groups)
-        index = torch.zeros(len(groups), longest, dtype=torch.long)
-        valid = torch.zeros(len(groups), longest, dtype=torch.bool)
-        for i, g in enumerate(groups):
-            index[i, : len(g)] = torch.tensor(g, dtype=torch.long)
-            valid[i, : len(g)] = True
+        index, valid = _group_index(groups)
+        longest = index.shape[1]
         self.register_buffer("index", index, persistent=False)
         self.register_buffer("valid", valid, persistent=False)
         sizes = torch.tensor([len(g) for g in groups], dtype=torch.float32)
@@ -217,10 +277,16 @@ class DualCrossAttentionMIL(Aggregator):
         n_layers: dual cross-attention blocks (1).
         attn_dim: gated-attention hidden dim of the poolings (``dim // 2``).
         dropout: dropout (0.25).
+        omics_encoder: ``"linear"`` (one linear embedding per group, default) or
+            ``"snn"`` (one two-layer SNN per group).
+        residual: add the logits of a histology-only gated-attention path (default).
+        modality_dropout: in training, probability of masking a bag's omics (and,
+            independently, its clinical input) as missing (0.25).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
-            or ``dim`` not divisible by ``n_heads``.
+            ``dim`` not divisible by ``n_heads``, an unknown ``omics_encoder`` or
+            ``modality_dropout`` outside [0, 1).
     """
 
     def __init__(
@@ -234,9 +300,18 @@ class DualCrossAttentionMIL(Aggregator):
         n_layers: int = 1,
         attn_dim: int | None = None,
         dropout: float = 0.25,
+        omics_encoder: str = "linear",
+        residual: bool = True,
+        modality_dropout: float = 0.25,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
+        if omics_encoder not in OMICS_ENCODERS:
+            raise ConfigError(
+                f"dual_xattn: omics_encoder={omics_encoder!r}; choose one of {OMICS_ENCODERS}"
+            )
+        if not 0 <= modality_dropout < 1:
+            raise ConfigError(f"dual_xattn: modality_dropout={modality_dropout} must be in [0, 1)")
         if not groups and n_clinical < 1:
             raise ConfigError(
                 "dual_xattn needs omics_groups or n_clinical > 0; for histology alone use abmil"
@@ -249,7 +324,9 @@ class DualCrossAttentionMIL(Aggregator):
         self.n_omics_columns = max((max(g) + 1 for g in groups), default=0)
         self.n_clinical = n_clinical
         self.tile_proj = mlp_block(in_dim, dim, dropout)
-        self.omics_encoder = GroupedSNN(groups, dim, dropout) if groups else None
+        encoder = GroupedLinear if omics_encoder == "linear" else GroupedSNN
+        self.omics_encoder = encoder(groups, dim, dropout) if groups else None
+        self.modality_dropout = modality_dropout
         self.clinical_encoder = (
             nn.Sequential(
                 nn.Linear(n_clinical, dim),
@@ -273,6 +350,8 @@ class DualCrossAttentionMIL(Aggregator):
         self.missing_clinical = nn.Parameter(torch.zeros(dim)) if n_clinical > 0 else None
         self.fusion = mlp_block(2 * dim, dim, dropout)
         self.classifier = nn.Linear(dim, n_outputs)
+        self.histology_pool = GatedAttention(dim, hidden, 1, dropout) if residual else None
+        self.histology_head = nn.Linear(dim, n_outputs) if residual else None
 
     def _present(
         self,
@@ -282,13 +361,18 @@ class DualCrossAttentionMIL(Aggregator):
         batch: int,
         device: torch.device,
     ) -> Tensor:
-        """Which bags have the modality: ``(B,)`` bool (all False when ``value`` is None)."""
+        """Which bags have the modality: ``(B,)`` bool (all False when ``value`` is None);
+        in training, each present modality is dropped with probability
+        ``modality_dropout``."""
         if value is None:
             return torch.zeros(batch, dtype=torch.bool, device=device)
         if flags is None:
-            return torch.ones(batch, dtype=torch.bool, device=device)
-        if flags.shape != (batch,) or flags.dtype != torch.bool:
+            flags = torch.ones(batch, dtype=torch.bool, device=device)
+        elif flags.shape != (batch,) or flags.dtype != torch.bool:
             raise ConfigError(f"dual_xattn: {name}_mask must be a ({batch},) bool tensor")
+        if self.training and self.modality_dropout > 0:
+            keep = torch.rand(batch, device=device) >= self.modality_dropout
+            flags = flags & keep
         return flags
 
     def _context(
@@ -344,6 +428,10 @@ class DualCrossAttentionMIL(Aggregator):
         omics_present = self._present("omics", omics, omics_mask, b, dev)
         clinical_present = self._present("clinical", clinical, clinical_mask, b, dev)
         tiles = self.tile_proj(features)
+        residual = None
+        if self.histology_pool is not None and self.histology_head is not None:
+            h_hist = attention_pool(tiles, self.histology_pool(tiles), mask)[0]
+            residual = self.histology_head(h_hist[:, 0])
         context, context_mask = self._context(
             b, omics, clinical, omics_present, clinical_present, tiles
         )
@@ -360,7 +448,8 @@ class DualCrossAttentionMIL(Aggregator):
         if self.missing_clinical is not None:
             h_context = h_context + (~clinical_present)[:, None] * self.missing_clinical
         fused = self.fusion(torch.cat([h_tiles[:, 0], h_context], dim=-1))
+        logits = self.classifier(fused)
+        if residual is not None:
+            logits = logits + residual
         co_attention = co_attention * context_mask[..., None]
-        return MILOutput(
-            self.classifier(fused), attention[:, 0], None, co_attention, context_weights[:, 0]
-        )
+        return MILOutput(logits, attention[:, 0], None, co_attention, context_weights[:, 0])

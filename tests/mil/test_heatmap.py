@@ -360,3 +360,65 @@ def test_slide_dzi_is_the_slide_at_every_level(
             assert np.abs(got - want).mean() < 4, level  # JPEG error only
     overlay = _dzi_level(paths["overlay_dzi"].with_name("slide1_overlay_files"), 0)
     assert overlay.shape == (1, 1, 4)
+
+
+def _write_co_attention(
+    path: Path, co: np.ndarray, weights: np.ndarray, coords: np.ndarray, **attrs: object
+) -> None:
+    import h5py
+
+    from wsi_mil.mil.co_attention import CO_ATTENTION_FORMAT
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("co_attention", data=co.astype(np.float32))
+        h5.create_dataset("weights", data=weights.astype(np.float32))
+        h5.create_dataset("coords", data=coords)
+        h5.attrs.update(format=CO_ATTENTION_FORMAT, slide_id="slide1", patient_id="p1",
+                        tokens=json.dumps(["G00", "G01", "clinical"]), model="dual_xattn",
+                        source="fold_0", **attrs)  # fmt: skip
+
+
+def test_gene_group_heatmap_draws_the_tiles_that_group_attends_to(
+    slide_and_attention: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--gene-group G01`` colours the run's co-attention of G01 (hot on HOT's tile),
+    not the histology attention; unknown and absent groups are refused by name."""
+    from wsi_mil.mil.heatmap import load_scores
+
+    slide, att = slide_and_attention
+    coords = np.asarray(h5_coords(att))
+    co = np.full((3, len(coords)), 1.0 / len(coords))
+    co[1] = np.where((coords[:, 0] == HOT[0]) & (coords[:, 1] == HOT[1]), 10.0, 1.0)
+    co[1, (coords[:, 0] == 0) & (coords[:, 1] == 0)] = 0.0
+    co[1] /= co[1].sum()
+    fp = source_fingerprint(slide)
+    _write_co_attention(tmp_path / "run" / "co_attention" / "slide1.h5", co,
+                        np.array([0.2, 0.5, 0.3]), coords, tile_level0=256,
+                        source_size=fp["size"], source_sha256=fp["sha256"])  # fmt: skip
+    scores, origin = load_scores(tmp_path / "run", "slide1", gene_group="G01")
+    assert origin.startswith("co-attention file") and scores.side == 256
+    assert scores.fingerprint["sha256"] == fp["sha256"]
+    np.testing.assert_allclose(scores.attention, co[1], rtol=1e-6)
+    assert "G01" in scores.model
+    out = tmp_path / "hm"
+    argv = ["heatmap", str(tmp_path / "run"), "--slide", str(slide), "--out", str(out),
+            "--max-size", "256", "--format", "png,geojson", "--gene-group", "G01"]  # fmt: skip
+    assert main(argv) == 0
+    geo = json.loads((out / "slide1_attention.geojson").read_text())
+    best = max(geo["features"], key=lambda f: f["properties"]["measurements"]["score"])
+    assert best["geometry"]["coordinates"][0][0] == list(HOT)
+    assert main([*argv[:-1], "G07"]) == 2
+    assert "choose from G00, G01, clinical" in capsys.readouterr().err
+    _write_co_attention(tmp_path / "run2" / "co_attention" / "slide1.h5",
+                        np.zeros((3, len(coords))), np.array([0.0, 0.0, 1.0]), coords)  # fmt: skip
+    with pytest.raises(ConfigError, match="has no G00 input"):
+        load_scores(tmp_path / "run2", "slide1", gene_group="G00")
+    with pytest.raises(ConfigError, match="no co-attention for slide 'other'"):
+        load_scores(tmp_path / "run", "other", gene_group="G00")
+
+
+def h5_coords(path: Path) -> np.ndarray:
+    from wsi_mil.mil.attention import read_attention
+
+    return read_attention(path).coords

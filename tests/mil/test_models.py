@@ -615,6 +615,45 @@ def test_dual_xattn_learns_label_carried_by_one_omics_group() -> None:
     assert accuracy >= 0.85
 
 
+def test_dual_xattn_modality_dropout_masks_whole_bags_in_training_only() -> None:
+    """In training each bag's omics are dropped as a missing modality (its context
+    weights on the omics tokens are 0); in eval nothing is dropped."""
+    model = build("dual_xattn", modality_dropout=0.5)
+    inputs = make_inputs(batch=64, n_tiles=5)
+    torch.manual_seed(0)
+    weights = run(model.train(), inputs).context_weights
+    assert weights is not None
+    dropped = weights[:, :3].sum(1) == 0  # 3 omics groups, then the clinical token
+    assert 10 < int(dropped.sum()) < 54
+    eval_weights = run(model.eval(), inputs).context_weights
+    assert eval_weights is not None and torch.all(eval_weights[:, :3].sum(1) > 0)
+
+
+def test_dual_xattn_residual_histology_path_is_added_to_the_fused_logits() -> None:
+    """With the fused head zeroed, the logits are the histology path's alone, and they do
+    not depend on the omics."""
+    model = build("dual_xattn").eval()
+    assert build("dual_xattn", residual=False).histology_head is None
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+    inputs = make_inputs(lengths=[9, 6, 4])
+    base = run(model, inputs)
+    changed = {k: v.clone() for k, v in inputs.items()}
+    changed["omics"] += 3.0
+    assert torch.allclose(base.logits, run(model, changed).logits)
+    assert base.logits.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"omics_encoder": "mlp"}, "omics_encoder"), ({"modality_dropout": 1.0}, "modality_dropout")],
+)
+def test_dual_xattn_bad_fusion_options(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        build("dual_xattn", **options)
+
+
 def test_clam_weighs_bag_and_instance_losses_as_published() -> None:
     model = build("clam_sb")
     assert (model.task_weight, model.instance_weight) == (0.7, 0.3)

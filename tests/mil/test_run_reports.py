@@ -4,6 +4,7 @@ get calibrated probabilities and their report."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,3 +51,28 @@ def test_classification_run_is_calibrated_and_reported(classification_run: Any) 
     assert report["format"] == "wsi-mil.classification-report/1"
     assert report["pooled"]["auc"]["value"] == pytest.approx(metrics["pooled"]["auc"]["value"])
     assert (out / "report.html").is_file()
+
+
+def test_classification_report_shows_a_fusion_runs_co_attention(
+    classification_run: Any, tmp_path: Path
+) -> None:
+    """With ``co_attention_summary.csv`` and ``co_attention.png`` beside the predictions
+    (a fusion run), the report embeds the figure and the table; without, no section."""
+    import shutil
+
+    from wsi_mil.mil.class_report import make_classification_report
+    from wsi_mil.mil.co_attention import _figure
+
+    shutil.copy(classification_run.result.out / "predictions.csv", tmp_path)
+    plain = make_classification_report(tmp_path, n_bootstrap=10)
+    assert "co-attention" not in plain.html.read_text()
+    summary = pd.DataFrame({"token": ["G00", "clinical"], "n_patients": [9, 12],
+                            "mean_weight": [0.7, 0.3], "sd_weight": [0.1, float("nan")],
+                            "spearman_rho": [0.61, float("nan")],
+                            "spearman_p": [0.0004, float("nan")]})  # fmt: skip
+    summary.to_csv(tmp_path / "co_attention_summary.csv", index=False)
+    _figure(summary).savefig(tmp_path / "co_attention.png", format="png")
+    html = make_classification_report(tmp_path, n_bootstrap=10, force=True).html.read_text()
+    assert "Which gene groups count (co-attention)" in html
+    assert "<td>G00</td><td>9</td><td>0.700 (0.100)</td><td>0.61 (p &lt; 0.001)</td>" in html
+    assert "<td>clinical</td><td>12</td><td>0.300 (n/a)</td><td>n/a (n/a)</td>" in html

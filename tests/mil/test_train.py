@@ -282,6 +282,80 @@ def _check_co_attention(run: Path, syn: Any, without_omics: set[str]) -> None:
     assert list(summary["n_patients"]) == [8, 8, 10]  # two patients without omics
     assert summary["spearman_rho"].between(-1, 1).all()
     assert (run / "co_attention.png").stat().st_size > 0
+    html = (run / "report.html").read_text()
+    assert "Which gene groups count (co-attention)" in html and "<td>group_1</td>" in html
+
+
+def _omics_cohort(tmp_path: Path, n_patients: int = 10) -> tuple[Any, Path, list[str]]:
+    """A tiny survival cohort of one slide per patient and an omics table (3 genes, two
+    groups) in which the last two patients have no row."""
+    syn = make_synthetic_cohort(
+        tmp_path / "d", task="survival", n_patients=n_patients, n_tiles=(8, 16), dims=(4,)
+    )
+    patients = sorted(set(syn.patients.values()))
+    rng = np.random.default_rng(0)
+    omics = tmp_path / "omics.csv"
+    rows = "".join(f"{p},{','.join(f'{v:.3f}' for v in rng.normal(size=3))}\n" for p in patients)
+    omics.write_text("patient_id,g1,g2,g3\n" + "".join(rows.splitlines(True)[:-2]))
+    return syn, omics, patients
+
+
+def test_patient_without_omics_is_predicted_as_with_its_omics_masked_by_hand(
+    tmp_path: Path, make_config: Any
+) -> None:
+    """Out of fold, a patient with no omics row gets exactly the prediction of its fold
+    model fed its tiles and *some* omics values with ``omics_mask`` False; the same
+    values unmasked change it (so the comparison can fail)."""
+    from wsi_mil.features.bags import read_bag
+    from wsi_mil.mil.fold import FoldModel, fold_dir
+
+    syn, omics, patients = _omics_cohort(tmp_path)
+    config = make_config(
+        syn, "survival", model="dual_xattn", model_kwargs={"dim": 16, "n_heads": 2},
+        folds=2, steps=20, omics=str(omics), omics_group_size=2, n_boot=0,
+    )  # fmt: skip
+    result = train_cv(config, tmp_path / "run")
+    test = result.predictions[result.predictions["split"] == "test"].set_index("patient_id")
+    slide_of = {p: s for s, p in syn.patients.items()}
+    for patient in patients[-2:]:
+        fm = FoldModel.load(fold_dir(result.out, int(test.loc[patient, "fold"])))
+        bag = read_bag(syn.features_dirs[0] / f"{slide_of[patient]}.h5")
+        features = torch.as_tensor(bag.features, dtype=torch.float32)[None]
+        values = torch.full((1, 3), 2.5)  # someone's omics, never to be read
+        with torch.no_grad():
+            masked = fm.model(features, omics=values, omics_mask=torch.tensor([False]))
+            shown = fm.model(features, omics=values, omics_mask=torch.tensor([True]))
+        risk = float(fm.head.predict(masked.logits)[0])
+        assert risk == pytest.approx(float(test.loc[patient, "risk"]), abs=1e-5)
+        assert abs(float(fm.head.predict(shown.logits)[0]) - risk) > 1e-4
+        assert masked.context_weights is not None and torch.all(masked.context_weights == 0)
+
+
+def test_dual_xattn_fold_saved_before_the_residual_path_loads_as_trained(tmp_path: Path) -> None:
+    """A ``fold.json`` without ``omics_encoder`` / ``residual`` / ``modality_dropout``
+    was trained with SNN group encoders, no histology residual and no modality dropout."""
+    from safetensors.torch import save_file
+
+    from wsi_mil.mil.fold import FoldModel
+    from wsi_mil.mil.heads import CoxHead
+    from wsi_mil.mil.models import create_aggregator
+    from wsi_mil.mil.tabular import TabularPreprocessor
+
+    old = {"omics_encoder": "snn", "residual": False, "modality_dropout": 0.0}
+    model = create_aggregator("dual_xattn", 4, 1, omics_groups=[[0, 1], [2]], dim=8, n_heads=2,
+                              **old)  # fmt: skip
+    config = {k: v for k, v in model.aggregator_config.items() if k not in old}
+    head = CoxHead()
+    fold = tmp_path / "fold_0"
+    fold.mkdir()
+    save_file(model.state_dict(), str(fold / "model.safetensors"))
+    (fold / "fold.json").write_text(json.dumps({
+        "fold": 0, "aggregator": config, "head": head.state_dict(),
+        "preprocessing": TabularPreprocessor().state_dict(),
+    }))  # fmt: skip
+    loaded = FoldModel.load(fold).model
+    assert loaded.histology_head is None and loaded.modality_dropout == 0.0
+    assert type(loaded.omics_encoder).__name__ == "GroupedSNN"
 
 
 def test_test_bags_are_not_read_before_the_model_is_chosen(

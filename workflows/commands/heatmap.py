@@ -42,6 +42,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, help="one fold's model instead of the fold ensemble")
     p.add_argument("--class", dest="target_class", help="class the contribution explains")
     p.add_argument(
+        "--gene-group",
+        metavar="NAME",
+        help="fusion runs (dual_xattn): draw the tiles this gene group (or 'clinical') "
+        "attends to, from the run's co_attention/<slide_id>.h5",
+    )
+    p.add_argument(
         "--format",
         default="all",
         help="comma-separated subset of png,tiff,dzi,geojson,topk (default: all)",
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             target_class=args.target_class,
             device=args.device,
             overwrite=args.overwrite,
+            gene_group=args.gene_group,
         )
         print("\n".join(str(p) for p in paths.values()))
     if "dzi" in options.formats and assets_dir() is None:
