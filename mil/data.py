@@ -3,8 +3,10 @@
 A *unit* is what the model sees as one bag: all tiles of a patient's slides
 (``level="patient"``) or one slide (``level="slide"``). Bags are read from
 ``<features_dir>/<slide_id>.h5`` on first use and kept in a least-recently-used cache of
-float16 arrays bounded in bytes; several feature folders (encoders) are joined tile by
-tile with :func:`wsi_mil.features.bags.join_bags`.
+float16 arrays bounded in bytes; several feature folders are joined with
+:func:`wsi_mil.features.multiscale.join_multiscale`: tile by tile when they hold the same
+resolution (several encoders), spatially when their µm/px differ (multi-scale bags: each
+fine tile gets the coarse tile covering it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_mil.features.bags import BagError, bag_info, join_bags, read_bag
+from wsi_mil.features.bags import BagError, bag_info, read_bag
+from wsi_mil.features.multiscale import join_multiscale
 from wsi_mil.mil.cohort import Cohort
 
 __all__ = [
@@ -96,18 +99,21 @@ def scan_bags(
             the most common dim in each folder.
 
     Returns:
-        :class:`BagScan`.
+        :class:`BagScan`; ``n_tiles`` counts the tiles of the finest resolution (the
+        rows of the joined bag, see :func:`wsi_mil.features.multiscale.join_multiscale`).
 
     Raises:
-        BagError: A bag whose dim differs (naming the file and both dims), or a bag
-            that is unreadable or whose tile count differs between folders.
+        BagError: A bag whose dim differs (naming the file and both dims), a bag that
+            is unreadable, bags of the same µm/px whose tile counts differ, or a coarser
+            bag with no tiles where the finest has some.
     """
     problems: list[str] = []
     dims: list[int] = []
-    n_tiles: dict[str, int] = {}
     attrs: list[dict[str, dict[str, Any]]] = []
+    per_folder: list[dict[str, dict[str, Any]]] = []
     for k, folder in enumerate(map(Path, features_dirs)):
         infos = {s: bag_info(folder / f"{s}.h5") for s in slide_ids}
+        per_folder.append(infos)
         attrs.append({s: {a: i.get(a) for a in _PROVENANCE} for s, i in infos.items()})
         found = [i["dim"] for i in infos.values()]
         if expected_dims is not None:
@@ -117,23 +123,47 @@ def scan_bags(
             ref = max(set(found), key=found.count) if found else 0
             source = next((i["path"] for i in infos.values() if i["dim"] == ref), "")
         dims.append(ref)
-        for s, info in infos.items():
+        for info in infos.values():
             if info["dim"] != ref:
                 problems.append(
                     f"{info['path']}: feature dim {info['dim']} differs from dim {ref} of "
                     f"{source}; re-extract it with the same encoder"
                 )
-            if k == 0:
-                n_tiles[s] = info["n_tiles"]
-            elif info["n_tiles"] != n_tiles[s]:
-                problems.append(
-                    f"{info['path']}: {info['n_tiles']} tiles but {n_tiles[s]} in "
-                    f"{features_dirs[0]}; extract every encoder from the same tile store"
-                )
+    n_tiles = {s: _slide_tiles([f[s] for f in per_folder], problems) for s in slide_ids}
     if problems:
         raise BagError(f"{len(problems)} bad feature bag(s):\n" + "\n".join(problems))
     empty = [s for s, n in n_tiles.items() if n == 0]
     return BagScan(sum(dims), dims, n_tiles, empty, attrs)
+
+
+def _slide_tiles(infos: list[dict[str, Any]], problems: list[str]) -> int:
+    """Tiles of one slide's joined bag: the finest resolution's count.
+
+    Appends to ``problems`` bags of the same µm/px with different tile counts and coarser
+    bags with no tiles where the finest has some.
+    """
+    by_mpp: dict[float, list[dict[str, Any]]] = {}
+    for info in infos:
+        by_mpp.setdefault(round(float(info.get("target_mpp") or 0.0), 6), []).append(info)
+    for mpp, group in by_mpp.items():
+        first = group[0]
+        for info in group[1:]:
+            if info["n_tiles"] != first["n_tiles"]:
+                problems.append(
+                    f"{info['path']}: {info['n_tiles']} tiles but {first['n_tiles']} in "
+                    f"{first['path']}, both at {mpp} µm/px; extract every encoder of one "
+                    "resolution from the same tile store (bags at different µm/px are "
+                    "joined spatially)"
+                )
+    fine = by_mpp[min(by_mpp)][0]
+    for mpp, group in by_mpp.items():
+        if group[0]["n_tiles"] == 0 and fine["n_tiles"] > 0:
+            problems.append(
+                f"{group[0]['path']}: no tiles at {mpp} µm/px but {fine['n_tiles']} in "
+                f"{fine['path']}; a fine tile needs a coarse tile to join (re-tile that "
+                "scale with a lower --min-tissue)"
+            )
+    return int(fine["n_tiles"])
 
 
 def make_units(
@@ -161,7 +191,8 @@ class BagStore:
     Thread-safe, so a prefetch thread can load the next batch while the model trains.
 
     Args:
-        features_dirs: Feature folders; bags of the same slide are joined tile by tile.
+        features_dirs: Feature folders; bags of the same slide are joined tile by tile
+            (same µm/px) or spatially onto the finest one (different µm/px).
         cache_bytes: Upper bound of cached feature bytes (0 disables the cache).
     """
 
@@ -200,7 +231,7 @@ class BagStore:
         if len(bags) == 1:
             bag = bags[0]
         else:
-            bag = join_bags(bags, names=[d.name for d in self.features_dirs])
+            bag = join_multiscale(bags, names=[d.name for d in self.features_dirs])
         tile = bag.attrs.get("coords_attrs", {}).get("patch_size_level0")
         if tile:
             self.tile_level0[slide_id] = round(float(tile))
