@@ -462,10 +462,25 @@ def fit_store(store: Any, method: str, max_tiles: int = 64) -> Params:
         raise ValueError(f"{st.path} has no tiles to fit the stain on")
     idx = np.unique(np.linspace(0, n - 1, min(n, max_tiles)).round().astype(int))
     if st.has_pixels:
-        tiles = np.stack([st.read_pixels(int(i), int(i) + 1)[0] for i in idx])
+        tiles = _read_spread(st, idx)
     else:
         from wsi_mil.wsi import open_slide
 
         slide = open_slide(st.source_path, mpp=st.attrs.get("mpp"))
         tiles = slide.read_tiles(st.coords[idx], st.tile_px, st.target_mpp)
     return fit_stain(method, tiles)
+
+
+def _read_spread(st: Any, idx: np.ndarray) -> np.ndarray:
+    """Tiles ``idx`` (sorted) of a store, decoding each chunk that holds some only once.
+
+    Returns:
+        uint8 (len(idx), tile_px, tile_px, 3).
+    """
+    per = max(1, int(getattr(st, "chunk_tiles", 1) or 1))
+    out = []
+    for c in np.unique(idx // per):
+        start = int(c) * per
+        block = st.read_pixels(start, min(int(st.n_tiles), start + per))
+        out.append(block[idx[(idx // per) == c] - start])
+    return np.concatenate(out)
