@@ -110,13 +110,42 @@ def bench_model(encoder: str, n_tiles: int, device: str, batch_size: int) -> flo
 
 def vit_subset(tasks: list, n_tiles: int) -> list:
     """The smallest slides, up to about ``n_tiles`` tiles (keeps CPU ViT runs short)."""
-    sub, total = [], 0
+    sub: list = []
+    total = 0
     for t in sorted(tasks, key=lambda t: t.n_tiles):
         if sub and total + t.n_tiles > n_tiles:
             break
         sub.append(t)
         total += t.n_tiles
     return sub
+
+
+def bench_stain_op(method: str, task, batch: int) -> None:
+    """Seconds of the normalisation alone and of ViT-S/16 alone on one batch of real tiles
+    (the slide's fitted stain, best of 3 each, same process)."""
+    from wsi_mil.features import create_encoder
+    from wsi_mil.features import stain as st
+    from wsi_mil.tiling import open_tile_store
+
+    store = open_tile_store(task.store)
+    x = torch.from_numpy(store.read_pixels(0, min(batch, store.n_tiles)))
+    src, tgt = st.fit_store(task.store, method), st.stain_spec(method).target_tuple()
+    enc = create_encoder("timm:vit_small_patch16_224", weights="random", device="cpu")
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.inference_mode():
+        model = best(lambda: enc(x))
+        norm = best(lambda: st.apply_stain(x, src, tgt))
+    share = 100 * norm / model
+    print(f"{method} alone {norm:.3f} s, ViT-S/16 alone {model:.3f} s per batch of {len(x)} "
+          f"tiles: normalisation = {share:.1f} % of the encoder", flush=True)  # fmt: skip
 
 
 def bench_stain(method: str, tasks: list, args: argparse.Namespace, out: Path) -> None:
@@ -126,6 +155,9 @@ def bench_stain(method: str, tasks: list, args: argparse.Namespace, out: Path) -
     spec = stain_spec(method)
     encoder = "timm:vit_small_patch16_224"
     sub = vit_subset(tasks, args.vit_tiles)
+    bench_stain_op(method, sub[0], args.batch_size)
+    if args.repeats < 1:
+        return
     plain = normed = 0.0
     for _ in range(args.repeats):  # alternate, keep the best of each (shared machines)
         plain = max(plain, bench_pipeline(encoder, sub, "cpu", args.batch_size, args.workers,
@@ -160,7 +192,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of N alternating runs")
     parser.add_argument(
         "--stain", choices=("macenko", "reinhard"), default=None,
-        help="measure this stain normalisation's cost on ViT-S/16 (CPU) instead",
+        help="measure this stain normalisation's cost on ViT-S/16 (CPU) instead "
+        "(--repeats 0: the per-batch operation cost only)",
     )  # fmt: skip
     args = parser.parse_args()
 
