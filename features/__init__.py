@@ -3,7 +3,8 @@
 Public API (imported lazily so ``import wsi_mil.features`` stays cheap):
 
 * Bags — :func:`write_bag`, :func:`read_bag`, :func:`bag_info`, :func:`join_bags`,
-  :func:`read_slide_bags`, :func:`bag_path`, :func:`verify_bag`, :class:`Bag`.
+  :func:`read_slide_bags`, :func:`bag_path`, :func:`verify_bag`, :class:`Bag`;
+  :func:`join_multiscale` joins bags of different µm/px spatially.
 * Encoders — :func:`create_encoder`, :func:`list_encoders`, :func:`get_encoder_spec`,
   :func:`register_encoder`, :class:`EncoderSpec`, :class:`Encoder`.
 * Weights — :func:`load_weights`, :func:`file_sha256`.
@@ -28,6 +29,7 @@ __all__ = [
     "file_sha256",
     "get_encoder_spec",
     "join_bags",
+    "join_multiscale",
     "list_encoders",
     "load_weights",
     "read_bag",
@@ -48,6 +50,7 @@ _LOCATIONS = {
     "read_slide_bags": "bags",
     "verify_bag": "bags",
     "write_bag": "bags",
+    "join_multiscale": "multiscale",
     "Encoder": "registry",
     "EncoderSpec": "registry",
     "create_encoder": "registry",

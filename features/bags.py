@@ -23,6 +23,10 @@ Layout (see ``DESIGN.md``):
     TRIDENT as a coordinate file for re-extraction (it would read tiles too large by
     that ratio); the tile side at the target resolution is the file attribute
     ``tile_px``.
+* ``features_augmented`` (optional, ``extract --augment K``) — same dtype, shape
+  (K, N, D): the features of K stain-jittered views of every tile, rows in the order of
+  ``features``; the file attribute ``augment`` records the method and each view's draws.
+  Only training reads it (:func:`read_bag_views`); :func:`read_bag` ignores it.
 * File attributes: ``format`` (``"wsi-mil.bag/1"``), ``encoder``, ``dim``,
   ``weights_sha256``, ``target_mpp``, ``tile_px``, ``slide_id``, ``wsi_mil_version`` and
   any extra attributes the writer passes (e.g. the tile-store fingerprint).
@@ -54,12 +58,15 @@ __all__ = [
     "bag_path",
     "join_bags",
     "read_bag",
+    "read_bag_views",
     "read_slide_bags",
     "verify_bag",
     "write_bag",
 ]
 
 BAG_FORMAT = "wsi-mil.bag/1"
+#: Optional dataset of jittered views (K, N, D) written by ``extract --augment K``.
+VIEWS = "features_augmented"
 #: Attributes the caller must supply to :func:`write_bag` (``dim`` and ``format`` are set).
 REQUIRED_ATTRS = ("encoder", "weights_sha256", "target_mpp", "tile_px", "slide_id")
 _JSON_KEYS_ATTR = "json_attrs"
@@ -110,6 +117,7 @@ def write_bag(
     attrs: Mapping[str, Any],
     dtype: str | np.dtype = "float16",
     chunk_rows: int | None = None,
+    augmented: Any = None,
 ) -> Path:
     """Write one slide's bag atomically.
 
@@ -123,6 +131,8 @@ def write_bag(
             as JSON and decoded by :func:`read_bag`; ``None`` values are dropped.
         dtype: ``float16`` (default) or ``float32``.
         chunk_rows: Rows per HDF5 chunk (default: about 1 MiB per chunk).
+        augmented: Optional (K, N, D) features of K augmented views of the same tiles,
+            stored as ``features_augmented`` in ``dtype``.
 
     Returns:
         The final path.
@@ -145,12 +155,38 @@ def write_bag(
     if dtype != feats.dtype:
         _check_finite(stored, slide, path, f" after conversion to {dtype}; write float32")
     file_attrs = _file_attrs(attrs, stored.shape[1])
+    views = _views(augmented, stored, dtype, slide, path)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             _write_datasets(h5, stored, xy.astype(np.int64, copy=False), chunk_rows)
+            if views is not None:
+                chunks = (1, *h5["features"].chunks) if h5["features"].chunks else None
+                h5.create_dataset(VIEWS, data=views, chunks=chunks)
             _write_coords_attrs(h5["coords"], attrs)
             _set_attrs(h5, file_attrs)
     return path
+
+
+def _views(
+    augmented: Any, stored: np.ndarray, dtype: np.dtype, slide: str, path: Path
+) -> np.ndarray | None:
+    """Checked (K, N, D) views in ``dtype``, or ``None``."""
+    if augmented is None:
+        return None
+    views = _as_numpy(augmented)
+    if views.ndim != 3 or views.shape[1:] != stored.shape or views.shape[0] < 1:
+        raise BagError(
+            f"augmented features for slide {slide!r} must be (K, {stored.shape[0]}, "
+            f"{stored.shape[1]}), got shape {views.shape}"
+        )
+    flat = views.reshape(-1, views.shape[2])
+    _check_finite(flat, slide, path, " (augmented views)")
+    with np.errstate(over="ignore"):
+        out = views.astype(dtype, copy=False)
+    if dtype != views.dtype:
+        _check_finite(out.reshape(-1, views.shape[2]), slide, path,
+                      f" (augmented views) after conversion to {dtype}; write float32")  # fmt: skip
+    return out
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -305,6 +341,28 @@ def read_bag(path: str | os.PathLike[str], *, dtype: str | np.dtype | None = Non
     return Bag(feats, coords, attrs)
 
 
+def read_bag_views(
+    path: str | os.PathLike[str], *, dtype: str | np.dtype | None = None
+) -> np.ndarray | None:
+    """The augmented views of a bag, (K, N, D), or ``None`` when it has none.
+
+    Raises:
+        BagError: Missing or malformed bag, views whose shape does not match
+            ``features`` or that hold NaN or inf.
+    """
+    with _open(path) as h5:
+        if VIEWS not in h5:
+            return None
+        views = h5[VIEWS][()]
+        n, d = h5["features"].shape
+    if views.ndim != 3 or views.shape[1:] != (n, d):
+        raise BagError(
+            f"{path}: {VIEWS} has shape {views.shape}, expected (K, {n}, {d}); re-extract it"
+        )
+    _check_loaded_finite(views.reshape(-1, d), Path(path))
+    return views if dtype is None else views.astype(dtype, copy=False)
+
+
 def _check_loaded_finite(feats: np.ndarray, path: Path) -> None:
     """Refuse a bag on disk whose features hold NaN or inf (written by another tool)."""
     if feats.ndim != 2 or not np.issubdtype(feats.dtype, np.floating):
@@ -321,7 +379,8 @@ def _check_loaded_finite(feats: np.ndarray, path: Path) -> None:
 
 
 def bag_info(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return a bag's attributes plus ``n_tiles``, ``dim`` and ``dtype`` without reading it.
+    """A bag's attributes plus ``n_tiles``, ``dim``, ``dtype`` and ``n_views`` (augmented
+    views, 0 when none), without reading the features.
 
     Raises:
         BagError: Missing file, not HDF5, or not a wsi-mil bag.
@@ -330,6 +389,7 @@ def bag_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         info = _get_attrs(h5)
         n, d = h5["features"].shape
         info.update(n_tiles=int(n), dim=int(d), dtype=str(h5["features"].dtype))
+        info["n_views"] = int(h5[VIEWS].shape[0]) if VIEWS in h5 else 0
     info["path"] = str(path)
     return info
 
@@ -384,7 +444,24 @@ def _bag_problems(h5: h5py.File) -> list[str]:
         coords[()]
     except (OSError, ValueError) as exc:
         found.append(f"coords unreadable ({exc})")
+    if VIEWS in h5:
+        found += _views_problems(h5[VIEWS], n, d)
     return found
+
+
+def _views_problems(views: h5py.Dataset, n: int, d: int) -> list[str]:
+    """Problems of the augmented views (K, N, D) of an open bag."""
+    if views.ndim != 3 or views.shape[1:] != (n, d):
+        return [f"{VIEWS} has shape {views.shape}, expected (K, {n}, {d})"]
+    for k in range(views.shape[0]):
+        for start in range(0, n, _VERIFY_ROWS):
+            try:
+                block = views[k, start : start + _VERIFY_ROWS]
+            except (OSError, ValueError) as exc:
+                return [f"{VIEWS} view {k} unreadable ({exc})"]
+            if not np.isfinite(block).all():
+                return [f"{VIEWS} view {k} contains NaN or inf"]
+    return []
 
 
 def join_bags(bags: Sequence[Bag], *, names: Sequence[str] | None = None) -> Bag:

@@ -117,7 +117,17 @@ def _same_stain(recorded: Any, stain: Any) -> bool:
     return all(recorded.get(k) == v for k, v in stain.record().items())
 
 
-def _bag_matches(bag: Path, encoder: str, sha: str, fingerprint: str, stain: Any = None) -> bool:
+def _same_augment(recorded: Any, augment: Any) -> bool:
+    if augment is None:
+        return recorded in (None, {"method": "none"})
+    if not isinstance(recorded, dict):
+        return False
+    return all(recorded.get(k) == v for k, v in augment.record().items())
+
+
+def _bag_matches(
+    bag: Path, encoder: str, sha: str, fingerprint: str, stain: Any = None, augment: Any = None
+) -> bool:
     from wsi_mil.features.bags import BagError, bag_info
 
     if not bag.is_file():
@@ -131,6 +141,7 @@ def _bag_matches(bag: Path, encoder: str, sha: str, fingerprint: str, stain: Any
         and info.get("weights_sha256") == sha
         and info.get("store_fingerprint") == fingerprint
         and _same_stain(info.get("stain"), stain)
+        and _same_augment(info.get("augment"), augment)
     )
 
 
@@ -202,12 +213,14 @@ def plan_extraction(
     overwrite: bool,
     folder: str | None = None,
     stain: Any = None,
+    augment: Any = None,
 ) -> tuple[list[Any], list[dict[str, Any]]]:
     """Split stores into tasks (largest first) and rows for skipped/failed stores.
 
     Bags go to ``<out_dir>/<folder>/`` (default: the encoder name, see
     :func:`bag_folder_name`); ``stain`` (a :class:`~wsi_mil.features.stain.StainSpec`
-    or None) must match for a bag to be up to date.
+    or None) and ``augment`` (an :class:`~wsi_mil.features.augment.AugmentSpec` or None)
+    must match for a bag to be up to date.
 
     Returns:
         ``(tasks, rows)``: :class:`~wsi_mil.features.pool.SlideTask` list and manifest
@@ -223,7 +236,15 @@ def plan_extraction(
             "slide_id": path.stem, "path": str(path), "n_tiles": 0, "store": str(path)
         }  # fmt: skip
         planned = _plan_store(
-            path, row, encoder, out_dir, weights_sha256, overwrite, folder or encoder, stain
+            path,
+            row,
+            encoder,
+            out_dir,
+            weights_sha256,
+            overwrite,
+            folder or encoder,
+            stain,
+            augment,
         )
         if isinstance(planned, dict):
             rows.append(planned)
@@ -242,6 +263,7 @@ def _plan_store(
     overwrite: bool,
     folder: str,
     stain: Any = None,
+    augment: Any = None,
 ) -> dict[str, Any] | tuple[str, int, str, str]:
     """A finished manifest row for ``path``, or ``(slide_id, n_tiles, bag, fingerprint)``."""
     from wsi_mil.features.bags import bag_path
@@ -262,14 +284,21 @@ def _plan_store(
         row.update(slide_id=st.slide_id, n_tiles=st.n_tiles, path=str(bag))
     except Exception as exc:
         return {**row, "status": "failed", "error": f"unreadable tile store: {exc}"}
-    if not overwrite and _bag_matches(bag, encoder, sha, fp, stain):
+    if not overwrite and _bag_matches(bag, encoder, sha, fp, stain, augment):
         note = "up to date; no tissue" if st.n_tiles == 0 else "up to date"
         return {**row, "status": "skipped", "error": "", "message": note}
     return st.slide_id, st.n_tiles, str(bag), fp
 
 
 def write_empty_bag(
-    task: Any, *, encoder: str, weights_sha256: str, dim: int, dtype: str, stain: Any = None
+    task: Any,
+    *,
+    encoder: str,
+    weights_sha256: str,
+    dim: int,
+    dtype: str,
+    stain: Any = None,
+    augment: Any = None,
 ) -> Path:
     """Write the bag of a store without tiles: features (0, dim), coords (0, 2).
 
@@ -280,6 +309,8 @@ def write_empty_bag(
         dim: Embedding dimension D of the encoder.
         dtype: ``float16`` or ``float32``.
         stain: The run's :class:`~wsi_mil.features.stain.StainSpec` (recorded) or None.
+        augment: The run's :class:`~wsi_mil.features.augment.AugmentSpec` or None
+            (recorded; ``features_augmented`` (K, 0, dim)).
 
     Returns:
         The bag path (attributes as for a bag with tiles, see
@@ -307,9 +338,12 @@ def write_empty_bag(
         "pooling": spec.pooling,
         "input_px": spec.input_px,
         "stain": stain.record() if stain is not None else {"method": "none"},
+        "augment": augment.record(task.slide_id) if augment is not None else {"method": "none"},
     }
     feats = np.zeros((0, int(dim)), np.float32)
-    return write_bag(task.bag, feats, np.zeros((0, 2), np.int64), attrs=attrs, dtype=dtype)
+    views = None if augment is None else np.zeros((augment.k, 0, int(dim)), np.float32)
+    return write_bag(task.bag, feats, np.zeros((0, 2), np.int64), attrs=attrs, dtype=dtype,
+                     augmented=views)  # fmt: skip
 
 
 def _empty_bags(
@@ -319,6 +353,7 @@ def _empty_bags(
     resolved: Any,
     dtype: str,
     stain: Any = None,
+    augment: Any = None,
 ) -> list[dict[str, Any]]:
     """Write the empty bags of ``tasks`` (stores without tiles); their manifest rows."""
     import time
@@ -332,7 +367,7 @@ def _empty_bags(
         row = {"slide_id": task.slide_id, "path": task.bag, "n_tiles": 0, "store": task.store}
         try:
             write_empty_bag(task, encoder=encoder, weights_sha256=resolved.sha256, dim=dim,
-                            dtype=dtype, stain=stain)  # fmt: skip
+                            dtype=dtype, stain=stain, augment=augment)  # fmt: skip
             row.update(status="ok", error="", message="no tissue")
         except (OSError, ValueError) as exc:
             row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -442,6 +477,9 @@ def extract_features(
     name: str | None = None,
     stain: str = "none",
     stain_target: str | os.PathLike[str] | None = None,
+    augment: int = 0,
+    augment_sigma: float | None = None,
+    augment_seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Embed every tile of every store and write one bag per slide.
 
@@ -476,6 +514,14 @@ def extract_features(
             each bag (``stain`` attribute); without ``name`` the bags go to
             ``<bags>_stain-<method>``.
         stain_target: Reference tile (PNG) to normalise to; default the bundled target.
+        augment: K > 0 also embeds K stain-jittered views of every tile (HED jitter, see
+            :mod:`~wsi_mil.features.augment`; after stain normalisation when both are
+            set) from the same decoded batch and stores them as ``features_augmented``
+            (K, N, D) in each bag, with the draws in its ``augment`` attribute; training
+            samples one view per bag each time it draws the bag.
+        augment_sigma: Jitter strength σ (default
+            :data:`~wsi_mil.features.augment.DEFAULT_SIGMA`).
+        augment_seed: Seed of the per-slide draws.
 
     Returns:
         Manifest rows (also written to ``<out_dir>/<bags>/manifest.csv``): slide_id,
@@ -513,6 +559,7 @@ def extract_features(
         stain_setting = stain_spec(stain, stain_target)
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from exc
+    augment_setting = _augment_spec(augment, augment_sigma, augment_seed)
     stores = find_stores(tiles)
     if scheduler is not None:
         with _dask_client(scheduler):  # unreachable: fail now, before any work
@@ -525,7 +572,7 @@ def extract_features(
     _check_folder_weights(enc_dir, resolved.sha256)
     tasks, rows = plan_extraction(stores, encoder, Path(out_dir), resolved.sha256,
                                   overwrite=overwrite, folder=folder,
-                                  stain=stain_setting)  # fmt: skip
+                                  stain=stain_setting, augment=augment_setting)  # fmt: skip
     weights_arg = RANDOM_WEIGHTS if weights == RANDOM_WEIGHTS else resolved.path
     job = ExtractJob(
         encoder=encoder,
@@ -536,6 +583,7 @@ def extract_features(
         dtype=dtype,
         n_procs=max(1, min(len(devs), sum(t.n_tiles > 0 for t in tasks))),
         stain=stain_setting,
+        augment=augment_setting,
     )
     config = {
         "stage": "extract",
@@ -553,6 +601,7 @@ def extract_features(
         "dtype": dtype,
         "overwrite": overwrite,
         "stain": stain_setting.record() if stain_setting is not None else {"method": "none"},
+        "augment": augment_setting.record() if augment_setting else {"method": "none"},
     }
     if manifest:
         _write_config(enc_dir / "config.yaml", config)
@@ -633,7 +682,8 @@ def _extract_rounds(tasks: list[Any], run: _Settings, stop: Any) -> list[dict[st
                                              run.out_dir, run.resolved.sha256,
                                              overwrite=run.overwrite,
                                              folder=run.folder,
-                                             stain=run.job.stain)  # fmt: skip
+                                             stain=run.job.stain,
+                                             augment=run.job.augment)  # fmt: skip
             rows += planned
             deferred += _extract_claimed(again, run, rows)
     except Interrupted as exc:
@@ -652,10 +702,24 @@ def _extract_claimed(tasks: list[Any], run: _Settings, rows: list[dict[str, Any]
             rows += _run(run.devices, run.job, full, run.progress)
         empty = [t for t in claimed if t.n_tiles == 0]
         rows += _empty_bags(empty, rows, run.job.encoder, run.resolved, run.job.dtype,
-                            run.job.stain)  # fmt: skip
+                            run.job.stain, run.job.augment)  # fmt: skip
     finally:
         _release(claimed)
     return deferred
+
+
+def _augment_spec(k: int, sigma: float | None, seed: int) -> Any:
+    """The :class:`~wsi_mil.features.augment.AugmentSpec` of ``--augment K`` (None for 0)."""
+    if k is None or int(k) == 0:
+        if sigma is not None:
+            raise ConfigError("--augment-sigma needs --augment K (K jittered views per tile)")
+        return None
+    from wsi_mil.features.augment import DEFAULT_SIGMA, AugmentSpec
+
+    try:
+        return AugmentSpec(int(k), DEFAULT_SIGMA if sigma is None else float(sigma), int(seed))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _check_args(batch_size: int, workers: int, dtype: str) -> None:

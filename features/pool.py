@@ -89,6 +89,9 @@ class ExtractJob:
         n_procs: Device processes sharing this machine (CPU threads are split).
         stain: Stain normalisation (:class:`~wsi_mil.features.stain.StainSpec`), fitted
             per slide on its tiles when the slide starts; ``None`` = none.
+        augment: Stain augmentation (:class:`~wsi_mil.features.augment.AugmentSpec`):
+            K jittered views of every tile embedded from the same decoded batch and
+            written as ``features_augmented`` (K, N, D); ``None`` = none.
     """
 
     encoder: str
@@ -99,6 +102,7 @@ class ExtractJob:
     dtype: str = "float16"
     n_procs: int = 1
     stain: Any = None
+    augment: Any = None
 
 
 def parse_devices(devices: str | list[str] | None) -> list[str]:
@@ -319,14 +323,18 @@ def _autocast(device: torch.device, encoder: Any) -> contextlib.AbstractContextM
 class _Slide:
     """Embeddings of one slide as its batches arrive (float32 (n, dim) on the device)."""
 
-    def __init__(self, seq: int, task: SlideTask, stain: Any = None) -> None:
+    def __init__(self, seq: int, task: SlideTask, stain: Any = None, augment: Any = None) -> None:
         self.seq = seq
         self.task = task
         self.stain = stain  # StainSpec | None
         self.stain_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.stain_record: dict[str, Any] | None = None
+        self.augment = augment  # AugmentSpec | None
+        self.views: list[Callable[[torch.Tensor], torch.Tensor]] = []
         self.t0 = time.perf_counter()
         self.out: torch.Tensor | None = None
+        #: (K, n, dim) embeddings of the jittered views (``augment``), on the device
+        self.aug: torch.Tensor | None = None
         self.n_done = 0
         self.error = ""
 
@@ -345,9 +353,13 @@ class _Slide:
             if self.out is None:
                 self._fit_stain(dev)
                 self.out = torch.empty((self.task.n_tiles, encoder.dim), device=dev)
+                self._start_views(dev, encoder.dim)
             x = tiles.to(dev, non_blocking=True)
             y = encoder(x) if self.stain_fn is None else encoder(x, stain=self.stain_fn)
             self.out[start : start + len(x)] = y.float()
+            if self.aug is not None:  # the same decoded tiles, jittered
+                for i, view in enumerate(self.views):
+                    self.aug[i, start : start + len(x)] = encoder(x, stain=view).float()
         except _SLIDE_ERRORS as exc:
             if _worker_death(exc):
                 raise  # torch's SIGCHLD handler: a decode worker died, not this slide
@@ -369,6 +381,21 @@ class _Slide:
         self.stain_fn = lambda t: st.apply_stain(t, src, tgt)
         self.stain_record = self.stain.record(source)
 
+    def _start_views(self, dev: torch.device, dim: int) -> None:
+        """Prepare the jittered views (after the stain fit, which they follow)."""
+        if self.augment is None:
+            return
+        from wsi_mil.features.augment import view_functions
+
+        self.views = view_functions(self.augment, self.task.slide_id, dev, self.stain_fn)
+        self.aug = torch.empty((len(self.views), self.task.n_tiles, dim), device=dev)
+
+    def augmented(self) -> tuple[dict[str, Any], torch.Tensor] | None:
+        """The ``augment`` record and the views' features on the CPU, or ``None``."""
+        if self.augment is None or self.aug is None:
+            return None
+        return self.augment.record(self.task.slide_id), self.aug.cpu()
+
     def result(self) -> tuple[dict[str, Any], torch.Tensor | None]:
         """The manifest row so far and the features on the CPU (``None`` when failed)."""
         task = self.task
@@ -381,7 +408,8 @@ class _Slide:
 
 
 def _write(task: SlideTask, feats: torch.Tensor, job: ExtractJob, encoder: Any,
-           stain: dict[str, Any] | None = None) -> None:  # fmt: skip
+           stain: dict[str, Any] | None = None,
+           augmented: tuple[dict[str, Any], torch.Tensor] | None = None) -> None:  # fmt: skip
     from wsi_mil.features.bags import write_bag
     from wsi_mil.tiling import open_tile_store
 
@@ -401,8 +429,10 @@ def _write(task: SlideTask, feats: torch.Tensor, job: ExtractJob, encoder: Any,
         "pooling": encoder.spec.pooling,
         "input_px": encoder.spec.input_px,
         "stain": stain or {"method": "none"},
+        "augment": augmented[0] if augmented is not None else {"method": "none"},
     }
-    write_bag(task.bag, feats.numpy(), st.coords, attrs=attrs, dtype=job.dtype)
+    views = augmented[1].numpy() if augmented is not None else None
+    write_bag(task.bag, feats.numpy(), st.coords, attrs=attrs, dtype=job.dtype, augmented=views)
 
 
 @dataclass(frozen=True)
@@ -486,7 +516,7 @@ class _Device:
                 left = [t for i, t in enumerate(plan.taken) if i not in self.closed]
                 return _Broken(signal_name(-(self.stop.signum or 0)), left, stopped=True)
             if slide is None:
-                slide = _Slide(seq, plan.taken[seq], self.job.stain)
+                slide = _Slide(seq, plan.taken[seq], self.job.stain, self.job.augment)
             n = slide.add(start, tiles, self.encoder, self.dev)
             if n:
                 self.emit(("progress", n))
@@ -500,7 +530,8 @@ class _Device:
     def close(self, slide: _Slide) -> None:
         """Hand ``slide`` to the bag writer; report the slide written before it."""
         row, feats = slide.result()
-        args = (slide.task, row, feats, slide.t0, self.job, self.encoder, slide.stain_record)
+        args = (slide.task, row, feats, slide.t0, self.job, self.encoder, slide.stain_record,
+                slide.augmented() if feats is not None else None)  # fmt: skip
         self.pending.append(self.writer.submit(_finish, *args))
         self.closed.add(slide.seq)
         self.flush(keep=1)  # at most one slide's features wait to be written
@@ -570,11 +601,12 @@ def _finish(
     job: ExtractJob,
     encoder: Any,
     stain: dict[str, Any] | None = None,
+    augmented: tuple[dict[str, Any], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Write the bag (in the writer thread, while the device embeds the next slide)."""
     if feats is not None:
         try:
-            _write(task, feats, job, encoder, stain)
+            _write(task, feats, job, encoder, stain, augmented)
             row.update(status="ok", error="")
         except _SLIDE_ERRORS as exc:
             row.update(status="failed", error=_one_line(exc))

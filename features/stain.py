@@ -105,8 +105,8 @@ REINHARD_REFERENCE = ReinhardParams(
 )
 
 
-def _rgb(tiles: Any, name: str = "tiles") -> torch.Tensor:
-    """``tiles`` as a float32 tensor (..., 3) on 0-255 (validated)."""
+def _rgb_tensor(tiles: Any, name: str = "tiles") -> torch.Tensor:
+    """``tiles`` as a tensor (..., 3) of their own dtype (validated RGB)."""
     if isinstance(tiles, np.ndarray) and not tiles.flags.writeable:
         tiles = np.array(tiles)  # torch refuses to wrap read-only arrays silently
     t = torch.as_tensor(tiles)
@@ -116,7 +116,12 @@ def _rgb(tiles: Any, name: str = "tiles") -> torch.Tensor:
         raise ValueError(f"{name} must be uint8 or float, got {t.dtype}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(t.shape)})")
-    return t.float()
+    return t
+
+
+def _rgb(tiles: Any, name: str = "tiles") -> torch.Tensor:
+    """``tiles`` as a float32 tensor (..., 3) on 0-255 (validated)."""
+    return _rgb_tensor(tiles, name).float()
 
 
 def rgb_to_od(rgb: Any, io: float = IO) -> torch.Tensor:
@@ -317,6 +322,11 @@ def fit_reinhard(tiles: Any, *, tissue_only: bool = True) -> ReinhardParams:
 def apply_reinhard(tiles: Any, source: ReinhardParams, target: ReinhardParams) -> torch.Tensor:
     """Map tiles with statistics ``source`` onto ``target`` (per CIELAB channel).
 
+    The same arithmetic as ``lab_to_rgb((rgb_to_lab(tiles) - μs) · σt / σs + μt)``, in
+    fewer passes over the pixels: uint8 tiles are linearised through a 256-entry table,
+    and since CIELAB is linear in ``f = (f(X), f(Y), f(Z))`` the per-channel affine map
+    is folded into one 3×3 matrix and offset on ``f``.
+
     Args:
         tiles: RGB (..., 3) uint8 or float on 0-255.
         source: Statistics fitted on the tiles' slide.
@@ -325,10 +335,47 @@ def apply_reinhard(tiles: Any, source: ReinhardParams, target: ReinhardParams) -
     Returns:
         float32 (..., 3) on 0-255, on the tiles' device.
     """
-    lab = rgb_to_lab(tiles)
-    s_mu, s_sd = _check_reinhard(source, "source", lab.device)
-    t_mu, t_sd = _check_reinhard(target, "target", lab.device)
-    return lab_to_rgb((lab - s_mu) * (t_sd / s_sd) + t_mu)
+    t = _rgb_tensor(tiles)
+    dev = t.device
+    s_mu, s_sd = _check_reinhard(source, "source", dev)
+    t_mu, t_sd = _check_reinhard(target, "target", dev)
+    lin = _linearise(t)
+    xyz = lin @ (_RGB2XYZ.to(dev).T / _WHITE.to(dev)[None, :])
+    f = torch.where(
+        xyz > _EPS, xyz.clamp(min=_EPS).pow_(1.0 / 3.0), xyz.mul_(_KAPPA).add_(16.0).div_(116.0)
+    )
+    # lab = f @ P + q; lab' = (lab - μs)·g + μt; f' = lab' @ P⁻¹ - q @ P⁻¹
+    p_mat = torch.tensor(
+        [[0.0, 500.0, 0.0], [116.0, -500.0, 200.0], [0.0, 0.0, -200.0]], device=dev
+    )
+    q = torch.tensor([-16.0, 0.0, 0.0], device=dev)
+    p_inv = torch.linalg.inv(p_mat)
+    g = t_sd / s_sd
+    m = p_mat @ torch.diag(g) @ p_inv
+    c = ((q - s_mu) * g + t_mu - q) @ p_inv
+    f = torch.addmm(c, f.reshape(-1, 3), m).reshape(f.shape)
+    cube = f**3
+    xyz = torch.where(cube > _EPS, cube, f.mul_(116.0).sub_(16.0).div_(_KAPPA))
+    lin = (xyz @ (_WHITE.to(dev)[:, None] * torch.linalg.inv(_RGB2XYZ).to(dev).T)).clamp_(min=0.0)
+    srgb = torch.where(lin > 0.0031308, lin.clamp(min=1e-12).pow_(1 / 2.4).mul_(1.055).sub_(0.055),
+                       lin * 12.92)  # fmt: skip
+    return srgb.mul_(255.0).clamp_(0.0, 255.0)
+
+
+_SRGB_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def _linearise(t: torch.Tensor) -> torch.Tensor:
+    """sRGB (..., 3) on 0-255 → linear float32 on 0-1 (a table lookup for uint8)."""
+    if t.dtype == torch.uint8:
+        lut = _SRGB_LUT.get(t.device)
+        if lut is None:
+            x = torch.arange(256, dtype=torch.float64) / 255.0
+            lin = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+            lut = _SRGB_LUT.setdefault(t.device, lin.float().to(t.device))
+        return lut[t.long()]
+    x = _rgb(t) / 255.0
+    return torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
 
 
 def _check_reinhard(p: Any, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,10 +509,25 @@ def fit_store(store: Any, method: str, max_tiles: int = 64) -> Params:
         raise ValueError(f"{st.path} has no tiles to fit the stain on")
     idx = np.unique(np.linspace(0, n - 1, min(n, max_tiles)).round().astype(int))
     if st.has_pixels:
-        tiles = np.stack([st.read_pixels(int(i), int(i) + 1)[0] for i in idx])
+        tiles = _read_spread(st, idx)
     else:
         from wsi_mil.wsi import open_slide
 
         slide = open_slide(st.source_path, mpp=st.attrs.get("mpp"))
         tiles = slide.read_tiles(st.coords[idx], st.tile_px, st.target_mpp)
     return fit_stain(method, tiles)
+
+
+def _read_spread(st: Any, idx: np.ndarray) -> np.ndarray:
+    """Tiles ``idx`` (sorted) of a store, decoding each chunk that holds some only once.
+
+    Returns:
+        uint8 (len(idx), tile_px, tile_px, 3).
+    """
+    per = max(1, int(getattr(st, "chunk_tiles", 1) or 1))
+    out = []
+    for c in np.unique(idx // per):
+        start = int(c) * per
+        block = st.read_pixels(start, min(int(st.n_tiles), start + per))
+        out.append(block[idx[(idx // per) == c] - start])
+    return np.concatenate(out)

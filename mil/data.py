@@ -3,8 +3,10 @@
 A *unit* is what the model sees as one bag: all tiles of a patient's slides
 (``level="patient"``) or one slide (``level="slide"``). Bags are read from
 ``<features_dir>/<slide_id>.h5`` on first use and kept in a least-recently-used cache of
-float16 arrays bounded in bytes; several feature folders (encoders) are joined tile by
-tile with :func:`wsi_mil.features.bags.join_bags`.
+float16 arrays bounded in bytes; several feature folders are joined with
+:func:`wsi_mil.features.multiscale.join_multiscale`: tile by tile when they hold the same
+resolution (several encoders), spatially when their µm/px differ (multi-scale bags: each
+fine tile gets the coarse tile covering it).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsi_mil.features.bags import BagError, bag_info, join_bags, read_bag
+from wsi_mil.features.bags import BagError, bag_info, read_bag, read_bag_views
+from wsi_mil.features.multiscale import join_multiscale
 from wsi_mil.mil.cohort import Cohort
 
 __all__ = [
@@ -96,18 +99,21 @@ def scan_bags(
             the most common dim in each folder.
 
     Returns:
-        :class:`BagScan`.
+        :class:`BagScan`; ``n_tiles`` counts the tiles of the finest resolution (the
+        rows of the joined bag, see :func:`wsi_mil.features.multiscale.join_multiscale`).
 
     Raises:
-        BagError: A bag whose dim differs (naming the file and both dims), or a bag
-            that is unreadable or whose tile count differs between folders.
+        BagError: A bag whose dim differs (naming the file and both dims), a bag that
+            is unreadable, bags of the same µm/px whose tile counts differ, or a coarser
+            bag with no tiles where the finest has some.
     """
     problems: list[str] = []
     dims: list[int] = []
-    n_tiles: dict[str, int] = {}
     attrs: list[dict[str, dict[str, Any]]] = []
+    per_folder: list[dict[str, dict[str, Any]]] = []
     for k, folder in enumerate(map(Path, features_dirs)):
         infos = {s: bag_info(folder / f"{s}.h5") for s in slide_ids}
+        per_folder.append(infos)
         attrs.append({s: {a: i.get(a) for a in _PROVENANCE} for s, i in infos.items()})
         found = [i["dim"] for i in infos.values()]
         if expected_dims is not None:
@@ -117,23 +123,47 @@ def scan_bags(
             ref = max(set(found), key=found.count) if found else 0
             source = next((i["path"] for i in infos.values() if i["dim"] == ref), "")
         dims.append(ref)
-        for s, info in infos.items():
+        for info in infos.values():
             if info["dim"] != ref:
                 problems.append(
                     f"{info['path']}: feature dim {info['dim']} differs from dim {ref} of "
                     f"{source}; re-extract it with the same encoder"
                 )
-            if k == 0:
-                n_tiles[s] = info["n_tiles"]
-            elif info["n_tiles"] != n_tiles[s]:
-                problems.append(
-                    f"{info['path']}: {info['n_tiles']} tiles but {n_tiles[s]} in "
-                    f"{features_dirs[0]}; extract every encoder from the same tile store"
-                )
+    n_tiles = {s: _slide_tiles([f[s] for f in per_folder], problems) for s in slide_ids}
     if problems:
         raise BagError(f"{len(problems)} bad feature bag(s):\n" + "\n".join(problems))
     empty = [s for s, n in n_tiles.items() if n == 0]
     return BagScan(sum(dims), dims, n_tiles, empty, attrs)
+
+
+def _slide_tiles(infos: list[dict[str, Any]], problems: list[str]) -> int:
+    """Tiles of one slide's joined bag: the finest resolution's count.
+
+    Appends to ``problems`` bags of the same µm/px with different tile counts and coarser
+    bags with no tiles where the finest has some.
+    """
+    by_mpp: dict[float, list[dict[str, Any]]] = {}
+    for info in infos:
+        by_mpp.setdefault(round(float(info.get("target_mpp") or 0.0), 6), []).append(info)
+    for mpp, group in by_mpp.items():
+        first = group[0]
+        for info in group[1:]:
+            if info["n_tiles"] != first["n_tiles"]:
+                problems.append(
+                    f"{info['path']}: {info['n_tiles']} tiles but {first['n_tiles']} in "
+                    f"{first['path']}, both at {mpp} µm/px; extract every encoder of one "
+                    "resolution from the same tile store (bags at different µm/px are "
+                    "joined spatially)"
+                )
+    fine = by_mpp[min(by_mpp)][0]
+    for mpp, group in by_mpp.items():
+        if group[0]["n_tiles"] == 0 and fine["n_tiles"] > 0:
+            problems.append(
+                f"{group[0]['path']}: no tiles at {mpp} µm/px but {fine['n_tiles']} in "
+                f"{fine['path']}; a fine tile needs a coarse tile to join (re-tile that "
+                "scale with a lower --min-tissue)"
+            )
+    return int(fine["n_tiles"])
 
 
 def make_units(
@@ -161,7 +191,8 @@ class BagStore:
     Thread-safe, so a prefetch thread can load the next batch while the model trains.
 
     Args:
-        features_dirs: Feature folders; bags of the same slide are joined tile by tile.
+        features_dirs: Feature folders; bags of the same slide are joined tile by tile
+            (same µm/px) or spatially onto the finest one (different µm/px).
         cache_bytes: Upper bound of cached feature bytes (0 disables the cache).
     """
 
@@ -175,6 +206,7 @@ class BagStore:
         self.tile_level0: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
+        self._n_views: dict[str, int] = {}
 
     @property
     def used_bytes(self) -> int:
@@ -183,24 +215,75 @@ class BagStore:
 
     def slide(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         """Return (features (N, D) float16, coords (N, 2) int64) of one slide."""
+        return self._cached(slide_id, lambda: self._read(slide_id))
+
+    def _cached(
+        self, key: str, read: Callable[[], tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
-            hit = self._cache.get(slide_id)
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end(slide_id)
+                self._cache.move_to_end(key)
                 self.hits += 1
                 return hit
             self.misses += 1
-        item = self._read(slide_id)
+        item = read()
         with self._lock:
-            self._put(slide_id, item)
+            self._put(key, item)
         return item
+
+    def n_views(self, slide_id: str) -> int:
+        """Augmented views K of a slide's joined bag (``extract --augment``; 0 = none).
+
+        With several feature folders, the most any of them holds.
+        """
+        with self._lock:
+            known = self._n_views.get(slide_id)
+        if known is None:
+            known = max(bag_info(d / f"{slide_id}.h5")["n_views"] for d in self.features_dirs)
+            with self._lock:
+                self._n_views[slide_id] = known
+        return known
+
+    def slide_view(self, slide_id: str, view: int) -> np.ndarray:
+        """Features (N, D) float16 of one view: 0 = as extracted, 1..K = jittered view.
+
+        Raises:
+            ValueError: ``view`` outside ``0..n_views(slide_id)``.
+        """
+        k = self.n_views(slide_id)
+        if not 0 <= view <= k:
+            raise ValueError(f"slide {slide_id!r} has views 0..{k}, not {view}")
+        if view == 0:
+            return self.slide(slide_id)[0]
+        return self._cached(f"{slide_id}\0views", lambda: self._read_views(slide_id))[0][view - 1]
+
+    def _read_views(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(K, N, D) float16 views of the joined bag and its coords.
+
+        View ``v`` joins each folder's view ``v``; a folder with fewer views (or none)
+        contributes its plain features.
+        """
+        k = self.n_views(slide_id)
+        bags = [read_bag(d / f"{slide_id}.h5") for d in self.features_dirs]
+        stacks = [read_bag_views(d / f"{slide_id}.h5") for d in self.features_dirs]
+        names = [d.name for d in self.features_dirs]
+        out = []
+        for v in range(k):
+            parts = [
+                bag if st is None or v >= len(st) else bag._replace(features=st[v])
+                for bag, st in zip(bags, stacks, strict=True)
+            ]
+            joined = parts[0] if len(parts) == 1 else join_multiscale(parts, names=names)
+            out.append(joined.features.astype(np.float16, copy=False))
+        return np.stack(out), bags[0].coords
 
     def _read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         bags = [read_bag(d / f"{slide_id}.h5") for d in self.features_dirs]
         if len(bags) == 1:
             bag = bags[0]
         else:
-            bag = join_bags(bags, names=[d.name for d in self.features_dirs])
+            bag = join_multiscale(bags, names=[d.name for d in self.features_dirs])
         tile = bag.attrs.get("coords_attrs", {}).get("patch_size_level0")
         if tile:
             self.tile_level0[slide_id] = round(float(tile))
@@ -242,12 +325,15 @@ class BagBatch:
         mask: (B, N_max) bool, True = real tile.
         units: The units, in batch order.
         tiles: Per unit, the tile indices used (into the unit's full bag), (n_b,).
+        views: Per unit, the view drawn for each of its slides (0 = as extracted) when
+            loaded with ``views=True``; empty otherwise.
     """
 
     features: torch.Tensor
     mask: torch.Tensor
     units: list[Unit]
     tiles: list[np.ndarray]
+    views: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def collate_bags(
@@ -282,6 +368,7 @@ def load_batch(
     max_tiles: int | None = None,
     seed: int | None = None,
     pin: bool = False,
+    views: bool = False,
 ) -> BagBatch:
     """Load and pad ``units``; with ``max_tiles``, draw a random subset of tiles per bag.
 
@@ -289,13 +376,20 @@ def load_batch(
         store: Bag reader.
         units: Bags of the batch.
         max_tiles: Keep at most this many random tiles per bag (training).
-        seed: Seed of the tile subsampling (with the unit id, so it is reproducible
-            whatever the load order).
+        seed: Seed of the tile subsampling and view draws (with the unit id, so it is
+            reproducible whatever the load order).
         pin: Pad into page-locked memory (when the model is on a GPU).
+        views: Training: each slide with augmented views (``extract --augment K``)
+            contributes one of its K + 1 views (0 = as extracted), drawn uniformly
+            with ``seed``; validation, test and prediction leave this off.
     """
-    bags, tiles = [], []
+    bags, tiles, drawn = [], [], []
     for unit in units:
-        feats = store.unit(unit)[0]
+        if views:
+            feats, chosen = _unit_view(store, unit, seed)
+            drawn.append(chosen)
+        else:
+            feats = store.unit(unit)[0]
         idx = np.arange(len(feats))
         if max_tiles is not None and len(feats) > max_tiles:
             rng = np.random.default_rng([seed or 0, _stable_hash(unit.unit_id)])
@@ -304,7 +398,15 @@ def load_batch(
         bags.append(feats)
         tiles.append(idx)
     features, mask = collate_bags(bags, torch.float16, pin=pin)
-    return BagBatch(features, mask, list(units), tiles)
+    return BagBatch(features, mask, list(units), tiles, drawn)
+
+
+def _unit_view(store: BagStore, unit: Unit, seed: int | None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A unit's features with one drawn view per slide, and the views drawn."""
+    rng = np.random.default_rng([seed or 0, _stable_hash(unit.unit_id), 1])
+    chosen = tuple(int(rng.integers(0, store.n_views(s) + 1)) for s in unit.slide_ids)
+    parts = [store.slide_view(s, v) for s, v in zip(unit.slide_ids, chosen, strict=True)]
+    return (parts[0] if len(parts) == 1 else np.concatenate(parts)), chosen
 
 
 def _stable_hash(text: str) -> int:

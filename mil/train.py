@@ -283,7 +283,9 @@ def _optimise(
 
     def load(job: tuple[int, list[int]]) -> BagBatch:
         units = [fit.units[i] for i in job[1]]
-        return load_batch(ctx.store, units, max_tiles=cfg.max_tiles, seed=job[0], pin=pin)
+        return load_batch(
+            ctx.store, units, max_tiles=cfg.max_tiles, seed=job[0], pin=pin, views=True
+        )
 
     history: dict[str, list[float]] = {"step": [], "train": [], "val": []}
     best = (math.inf, 0, _snapshot(model))

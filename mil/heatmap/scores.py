@@ -277,7 +277,7 @@ def score_slide(
     prediction = {
         k: float(np.mean([o["prediction"][k] for o in outs])) for k in outs[0]["prediction"]
     }
-    bag_attrs = _bag_attrs(dirs[0] / f"{slide_id}.h5")
+    bag_attrs = _finest_bag_attrs(dirs, slide_id)
     return SlideScores(
         slide_id=slide_id,
         coords=np.asarray(coords, np.int64),
@@ -312,10 +312,12 @@ def _check_bags(dirs: list[Path], slide_id: str, expected: int) -> None:
             )
 
 
-def _bag_attrs(path: Path) -> dict[str, Any]:
+def _finest_bag_attrs(dirs: list[Path], slide_id: str) -> dict[str, Any]:
+    """Attributes of the slide's finest-resolution bag (whose tiles the scores are of)."""
     from wsi_mil.features.bags import bag_info
 
-    return dict(bag_info(path))
+    infos = [dict(bag_info(d / f"{slide_id}.h5")) for d in dirs]
+    return min(infos, key=lambda i: float(i.get("target_mpp") or 0.0))
 
 
 def _member_scores(fm: Any, x: Any, device: Any, target_class: str | None) -> dict[str, Any]:

@@ -189,3 +189,25 @@ def test_extract_with_macenko_records_and_changes_features(tiles, tmp_path):
     # up to date on a re-run with the same setting
     assert main([*base, "--stain", "macenko"]) == 0
     assert main([*base, "--stain-target", str(tmp_path / "missing.png")]) == 2
+
+
+def test_fit_store_reads_each_chunk_once_and_the_same_tiles(tiles, monkeypatch):
+    from wsi_mil.tiling import open_tile_store
+
+    st = open_tile_store(tiles / "slide_a.zarr")
+    idx = np.unique(np.linspace(0, st.n_tiles - 1, 20).round().astype(int))
+    one_by_one = np.stack([st.read_pixels(int(i), int(i) + 1)[0] for i in idx])
+    calls = []
+    real = type(st).read_pixels
+    monkeypatch.setattr(type(st), "read_pixels", lambda s, a, b: calls.append(a) or real(s, a, b))
+    np.testing.assert_array_equal(S._read_spread(st, idx), one_by_one)
+    assert len(calls) == len(np.unique(idx // st.chunk_tiles)) < len(idx)
+
+
+def test_fast_reinhard_equals_the_textbook_composition(synthetic_tiles):
+    src = S.fit_reinhard(synthetic_tiles[1])
+    tgt = S.REINHARD_REFERENCE
+    lab = S.rgb_to_lab(synthetic_tiles)
+    ref = S.lab_to_rgb((lab - src.mean) * (tgt.std / src.std) + tgt.mean)
+    for x in (synthetic_tiles, torch.from_numpy(synthetic_tiles).float()):
+        np.testing.assert_allclose(S.apply_reinhard(x, src, tgt), ref, atol=1e-2)  # float32

@@ -23,12 +23,15 @@ weights file's sha256), so two checkpoints of one encoder never share a folder (
 were made with other weights is refused (exit 2), naming both hashes. (timm:<name>
 encoders write to OUT/timm_<name>/; with --stain macenko|reinhard and no --name the
 folder gets the suffix _stain-<method>, the method, target and each slide's fitted
-parameters recorded in its bag.) Weights: --weights accepts the folder
-a publisher distributes on Hugging Face (config.json + model.safetensors or
-pytorch_model.bin) or a timm state-dict file (.safetensors / .pth); pickles holding
-anything but tensors are refused. Without --weights the hub is tried. `builtin` needs no
-weights. Re-running skips bags with the same encoder, weights and tile store; incomplete
-stores are skipped and listed in the manifest.
+parameters recorded in its bag; --augment K adds features_augmented (K, N, D) to each
+bag: K H&E-jittered views of every tile, embedded from the same decoded tiles, which
+training samples (one view per bag each time it is drawn) and prediction ignores.)
+Weights: --weights accepts the folder a publisher distributes on Hugging Face
+(config.json + model.safetensors or pytorch_model.bin) or a timm state-dict file
+(.safetensors / .pth); pickles holding anything but tensors are refused. Without
+--weights the hub is tried. `builtin` needs no weights. Re-running skips bags with the
+same encoder, weights, tile store, stain and augmentation settings; incomplete stores are
+skipped and listed in the manifest.
 
 Tiles are decoded in worker processes (--workers): a slide whose decoding crashes (e.g.
 a segfault in a C library) fails alone, named with the signal, and a re-run retries
@@ -101,6 +104,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--stain-target", default=None, metavar="PNG",
         help="reference tile to normalise to (default: the bundled H&E target)",
     )  # fmt: skip
+    p.add_argument(
+        "--augment", type=int, default=0, metavar="K",
+        help="also embed K stain-jittered (HED) views of every tile, for training (0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--augment-sigma", type=float, default=None, metavar="S",
+        help="HED jitter strength: scale in [1-S, 1+S], shift in [-S, S] (0.05)",
+    )  # fmt: skip
+    p.add_argument(
+        "--augment-seed", type=int, default=0, help="seed of the per-slide jitter draws (0)"
+    )
     return p
 
 
@@ -129,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
             dask_chunk=args.dask_chunk,
             stain=args.stain,
             stain_target=args.stain_target,
+            augment=args.augment,
+            augment_sigma=args.augment_sigma,
+            augment_seed=args.augment_seed,
         )
     except Interrupted as stop:
         rows, status = stop.rows, stop.exit_status
