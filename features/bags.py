@@ -57,6 +57,7 @@ __all__ = [
     "bag_info",
     "bag_path",
     "join_bags",
+    "joined_attrs",
     "read_bag",
     "read_bag_views",
     "read_slide_bags",
@@ -489,16 +490,23 @@ def join_bags(bags: Sequence[Bag], *, names: Sequence[str] | None = None) -> Bag
     for bag, name in zip(bags[1:], names[1:], strict=True):
         order = _align(ref.coords, bag.coords, names[0], name, ref.attrs.get("slide_id"))
         parts.append(bag.features[order].astype(np.float32, copy=False))
-    attrs = dict(ref.attrs)
+    return Bag(np.concatenate(parts, axis=1), ref.coords, joined_attrs(ref, bags, names, parts))
+
+
+def joined_attrs(
+    ref: Bag, bags: Sequence[Bag], names: Sequence[str], parts: Sequence[np.ndarray]
+) -> dict[str, Any]:
+    """Attributes of a joined bag: ``ref``'s, with the encoders, per-part dims
+    (``parts``: (N, D_i) each) and weight hashes of ``bags``."""
     dims = [int(p.shape[1]) for p in parts]
-    attrs.update(
-        encoder="+".join(names),
-        encoders=names,
-        dims=dims,
-        dim=sum(dims),
-        weights_sha256=[b.attrs.get("weights_sha256") for b in bags],
-    )
-    return Bag(np.concatenate(parts, axis=1), ref.coords, attrs)
+    return {
+        **ref.attrs,
+        "encoder": "+".join(names),
+        "encoders": list(names),
+        "dims": dims,
+        "dim": sum(dims),
+        "weights_sha256": [b.attrs.get("weights_sha256") for b in bags],
+    }
 
 
 def _align(ref: np.ndarray, other: np.ndarray, ref_name: str, name: str, slide: Any) -> np.ndarray:

@@ -20,11 +20,10 @@ the order in which the bags are given, whatever their resolution.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from wsi_mil.features.bags import Bag, BagError, join_bags
+from wsi_mil.features.bags import Bag, BagError, join_bags, joined_attrs
 
 __all__ = ["cover_index", "join_multiscale", "tile_side_level0"]
 
@@ -156,17 +155,8 @@ def join_multiscale(bags: Sequence[Bag], *, names: Sequence[str] | None = None) 
             start += d
     parts = [cols[i] for i in range(len(bags))]
     ref = bags[groups[fine_key][0]]
-    attrs: dict[str, Any] = dict(ref.attrs)
-    dims = [int(p.shape[1]) for p in parts]
-    attrs.update(
-        encoder="+".join(names),
-        encoders=names,
-        dims=dims,
-        dim=sum(dims),
-        weights_sha256=[b.attrs.get("weights_sha256") for b in bags],
-        scales=[float(b.attrs["target_mpp"]) for b in bags],
-        uncovered=uncovered,
-    )
+    attrs = joined_attrs(ref, bags, names, parts)
+    attrs.update(scales=[float(b.attrs["target_mpp"]) for b in bags], uncovered=uncovered)
     return Bag(np.concatenate(parts, axis=1), fine.coords, attrs)
 
 

@@ -21,11 +21,12 @@ __all__ = ["render_html", "report_template"]
 
 def report_template(folder: Path, name: str) -> Any:
     """A report template from ``folder``: autoescaped, strict, with the ``num`` and
-    ``pval`` filters (shared by the survival and classification reports)."""
+    ``pval`` filters and the partials of ``survival/templates`` (``_*.html``), shared by
+    the survival and classification reports."""
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(folder),
+        loader=jinja2.FileSystemLoader([folder, Path(__file__).parent / "templates"]),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
