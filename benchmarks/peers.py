@@ -89,17 +89,22 @@ def _twice(once) -> dict:
     return {"work": t1 - t0, "warm": time.perf_counter() - t1, "tiles": n}
 
 
-def w_wsimil_grid(slide: str, out: Path, a: dict) -> dict:
+def _wsimil_grid(s: Any, mask_mpp: float) -> Any:
+    """wsi-mil's tissue detection and grid on an open slide, at the benchmark settings."""
     from wsi_mil.tiling import detect_tissue, tile_grid
+
+    mask = detect_tissue(s.get_thumbnail(mpp=mask_mpp), mask_mpp)
+    scale = mask_mpp / s.mpp
+    return tile_grid(mask, s.dimensions, mpp=s.mpp, target_mpp=MPP, tile_px=TILE_PX,
+                     min_tissue=MIN_TISSUE, mask_scale=(scale, scale))  # fmt: skip
+
+
+def w_wsimil_grid(slide: str, out: Path, a: dict) -> dict:
     from wsi_mil.wsi import open_slide
 
     def once() -> int:
         with open_slide(slide) as s:
-            thumb = s.get_thumbnail(mpp=a["mask_mpp"])
-            mask = detect_tissue(thumb, a["mask_mpp"])
-            scale = a["mask_mpp"] / s.mpp
-            grid = tile_grid(mask, s.dimensions, mpp=s.mpp, target_mpp=MPP, tile_px=TILE_PX,
-                             min_tissue=MIN_TISSUE, mask_scale=(scale, scale))  # fmt: skip
+            grid = _wsimil_grid(s, a["mask_mpp"])
         if a.get("save_coords"):
             import numpy as np
 
@@ -121,7 +126,6 @@ def w_wsimil_pixels(slide: str, out: Path, a: dict) -> dict:
 
 def w_wsimil_read(slide: str, out: Path, a: dict) -> dict:
     """wsi-mil's pixel path alone: detection, grid and iter_tile_pixels, no store."""
-    from wsi_mil.tiling import detect_tissue, tile_grid
     from wsi_mil.tiling.pipeline import iter_tile_pixels, tile_params
     from wsi_mil.wsi import open_slide
 
@@ -131,11 +135,7 @@ def w_wsimil_read(slide: str, out: Path, a: dict) -> dict:
                          mpp=None)  # fmt: skip
     n = 0
     with open_slide(slide) as s:
-        thumb = s.get_thumbnail(mpp=a["mask_mpp"])
-        mask = detect_tissue(thumb, a["mask_mpp"])
-        scale = a["mask_mpp"] / s.mpp
-        grid = tile_grid(mask, s.dimensions, mpp=s.mpp, target_mpp=MPP, tile_px=TILE_PX,
-                         min_tissue=MIN_TISSUE, mask_scale=(scale, scale))  # fmt: skip
+        grid = _wsimil_grid(s, a["mask_mpp"])
         level = s.best_level_for_mpp(MPP)
         for block in iter_tile_pixels(s, grid.index, level, params, threads=a["threads"]):
             n += len(block)
@@ -359,12 +359,12 @@ def _versions(python: str, modules: list[str], env: dict[str, str]) -> dict[str,
     return json.loads(res.stdout) if res.returncode == 0 else {}
 
 
-def _slides(cache: Path, size: int) -> tuple[Path, Path, str]:
-    """(big slide, small slide for features, description)."""
-    source = HERE.parent.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
-    for cand in (Path("/work/shared/data/CMU-1-Small-Region.svs"),):
-        if not source.exists() and cand.exists():
-            source = cand
+REAL_SLIDE = HERE.parent.parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+
+
+def _slides(cache: Path, size: int, source: Path) -> tuple[Path, Path, str]:
+    """(big slide, small slide for features, description); mosaicked from ``source``
+    when it exists, else synthetic."""
     if source.exists():
         sys.path.insert(0, str(HERE))
         from _mosaic import make_mosaic_slide
@@ -441,9 +441,11 @@ def main() -> None:
                    help="also time histolab's PNG export (minutes; once)")  # fmt: skip
     p.add_argument("--cache-dir", type=Path,
                    default=Path(tempfile.gettempdir()) / "wsi-mil-peers")  # fmt: skip
+    p.add_argument("--real-slide", type=Path, default=REAL_SLIDE,
+                   help="real H&E scan to mosaic the slide from (else synthetic)")  # fmt: skip
     args = p.parse_args()
     args.cache_dir.mkdir(parents=True, exist_ok=True)
-    big, small, what = _slides(args.cache_dir, args.size)
+    big, small, what = _slides(args.cache_dir, args.size, args.real_slide)
     work = Path(tempfile.mkdtemp(prefix="peers-", dir=args.cache_dir))
     run = Runner(work)
     env = run.env
