@@ -15,6 +15,7 @@ built, so the peak stays near two copies (~10 GB).
 from __future__ import annotations
 
 import gc
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,12 +73,22 @@ def _check(ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-3) -> None:
     assert ((ours - ref).abs().max() / scale) < atol, (ours - ref).abs().max()
 
 
+def _need_disk(path: Path, model: nn.Module) -> None:
+    """Skip (with the numbers) when ``path``'s disk cannot hold the model's fp32 weights."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = int(need * 1.2) + (512 << 20)  # the file, its header and working room
+    free = shutil.disk_usage(path).free
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB free under {path}, has {free / 2**30:.1f}")
+
+
 def _timm_parity(
     name: str, tmp_path: Path, arch: str, kwargs: dict, pool, *, n: int = 2, fmt: str = "st"
 ) -> None:
     """timm reference built with the publisher's config → saved as published → ours."""
     torch.set_num_threads(2)
     ref_model = _on_meta(timm.create_model, arch, pretrained=False, num_classes=0, **kwargs)
+    _need_disk(tmp_path, ref_model)
     _randomise(ref_model)
     ref_model.eval()
     tiles = _tiles(n)
@@ -188,6 +199,7 @@ def test_hibou_parity_with_transformers(tmp_path, name):
     torch.manual_seed(0)
     hf = transformers.Dinov2WithRegistersModel(cfg).eval()
     _randomise(hf, seed=1)
+    _need_disk(tmp_path, hf)
     hf.save_pretrained(tmp_path / name)
     tiles = _tiles(2)
     enc = create_encoder(name, weights=str(tmp_path / name))
