@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 __all__ = ["bootstrap_ci", "classification_metrics", "survival_metrics"]
 
@@ -64,15 +63,40 @@ def bootstrap_ci(
     return out
 
 
+def _binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC as the Mann–Whitney statistic (ties count one half).
+
+    Equal to scikit-learn's ``roc_auc_score`` (tested against it) at a fraction of its
+    cost, which matters inside a 1,000-resample bootstrap.
+
+    Args:
+        positive: (P,) bool, both values present.
+        score: (P,) higher = more likely positive.
+    """
+    from scipy.stats import rankdata
+
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    rank_sum = float(rankdata(score)[positive].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def _auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float | None:
+    """Binary AUC, or one-vs-rest macro AUC over ``n_classes``; None if a class is absent.
+
+    Args:
+        y: (P,) class indices.
+        probs: (P, C) class probabilities.
+        n_classes: C.
+    """
     present = np.unique(y)
     if len(present) < 2:
         return None
     if n_classes == 2:
-        return float(roc_auc_score(y, probs[:, 1]))
+        return _binary_auc(y == 1, probs[:, 1])
     if len(present) < n_classes:
         return None
-    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    return float(np.mean([_binary_auc(y == c, probs[:, c]) for c in range(n_classes)]))
 
 
 def _balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float | None:

@@ -211,9 +211,66 @@ def harrell_c(
     """
     t, e, r = _validated(time, event, risk)
     est = _harrell(t, e, r, tied_tol)
-    boots = _bootstrap(lambda i: _harrell(t[i], e[i], r[i], tied_tol), len(t), n_bootstrap, seed)
+    if len(t) <= _PAIRWISE_MAX:
+        boots = _pair_bootstrap(t, e, r, np.ones_like(t), tied_tol, n_bootstrap, seed)
+    else:
+        stat = lambda i: _harrell(t[i], e[i], r[i], tied_tol)  # noqa: E731
+        boots = _bootstrap(stat, len(t), n_bootstrap, seed)
     lo, hi = _interval(boots, alpha)
     return CIndex(est, float(lo), float(hi), len(boots))
+
+
+_PAIRWISE_MAX = 2000  # patients: (N, N) float64 pair matrices up to 32 MB each
+
+
+def _pair_bootstrap(
+    t: np.ndarray,
+    e: np.ndarray,
+    r: np.ndarray,
+    w: np.ndarray,
+    tied_tol: float,
+    n_bootstrap: int,
+    seed: int,
+) -> list[float]:
+    """Bootstrap of scikit-survival's weighted concordance, all resamples at once.
+
+    ``_estimate_concordance_index`` sums, over comparable pairs (``i`` an event and
+    ``j`` later, or censored at the same time), ``w_i`` times 1 for a concordant pair
+    and 1/2 for tied risks, and divides by the sum of ``w_i``. A resample that repeats
+    patient ``i`` ``c_i`` times weights pair ``(i, j)`` by ``c_i c_j``, so resample
+    ``b``'s C is ``c_b^T A c_b / c_b^T B c_b`` with the pair matrices ``A`` and ``B``
+    built once. The resamples are those of :func:`_bootstrap` (same seed, same draws);
+    values equal a per-resample call of scikit-survival (tested).
+
+    Args:
+        t: (N,) times.
+        e: (N,) bool events.
+        r: (N,) risks.
+        w: (N,) per-patient weights (1 for Harrell; squared IPCW, 0 after tau, for Uno).
+        tied_tol: risks closer than this are tied.
+        n_bootstrap: resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        The C of every resample with a comparable pair.
+    """
+    if n_bootstrap < 0:
+        raise SurvivalDataError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    if n_bootstrap == 0:
+        return []
+    n = t.size
+    later = (t[None, :] > t[:, None]) | ((t[None, :] == t[:, None]) & ~e[None, :])
+    comparable = (e[:, None] & later) * w[:, None]  # B: (N, N)
+    tie = np.abs(r[None, :] - r[:, None]) <= tied_tol
+    credit = np.where(tie, 0.5, (r[None, :] < r[:, None]).astype(np.float64))
+    rng = np.random.default_rng(seed)
+    counts = np.stack(  # (n_bootstrap, N) multiplicities
+        [np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_bootstrap)]
+    ).astype(np.float64)
+    num = ((counts @ (comparable * credit)) * counts).sum(1)
+    den = ((counts @ comparable) * counts).sum(1)
+    ok = den > 0
+    return (num[ok] / den[ok]).tolist()
 
 
 def _reference(
@@ -260,6 +317,20 @@ def _uno(
     return float(value)
 
 
+def _uno_weights(
+    ref: tuple[np.ndarray, np.ndarray], t: np.ndarray, e: np.ndarray, tau: float
+) -> np.ndarray:
+    """(N,) squared inverse censoring probabilities, 0 from ``tau`` on, as
+    ``concordance_index_ipcw`` weights each patient (censoring KM fitted on ``ref``)."""
+    from sksurv.nonparametric import CensoringDistributionEstimator
+
+    before = t < tau
+    cens = CensoringDistributionEstimator().fit(_structured(*ref))
+    w = np.zeros_like(t)
+    w[before] = np.square(cens.predict_ipcw(_structured(t[before], e[before])))
+    return w
+
+
 def uno_c(
     time: Any,
     event: Any,
@@ -304,12 +375,16 @@ def uno_c(
         raise SurvivalDataError(f"tau must be a positive time, got {tau!r}")
     tau = float(tau)
     est = _uno((t, e) if ref is None else ref, t, e, r, tau, tied_tol)
+    if ref is not None and len(t) <= _PAIRWISE_MAX:
+        # fixed censoring weights: one set of pair matrices serves every resample
+        boots = _pair_bootstrap(t, e, r, _uno_weights(ref, t, e, tau), tied_tol, n_bootstrap, seed)
+    else:
 
-    def stat(i: np.ndarray) -> float:
-        base = (t[i], e[i]) if ref is None else ref
-        return _uno(base, t[i], e[i], r[i], tau, tied_tol)
+        def stat(i: np.ndarray) -> float:
+            base = (t[i], e[i]) if ref is None else ref
+            return _uno(base, t[i], e[i], r[i], tau, tied_tol)
 
-    boots = _bootstrap(stat, len(t), n_bootstrap, seed)
+        boots = _bootstrap(stat, len(t), n_bootstrap, seed)
     lo, hi = _interval(boots, alpha)
     return CIndex(est, float(lo), float(hi), len(boots))
 

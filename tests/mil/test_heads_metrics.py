@@ -97,6 +97,26 @@ def test_classification_metrics_match_sklearn() -> None:
     )
 
 
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_auc_equals_sklearn_on_tied_scores_and_resamples(n_classes: int) -> None:
+    """The Mann–Whitney AUC against scikit-learn, with ties and repeated rows."""
+    from wsi_mil.mil.metrics import _auc
+
+    rng = np.random.default_rng(n_classes)
+    y = rng.integers(0, n_classes, 50)
+    probs = rng.dirichlet(np.ones(n_classes), 6)[rng.integers(0, 6, 50)]  # many ties
+    for _ in range(20):
+        i = rng.integers(0, 50, 50)
+        if len(np.unique(y[i])) < n_classes:
+            continue
+        ref = (
+            roc_auc_score(y[i], probs[i, 1])
+            if n_classes == 2
+            else roc_auc_score(y[i], probs[i], multi_class="ovr", average="macro")
+        )
+        assert _auc(y[i], probs[i], n_classes) == pytest.approx(ref, abs=1e-12)
+
+
 def test_balanced_accuracy_when_a_predicted_class_is_absent() -> None:
     # 3 classes, class 2 never true but predicted (sklearn warns here; pytest -W error)
     y = np.array([0, 0, 1, 1])

@@ -104,6 +104,38 @@ def test_uno_equals_sksurv_with_training_censoring(gbsg_split):
     assert res.lower <= res.estimate <= res.upper
 
 
+def test_bootstrap_resamples_equal_sksurv_per_resample(rossi, gbsg_split):
+    """The all-at-once pair bootstrap gives, resample by resample, sksurv's own C
+    (tied times in Rossi's weeks, tied risks from rounding, repeated patients)."""
+    from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
+
+    from wsi_mil.survival.metrics import _bootstrap, _pair_bootstrap, _uno_weights
+
+    t = rossi["week"].to_numpy(float)[:150]
+    e = rossi["arrest"].to_numpy(bool)[:150]
+    r = np.round(rossi["prio"].to_numpy(float)[:150] - 0.1 * rossi["age"].to_numpy()[:150])
+    ref = _bootstrap(
+        lambda i: concordance_index_censored(e[i], t[i], r[i])[0], len(t), 40, seed=3
+    )
+    ours = _pair_bootstrap(t, e, r, np.ones_like(t), 1e-8, 40, seed=3)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+    assert harrell_c(t, e, r, n_bootstrap=40, seed=3).lower == np.percentile(ours, 2.5)
+
+    tt, te_, _ = gbsg_split["train"]
+    t, e, r = gbsg_split["test"]
+    r = np.round(r, 1)
+
+    def uno(i):
+        return concordance_index_ipcw(_struct(tt, te_), _struct(t[i], e[i]), r[i], tau=1500.0)[0]
+
+    ref = _bootstrap(uno, len(t), 40, seed=4)
+    w = _uno_weights((tt, te_), t, e, 1500.0)
+    np.testing.assert_allclose(_pair_bootstrap(t, e, r, w, 1e-8, 40, 4), ref, rtol=0, atol=1e-12)
+    res = uno_c(t, e, r, tau=1500.0, train_time=tt, train_event=te_, n_bootstrap=40, seed=4)
+    assert res.n_bootstrap == 40
+    assert (res.lower, res.upper) == pytest.approx(tuple(np.percentile(ref, [2.5, 97.5])))
+
+
 def test_uno_without_censoring_is_truncated_harrell():
     rng = np.random.default_rng(2)
     t = rng.permutation(80).astype(float) + 1
