@@ -114,9 +114,7 @@ def test_bootstrap_resamples_equal_sksurv_per_resample(rossi, gbsg_split):
     t = rossi["week"].to_numpy(float)[:150]
     e = rossi["arrest"].to_numpy(bool)[:150]
     r = np.round(rossi["prio"].to_numpy(float)[:150] - 0.1 * rossi["age"].to_numpy()[:150])
-    ref = _bootstrap(
-        lambda i: concordance_index_censored(e[i], t[i], r[i])[0], len(t), 40, seed=3
-    )
+    ref = _bootstrap(lambda i: concordance_index_censored(e[i], t[i], r[i])[0], len(t), 40, seed=3)
     ours = _pair_bootstrap(t, e, r, np.ones_like(t), 1e-8, 40, seed=3)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
     assert harrell_c(t, e, r, n_bootstrap=40, seed=3).lower == np.percentile(ours, 2.5)
