@@ -94,7 +94,13 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where:
 #: trained with (their ``fold.json`` does not name it).
 _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
     "transmil": {"attention": "exact"},
-    "dual_xattn": {"omics_encoder": "snn", "residual": False, "modality_dropout": 0.0},
+    "dual_xattn": {
+        "omics_encoder": "snn",
+        "residual": False,
+        "modality_dropout": 0.0,
+        "histology_fallback": False,
+        "histology_loss": 0.0,
+    },
 }
 
 #: The feature scaler's tensors in a state dict.

@@ -220,6 +220,8 @@ def _train_step(
     loss = head.loss(out.logits, targets)
     if out.aux_loss is not None:  # CLAM: bag_weight * bag loss + instance loss
         loss = getattr(model, "task_weight", 1.0) * loss + out.aux_loss.float()
+    if out.aux_logits is not None:  # dual_xattn: the histology path on its own
+        loss = loss + getattr(model, "aux_logits_weight", 1.0) * head.loss(out.aux_logits, targets)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if ctx.config.grad_clip > 0:

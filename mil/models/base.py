@@ -43,6 +43,9 @@ class MILOutput(NamedTuple):
             over heads, last block), else ``None``.
         context_weights: fusion aggregators only: ``(B, T)`` pooling weight of each
             context token (0 where the modality is missing), else ``None``.
+        aux_logits: ``(B, n_outputs)`` logits of an inner predictor that training also
+            fits with the task loss, weighted by the model's ``aux_logits_weight``
+            (``dual_xattn``'s histology-only path), else ``None``.
     """
 
     logits: Tensor
@@ -50,6 +53,7 @@ class MILOutput(NamedTuple):
     aux_loss: Tensor | None
     context_attention: Tensor | None = None
     context_weights: Tensor | None = None
+    aux_logits: Tensor | None = None
 
 
 def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:

@@ -35,6 +35,18 @@ Two additions keep the fusion from costing the histology signal (``residual=True
   (exactly as a missing modality) with probability ``modality_dropout`` each, so the
   histology path and the "missing" embeddings are trained on every batch and a patient
   without omics is no surprise at prediction time.
+
+Three more make the histology path a predictor in its own right, so that a patient
+without any context is scored as well as ABMIL would score them (``histology_fallback``,
+``histology_loss > 0`` and the zero start, the defaults since the missing-omics
+benchmark; older folds are rebuilt without the fallback):
+
+* *histology fallback*: the fused correction is added only for bags with at least one
+  context modality present; a bag with none gets the histology path's logits alone;
+* *histology loss*: training also fits the histology path's logits on their own with the
+  task loss, weighted by ``histology_loss`` (``MILOutput.aux_logits``);
+* *zero start*: the fused classifier starts at zero, so training starts from ABMIL and
+  the context earns its share.
 """
 
 from __future__ import annotations
@@ -282,11 +294,15 @@ class DualCrossAttentionMIL(Aggregator):
         residual: add the logits of a histology-only gated-attention path (default).
         modality_dropout: in training, probability of masking a bag's omics (and,
             independently, its clinical input) as missing (0.25).
+        histology_fallback: with ``residual``, a bag without any context modality gets
+            the histology path's logits alone (default).
+        histology_loss: with ``residual``, weight of the task loss on the histology
+            path's own logits in training (0.5; 0 = off).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
-            ``dim`` not divisible by ``n_heads``, an unknown ``omics_encoder`` or
-            ``modality_dropout`` outside [0, 1).
+            ``dim`` not divisible by ``n_heads``, an unknown ``omics_encoder``,
+            ``modality_dropout`` outside [0, 1) or a negative ``histology_loss``.
     """
 
     def __init__(
@@ -303,6 +319,8 @@ class DualCrossAttentionMIL(Aggregator):
         omics_encoder: str = "linear",
         residual: bool = True,
         modality_dropout: float = 0.25,
+        histology_fallback: bool = True,
+        histology_loss: float = 0.5,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
@@ -316,6 +334,8 @@ class DualCrossAttentionMIL(Aggregator):
             raise ConfigError(
                 "dual_xattn needs omics_groups or n_clinical > 0; for histology alone use abmil"
             )
+        if histology_loss < 0:
+            raise ConfigError(f"dual_xattn: histology_loss={histology_loss} must be >= 0")
         if dim % n_heads:
             raise ConfigError(f"dual_xattn: dim={dim} must be divisible by n_heads={n_heads}")
         if n_layers < 1:
@@ -352,6 +372,11 @@ class DualCrossAttentionMIL(Aggregator):
         self.classifier = nn.Linear(dim, n_outputs)
         self.histology_pool = GatedAttention(dim, hidden, 1, dropout) if residual else None
         self.histology_head = nn.Linear(dim, n_outputs) if residual else None
+        self.histology_fallback = histology_fallback and residual
+        self.aux_logits_weight = histology_loss if residual else 0.0
+        if residual:  # zero start: the model begins as its histology path
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
 
     def _present(
         self,
@@ -449,7 +474,13 @@ class DualCrossAttentionMIL(Aggregator):
             h_context = h_context + (~clinical_present)[:, None] * self.missing_clinical
         fused = self.fusion(torch.cat([h_tiles[:, 0], h_context], dim=-1))
         logits = self.classifier(fused)
+        aux = None
         if residual is not None:
+            if self.histology_fallback:  # no context at all: the histology path alone
+                logits = logits * context_mask.any(dim=1, keepdim=True)
             logits = logits + residual
+            aux = residual if self.training and self.aux_logits_weight > 0 else None
         co_attention = co_attention * context_mask[..., None]
-        return MILOutput(logits, attention[:, 0], None, co_attention, context_weights[:, 0])
+        return MILOutput(
+            logits, attention[:, 0], None, co_attention, context_weights[:, 0], aux_logits=aux
+        )

@@ -16,6 +16,7 @@ from wsi_mil.mil.models import (
     list_aggregators,
     masked_softmax,
 )
+from wsi_mil.mil.models.base import attention_pool
 
 IN_DIM = 12
 N_OMICS = 7
@@ -49,7 +50,10 @@ def _one_thread() -> Iterator[None]:
 
 def build(name: str, n_outputs: int = 3, seed: int = 0, **extra: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return create_aggregator(name, IN_DIM, n_outputs, **{**SMALL.get(name, {}), **extra})
+    model = create_aggregator(name, IN_DIM, n_outputs, **{**SMALL.get(name, {}), **extra})
+    if name == "dual_xattn":  # as after training: the fused classifier has left zero
+        torch.nn.init.normal_(model.classifier.weight, std=0.5)
+    return model
 
 
 def make_inputs(
@@ -645,9 +649,39 @@ def test_dual_xattn_residual_histology_path_is_added_to_the_fused_logits() -> No
     assert base.logits.abs().sum() > 0
 
 
+def test_dual_xattn_without_any_context_is_its_histology_path() -> None:
+    """``histology_fallback``: a bag with neither omics nor clinical gets the histology
+    path's logits alone; a bag with context gets the fused correction on top; training
+    returns the histology logits for their own loss (``aux_logits``), eval does not."""
+    model = build("dual_xattn", n_outputs=1).eval()
+    inputs = make_inputs(lengths=[9, 6, 4])
+    inputs["omics_mask"] = torch.tensor([False, True, False])
+    inputs["clinical_mask"] = torch.tensor([False, False, True])
+    out = run(model, inputs)
+    no_context = take(inputs, 0)
+    alone = build("dual_xattn", n_outputs=1, histology_fallback=False).eval()
+    alone.load_state_dict(model.state_dict())
+    tiles = model.tile_proj(no_context["features"])
+    pooled = attention_pool(tiles, model.histology_pool(tiles), no_context["mask"])[0]
+    hist = model.histology_head(pooled[:, 0])
+    assert torch.allclose(out.logits[0], hist[0], atol=1e-6)
+    assert not torch.allclose(run(alone, no_context).logits, hist, atol=1e-4)
+    with_context = build("dual_xattn", n_outputs=1, histology_fallback=False).eval()
+    with_context.load_state_dict(model.state_dict())
+    assert torch.allclose(out.logits[1:], run(with_context, inputs).logits[1:], atol=1e-6)
+    assert out.aux_logits is None
+    assert run(model.train(), inputs).aux_logits is not None
+    assert run(build("dual_xattn", histology_loss=0.0).train(), inputs).aux_logits is None
+    assert not build("dual_xattn", residual=False).histology_fallback
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
-    [({"omics_encoder": "mlp"}, "omics_encoder"), ({"modality_dropout": 1.0}, "modality_dropout")],
+    [
+        ({"omics_encoder": "mlp"}, "omics_encoder"),
+        ({"modality_dropout": 1.0}, "modality_dropout"),
+        ({"histology_loss": -1.0}, "histology_loss"),
+    ],
 )
 def test_dual_xattn_bad_fusion_options(options: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -331,9 +331,20 @@ def test_patient_without_omics_is_predicted_as_with_its_omics_masked_by_hand(
         assert masked.context_weights is not None and torch.all(masked.context_weights == 0)
 
 
-def test_dual_xattn_fold_saved_before_the_residual_path_loads_as_trained(tmp_path: Path) -> None:
-    """A ``fold.json`` without ``omics_encoder`` / ``residual`` / ``modality_dropout``
-    was trained with SNN group encoders, no histology residual and no modality dropout."""
+@pytest.mark.parametrize(
+    "old",
+    [
+        {"omics_encoder": "snn", "residual": False, "modality_dropout": 0.0,
+         "histology_fallback": False, "histology_loss": 0.0},
+        {"histology_fallback": False, "histology_loss": 0.0},
+    ],
+    ids=["before-the-residual-path", "before-the-histology-fallback"],
+)  # fmt: skip
+def test_dual_xattn_fold_saved_before_a_default_changed_loads_as_trained(
+    tmp_path: Path, old: dict[str, Any]
+) -> None:
+    """A ``fold.json`` that does not name an option was trained with its old value: SNN
+    group encoders, no residual, no modality dropout, no histology fallback."""
     from safetensors.torch import save_file
 
     from wsi_mil.mil.fold import FoldModel
@@ -341,7 +352,6 @@ def test_dual_xattn_fold_saved_before_the_residual_path_loads_as_trained(tmp_pat
     from wsi_mil.mil.models import create_aggregator
     from wsi_mil.mil.tabular import TabularPreprocessor
 
-    old = {"omics_encoder": "snn", "residual": False, "modality_dropout": 0.0}
     model = create_aggregator("dual_xattn", 4, 1, omics_groups=[[0, 1], [2]], dim=8, n_heads=2,
                               **old)  # fmt: skip
     config = {k: v for k, v in model.aggregator_config.items() if k not in old}
@@ -354,8 +364,8 @@ def test_dual_xattn_fold_saved_before_the_residual_path_loads_as_trained(tmp_pat
         "preprocessing": TabularPreprocessor().state_dict(),
     }))  # fmt: skip
     loaded = FoldModel.load(fold).model
-    assert loaded.histology_head is None and loaded.modality_dropout == 0.0
-    assert type(loaded.omics_encoder).__name__ == "GroupedSNN"
+    assert loaded.aggregator_config == model.aggregator_config
+    assert not loaded.histology_fallback
 
 
 def test_test_bags_are_not_read_before_the_model_is_chosen(
