@@ -98,6 +98,7 @@ _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
         "omics_encoder": "snn",
         "residual": False,
         "modality_dropout": 0.0,
+        "histology_dim": None,
         "histology_fallback": False,
         "histology_loss": 0.0,
     },

@@ -28,9 +28,10 @@ the two embeddings are concatenated and passed through an MLP to the head.
 Two additions keep the fusion from costing the histology signal (``residual=True`` and
 ``modality_dropout > 0``, the defaults; folds saved before them are rebuilt without):
 
-* a *residual histology path*: gated attention pooling of the tile tokens before any
-  cross-attention, with its own linear head, whose logits are added to the fused
-  logits — the model contains ABMIL and learns what the context adds on top;
+* a *residual histology path*: ABMIL on the tile features (its own projection to
+  ``histology_dim``, gated attention and linear head; older folds pooled the shared tile
+  tokens instead), whose logits are added to the fused logits — the model contains
+  ABMIL and learns what the context adds on top;
 * *modality dropout*: in training, each bag's omics and clinical inputs are masked
   (exactly as a missing modality) with probability ``modality_dropout`` each, so the
   histology path and the "missing" embeddings are trained on every batch and a patient
@@ -294,6 +295,8 @@ class DualCrossAttentionMIL(Aggregator):
         residual: add the logits of a histology-only gated-attention path (default).
         modality_dropout: in training, probability of masking a bag's omics (and,
             independently, its clinical input) as missing (0.25).
+        histology_dim: with ``residual``, the histology path's projection dim (512, as
+            ``abmil``); ``None`` pools the shared tile tokens (folds saved before it).
         histology_fallback: with ``residual``, a bag without any context modality gets
             the histology path's logits alone (default).
         histology_loss: with ``residual``, weight of the task loss on the histology
@@ -319,6 +322,7 @@ class DualCrossAttentionMIL(Aggregator):
         omics_encoder: str = "linear",
         residual: bool = True,
         modality_dropout: float = 0.25,
+        histology_dim: int | None = 512,
         histology_fallback: bool = True,
         histology_loss: float = 0.5,
     ) -> None:
@@ -370,8 +374,12 @@ class DualCrossAttentionMIL(Aggregator):
         self.missing_clinical = nn.Parameter(torch.zeros(dim)) if n_clinical > 0 else None
         self.fusion = mlp_block(2 * dim, dim, dropout)
         self.classifier = nn.Linear(dim, n_outputs)
-        self.histology_pool = GatedAttention(dim, hidden, 1, dropout) if residual else None
-        self.histology_head = nn.Linear(dim, n_outputs) if residual else None
+        h_dim = histology_dim or dim
+        self.histology_proj = (
+            mlp_block(in_dim, h_dim, dropout) if residual and histology_dim else None
+        )
+        self.histology_pool = GatedAttention(h_dim, h_dim // 2, 1, dropout) if residual else None
+        self.histology_head = nn.Linear(h_dim, n_outputs) if residual else None
         self.histology_fallback = histology_fallback and residual
         self.aux_logits_weight = histology_loss if residual else 0.0
         if residual:  # zero start: the model begins as its histology path
@@ -455,7 +463,8 @@ class DualCrossAttentionMIL(Aggregator):
         tiles = self.tile_proj(features)
         residual = None
         if self.histology_pool is not None and self.histology_head is not None:
-            h_hist = attention_pool(tiles, self.histology_pool(tiles), mask)[0]
+            h_in = tiles if self.histology_proj is None else self.histology_proj(features)
+            h_hist = attention_pool(h_in, self.histology_pool(h_in), mask)[0]
             residual = self.histology_head(h_hist[:, 0])
         context, context_mask = self._context(
             b, omics, clinical, omics_present, clinical_present, tiles

@@ -34,6 +34,7 @@ SMALL: dict[str, dict[str, Any]] = {
         "n_clinical": N_CLINICAL,
         "dim": 16,
         "n_heads": 2,
+        "histology_dim": 16,
     },
 }
 NAMES = list_aggregators()
@@ -661,7 +662,7 @@ def test_dual_xattn_without_any_context_is_its_histology_path() -> None:
     no_context = take(inputs, 0)
     alone = build("dual_xattn", n_outputs=1, histology_fallback=False).eval()
     alone.load_state_dict(model.state_dict())
-    tiles = model.tile_proj(no_context["features"])
+    tiles = model.histology_proj(no_context["features"])
     pooled = attention_pool(tiles, model.histology_pool(tiles), no_context["mask"])[0]
     hist = model.histology_head(pooled[:, 0])
     assert torch.allclose(out.logits[0], hist[0], atol=1e-6)

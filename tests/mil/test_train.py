@@ -335,8 +335,8 @@ def test_patient_without_omics_is_predicted_as_with_its_omics_masked_by_hand(
     "old",
     [
         {"omics_encoder": "snn", "residual": False, "modality_dropout": 0.0,
-         "histology_fallback": False, "histology_loss": 0.0},
-        {"histology_fallback": False, "histology_loss": 0.0},
+         "histology_dim": None, "histology_fallback": False, "histology_loss": 0.0},
+        {"histology_dim": None, "histology_fallback": False, "histology_loss": 0.0},
     ],
     ids=["before-the-residual-path", "before-the-histology-fallback"],
 )  # fmt: skip
