@@ -100,7 +100,7 @@ _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
         "modality_dropout": 0.0,
         "histology_dim": None,
         "histology_fallback": False,
-        "histology_loss": 0.0,
+        "warm_start": False,
     },
 }
 

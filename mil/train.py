@@ -220,8 +220,6 @@ def _train_step(
     loss = head.loss(out.logits, targets)
     if out.aux_loss is not None:  # CLAM: bag_weight * bag loss + instance loss
         loss = getattr(model, "task_weight", 1.0) * loss + out.aux_loss.float()
-    if out.aux_logits is not None:  # dual_xattn: the histology path on its own
-        loss = loss + getattr(model, "aux_logits_weight", 1.0) * head.loss(out.aux_logits, targets)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if ctx.config.grad_clip > 0:
@@ -267,12 +265,21 @@ def _fit_scaler(ctx: _Context, model: torch.nn.Module, fit: UnitSet, fold: int) 
 
 
 def _optimise(
-    ctx: _Context, model: torch.nn.Module, head: Head, fit: UnitSet, val: UnitSet, k: int
+    ctx: _Context,
+    model: torch.nn.Module,
+    head: Head,
+    fit: UnitSet,
+    val: UnitSet,
+    k: int,
+    *,
+    keep_start: bool = False,
 ) -> tuple[int, dict[str, list[float]]]:
     """Train for up to ``steps`` steps, evaluating the inner validation loss every
     ``eval_every`` steps; stop after ``patience`` steps without an improvement of more
     than :data:`MIN_DELTA` and restore
     the best checkpoint (the last one when the validation set cannot rank them).
+    With ``keep_start`` the starting model is a candidate too (step 0: a later stage
+    that does not improve on the stage before it keeps that stage's model).
 
     Returns:
         The selected step and the history: ``step`` and ``train`` loss per evaluation,
@@ -292,6 +299,8 @@ def _optimise(
     history: dict[str, list[float]] = {"step": [], "train": [], "val": []}
     best = (math.inf, 0, _snapshot(model))
     use_val = _informative(val, cfg, k)
+    if keep_start and use_val:
+        best = (_validation_loss(ctx, model, head, val, k, 0), 0, best[2])
     losses: list[torch.Tensor] = []
     model.train()
     batches = zip(plan, prefetch(plan, load, cfg.prefetch), strict=True)
@@ -316,6 +325,30 @@ def _optimise(
     model.load_state_dict(best[2])
     model.eval()
     return best[1], history
+
+
+def _optimise_stages(
+    ctx: _Context, model: torch.nn.Module, head: Head, fit: UnitSet, val: UnitSet, k: int
+) -> tuple[int, dict[str, list[float]], list[dict[str, Any]]]:
+    """:func:`_optimise` once, or once per stage of the model's ``training_stages``.
+
+    Returns:
+        The last stage's selected step and history, and one record per stage
+        (``stage``, ``best_step``, ``steps_run``; empty without stages).
+    """
+    stages = tuple(getattr(model, "training_stages", ()))
+    if not stages:
+        return (*_optimise(ctx, model, head, fit, val, k), [])
+    records = []
+    for i, stage in enumerate(stages):
+        model.set_stage(stage)
+        best_step, history = _optimise(ctx, model, head, fit, val, k, keep_start=i > 0)
+        steps_run = history["step"][-1] if history["step"] else 0
+        records.append({"stage": stage, "best_step": best_step, "steps_run": steps_run})
+        log.debug("fold %d stage %s: best step %d of %d", k, stage, best_step, steps_run)
+    model.set_stage(None)
+    model.eval()
+    return best_step, history, records
 
 
 def train_fold(
@@ -343,7 +376,7 @@ def train_fold(
     model = build_model(cfg, ctx.scan.dim, head, pre).to(ctx.device)
     _fit_scaler(ctx, model, fit, k)
     torch.manual_seed(cfg.seed * 1009 + k + 1)
-    best_step, history = _optimise(ctx, model, head, fit, val, k)
+    best_step, history, stages = _optimise_stages(ctx, model, head, fit, val, k)
     meta = {
         "fold": k,
         "aggregator": dict(getattr(model, "aggregator_config", {})),
@@ -353,6 +386,7 @@ def train_fold(
         "best_step": best_step,
         "steps_run": history["step"][-1] if history["step"] else 0,
         "history": history,
+        **({"stages": stages} if stages else {}),
         "n_train": len(fold_spec["train"]),
         "n_val": len(fold_spec["val"]),
         "n_test": len(fold_spec["test"]),

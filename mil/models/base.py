@@ -43,9 +43,6 @@ class MILOutput(NamedTuple):
             over heads, last block), else ``None``.
         context_weights: fusion aggregators only: ``(B, T)`` pooling weight of each
             context token (0 where the modality is missing), else ``None``.
-        aux_logits: ``(B, n_outputs)`` logits of an inner predictor that training also
-            fits with the task loss, weighted by the model's ``aux_logits_weight``
-            (``dual_xattn``'s histology-only path), else ``None``.
     """
 
     logits: Tensor
@@ -53,7 +50,6 @@ class MILOutput(NamedTuple):
     aux_loss: Tensor | None
     context_attention: Tensor | None = None
     context_weights: Tensor | None = None
-    aux_logits: Tensor | None = None
 
 
 def masked_softmax(scores: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
@@ -238,6 +234,19 @@ class Aggregator(nn.Module, abc.ABC):
         self.in_dim = in_dim
         self.n_outputs = n_outputs
         self.scaler = FeatureScaler(in_dim)
+
+    @property
+    def training_stages(self) -> tuple[str, ...]:
+        """Names of the stages the trainer runs one after the other, each a full
+        optimisation with early stopping after :meth:`set_stage`; ``()`` = one plain
+        optimisation (every aggregator but ``dual_xattn``'s warm start)."""
+        return ()
+
+    def set_stage(self, stage: str | None) -> None:
+        """Enter a stage of :attr:`training_stages` (which parameters train, what
+        ``forward`` returns); ``None`` leaves staging (all parameters, full model)."""
+        if stage is not None:
+            raise ValueError(f"{self.name} has no training stage {stage!r}")
 
     def prepare(self, features: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Check the inputs (:func:`check_bag_inputs`) and standardise the features.

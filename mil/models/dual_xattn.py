@@ -37,17 +37,18 @@ Two additions keep the fusion from costing the histology signal (``residual=True
   histology path and the "missing" embeddings are trained on every batch and a patient
   without omics is no surprise at prediction time.
 
-Three more make the histology path a predictor in its own right, so that a patient
-without any context is scored as well as ABMIL would score them (``histology_fallback``,
-``histology_loss > 0`` and the zero start, the defaults since the missing-omics
-benchmark; older folds are rebuilt without the fallback):
+Three more make the histology path ABMIL in its own right, so that a patient without
+any context is scored as ABMIL would score them and the context only adds what it
+carries (``warm_start`` and ``histology_fallback``, the defaults since the missing-omics
+benchmark; older folds are rebuilt without them):
 
+* *warm start* (:attr:`training_stages`): the trainer first fits the histology path alone
+  (stage ``"histology"``: ABMIL, with its own early stopping), then freezes it and fits
+  the rest (stage ``"fusion"``); the fused classifier starts at zero, so the second stage
+  starts from the first one's model and keeps it where the context does not help the
+  inner validation loss;
 * *histology fallback*: the fused correction is added only for bags with at least one
-  context modality present; a bag with none gets the histology path's logits alone;
-* *histology loss*: training also fits the histology path's logits on their own with the
-  task loss, weighted by ``histology_loss`` (``MILOutput.aux_logits``);
-* *zero start*: the fused classifier starts at zero, so training starts from ABMIL and
-  the context earns its share.
+  context modality present; a bag with none gets the histology path's logits alone.
 """
 
 from __future__ import annotations
@@ -299,13 +300,13 @@ class DualCrossAttentionMIL(Aggregator):
             ``abmil``); ``None`` pools the shared tile tokens (folds saved before it).
         histology_fallback: with ``residual``, a bag without any context modality gets
             the histology path's logits alone (default).
-        histology_loss: with ``residual``, weight of the task loss on the histology
-            path's own logits in training (0.5; 0 = off).
+        warm_start: with ``residual``, train in two stages: the histology path alone,
+            then the rest with it frozen (default).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
             ``dim`` not divisible by ``n_heads``, an unknown ``omics_encoder``,
-            ``modality_dropout`` outside [0, 1) or a negative ``histology_loss``.
+            ``modality_dropout`` outside [0, 1).
     """
 
     def __init__(
@@ -324,7 +325,7 @@ class DualCrossAttentionMIL(Aggregator):
         modality_dropout: float = 0.25,
         histology_dim: int | None = 512,
         histology_fallback: bool = True,
-        histology_loss: float = 0.5,
+        warm_start: bool = True,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
@@ -338,8 +339,6 @@ class DualCrossAttentionMIL(Aggregator):
             raise ConfigError(
                 "dual_xattn needs omics_groups or n_clinical > 0; for histology alone use abmil"
             )
-        if histology_loss < 0:
-            raise ConfigError(f"dual_xattn: histology_loss={histology_loss} must be >= 0")
         if dim % n_heads:
             raise ConfigError(f"dual_xattn: dim={dim} must be divisible by n_heads={n_heads}")
         if n_layers < 1:
@@ -381,10 +380,32 @@ class DualCrossAttentionMIL(Aggregator):
         self.histology_pool = GatedAttention(h_dim, h_dim // 2, 1, dropout) if residual else None
         self.histology_head = nn.Linear(h_dim, n_outputs) if residual else None
         self.histology_fallback = histology_fallback and residual
-        self.aux_logits_weight = histology_loss if residual else 0.0
+        self.warm_start = warm_start and residual
+        self._stage: str | None = None
         if residual:  # zero start: the model begins as its histology path
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def training_stages(self) -> tuple[str, ...]:
+        """``("histology", "fusion")`` with ``warm_start``, else ``()``."""
+        return ("histology", "fusion") if self.warm_start else ()
+
+    def _histology_modules(self) -> list[nn.Module]:
+        mods = [self.histology_proj, self.histology_pool, self.histology_head]
+        return [m for m in mods if m is not None]
+
+    def set_stage(self, stage: str | None) -> None:
+        """``"histology"``: only the histology path trains and ``forward`` returns its
+        logits; ``"fusion"``: the histology path is frozen, the rest trains;
+        ``None``: everything trains, full model."""
+        if stage not in (None, *self.training_stages):
+            raise ValueError(f"dual_xattn has no training stage {stage!r}")
+        self._stage = stage
+        histology = {id(p) for m in self._histology_modules() for p in m.parameters()}
+        for p in self.parameters():
+            own = id(p) in histology
+            p.requires_grad_(stage is None or own == (stage == "histology"))
 
     def _present(
         self,
@@ -460,12 +481,18 @@ class DualCrossAttentionMIL(Aggregator):
         b, dev = features.shape[0], features.device
         omics_present = self._present("omics", omics, omics_mask, b, dev)
         clinical_present = self._present("clinical", clinical, clinical_mask, b, dev)
-        tiles = self.tile_proj(features)
-        residual = None
+        tiles, residual = None, None
         if self.histology_pool is not None and self.histology_head is not None:
-            h_in = tiles if self.histology_proj is None else self.histology_proj(features)
-            h_hist = attention_pool(h_in, self.histology_pool(h_in), mask)[0]
+            if self.histology_proj is None:  # folds saved before histology_dim
+                h_in = tiles = self.tile_proj(features)
+            else:
+                h_in = self.histology_proj(features)
+            h_hist, h_weights = attention_pool(h_in, self.histology_pool(h_in), mask)
             residual = self.histology_head(h_hist[:, 0])
+            if self._stage == "histology":  # the warm start's first stage: ABMIL alone
+                return MILOutput(residual, h_weights[:, 0], None)
+        if tiles is None:
+            tiles = self.tile_proj(features)
         context, context_mask = self._context(
             b, omics, clinical, omics_present, clinical_present, tiles
         )
@@ -483,13 +510,9 @@ class DualCrossAttentionMIL(Aggregator):
             h_context = h_context + (~clinical_present)[:, None] * self.missing_clinical
         fused = self.fusion(torch.cat([h_tiles[:, 0], h_context], dim=-1))
         logits = self.classifier(fused)
-        aux = None
         if residual is not None:
             if self.histology_fallback:  # no context at all: the histology path alone
                 logits = logits * context_mask.any(dim=1, keepdim=True)
             logits = logits + residual
-            aux = residual if self.training and self.aux_logits_weight > 0 else None
         co_attention = co_attention * context_mask[..., None]
-        return MILOutput(
-            logits, attention[:, 0], None, co_attention, context_weights[:, 0], aux_logits=aux
-        )
+        return MILOutput(logits, attention[:, 0], None, co_attention, context_weights[:, 0])

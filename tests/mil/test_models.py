@@ -652,8 +652,8 @@ def test_dual_xattn_residual_histology_path_is_added_to_the_fused_logits() -> No
 
 def test_dual_xattn_without_any_context_is_its_histology_path() -> None:
     """``histology_fallback``: a bag with neither omics nor clinical gets the histology
-    path's logits alone; a bag with context gets the fused correction on top; training
-    returns the histology logits for their own loss (``aux_logits``), eval does not."""
+    path's logits alone; a bag with context gets the fused correction on top (with the
+    fused classifier no longer at its zero start)."""
     model = build("dual_xattn", n_outputs=1).eval()
     inputs = make_inputs(lengths=[9, 6, 4])
     inputs["omics_mask"] = torch.tensor([False, True, False])
@@ -670,10 +670,39 @@ def test_dual_xattn_without_any_context_is_its_histology_path() -> None:
     with_context = build("dual_xattn", n_outputs=1, histology_fallback=False).eval()
     with_context.load_state_dict(model.state_dict())
     assert torch.allclose(out.logits[1:], run(with_context, inputs).logits[1:], atol=1e-6)
-    assert out.aux_logits is None
-    assert run(model.train(), inputs).aux_logits is not None
-    assert run(build("dual_xattn", histology_loss=0.0).train(), inputs).aux_logits is None
     assert not build("dual_xattn", residual=False).histology_fallback
+
+
+def test_dual_xattn_warm_start_stages() -> None:
+    """Stage "histology": only the histology path trains and the logits are its own;
+    stage "fusion": the histology path is frozen; None: all trainable again."""
+    model = build("dual_xattn", n_outputs=1)
+    assert model.training_stages == ("histology", "fusion")
+    assert build("dual_xattn", warm_start=False).training_stages == ()
+    assert build("dual_xattn", residual=False).training_stages == ()
+    own = {n for n, _ in model.named_parameters() if n.startswith("histology_")}
+    assert own and all(n.split(".")[0] in {"histology_proj", "histology_pool",
+                                           "histology_head"} for n in own)  # fmt: skip
+    inputs = make_inputs(lengths=[9, 6, 4])
+    model.eval()
+    full = run(model, inputs).logits
+    model.set_stage("histology")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == own
+    alone = run(model, inputs)
+    assert alone.context_attention is None and not torch.allclose(alone.logits, full)
+    changed = {**inputs, "omics": inputs["omics"] + 3.0}
+    assert torch.equal(run(model, changed).logits, alone.logits)
+    model.set_stage("fusion")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not trainable & own
+    assert torch.equal(run(model, inputs).logits, full)
+    model.set_stage(None)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="stage"):
+        model.set_stage("omics")
+    with pytest.raises(ValueError, match="stage"):
+        build("abmil").set_stage("histology")
 
 
 @pytest.mark.parametrize(
@@ -681,7 +710,6 @@ def test_dual_xattn_without_any_context_is_its_histology_path() -> None:
     [
         ({"omics_encoder": "mlp"}, "omics_encoder"),
         ({"modality_dropout": 1.0}, "modality_dropout"),
-        ({"histology_loss": -1.0}, "histology_loss"),
     ],
 )
 def test_dual_xattn_bad_fusion_options(options: dict[str, Any], match: str) -> None:

@@ -244,6 +244,7 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     assert meta["aggregator"]["omics_groups"] == [[0, 1], [2]]
     assert meta["aggregator"]["n_clinical"] == 1 and meta["in_dim"] == 8
     assert meta["head"]["kind"] == "discrete"
+    assert [r["stage"] for r in meta["stages"]] == ["histology", "fusion"]
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
     assert list(result.predictions.columns) == [
         "patient_id",
@@ -311,8 +312,10 @@ def test_patient_without_omics_is_predicted_as_with_its_omics_masked_by_hand(
 
     syn, omics, patients = _omics_cohort(tmp_path)
     config = make_config(
-        syn, "survival", model="dual_xattn", model_kwargs={"dim": 16, "n_heads": 2},
-        folds=2, steps=20, omics=str(omics), omics_group_size=2, n_boot=0,
+        syn, "survival", model="dual_xattn", folds=2, steps=20, omics=str(omics),
+        omics_group_size=2, n_boot=0,
+        # one stage, so the fused correction surely leaves its zero start in 20 steps
+        model_kwargs={"dim": 16, "n_heads": 2, "warm_start": False},
     )  # fmt: skip
     result = train_cv(config, tmp_path / "run")
     test = result.predictions[result.predictions["split"] == "test"].set_index("patient_id")
@@ -335,8 +338,8 @@ def test_patient_without_omics_is_predicted_as_with_its_omics_masked_by_hand(
     "old",
     [
         {"omics_encoder": "snn", "residual": False, "modality_dropout": 0.0,
-         "histology_dim": None, "histology_fallback": False, "histology_loss": 0.0},
-        {"histology_dim": None, "histology_fallback": False, "histology_loss": 0.0},
+         "histology_dim": None, "histology_fallback": False, "warm_start": False},
+        {"histology_dim": None, "histology_fallback": False, "warm_start": False},
     ],
     ids=["before-the-residual-path", "before-the-histology-fallback"],
 )  # fmt: skip
