@@ -332,9 +332,11 @@ def _optimise_stages(
 ) -> tuple[int, dict[str, list[float]], list[dict[str, Any]]]:
     """:func:`_optimise` once, or once per stage of the model's ``training_stages``.
 
+    Each stage runs at ``--lr`` times the model's ``stage_lr_factor(stage)``.
+
     Returns:
         The last stage's selected step and history, and one record per stage
-        (``stage``, ``best_step``, ``steps_run``; empty without stages).
+        (``stage``, ``best_step``, ``steps_run``, ``lr``; empty without stages).
     """
     stages = tuple(getattr(model, "training_stages", ()))
     if not stages:
@@ -342,9 +344,11 @@ def _optimise_stages(
     records = []
     for i, stage in enumerate(stages):
         model.set_stage(stage)
-        best_step, history = _optimise(ctx, model, head, fit, val, k, keep_start=i > 0)
+        lr = ctx.config.lr * model.stage_lr_factor(stage)
+        staged = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, lr=lr))
+        best_step, history = _optimise(staged, model, head, fit, val, k, keep_start=i > 0)
         steps_run = history["step"][-1] if history["step"] else 0
-        records.append({"stage": stage, "best_step": best_step, "steps_run": steps_run})
+        records.append({"stage": stage, "best_step": best_step, "steps_run": steps_run, "lr": lr})
         log.debug("fold %d stage %s: best step %d of %d", k, stage, best_step, steps_run)
     model.set_stage(None)
     model.eval()

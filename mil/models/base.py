@@ -248,6 +248,10 @@ class Aggregator(nn.Module, abc.ABC):
         if stage is not None:
             raise ValueError(f"{self.name} has no training stage {stage!r}")
 
+    def stage_lr_factor(self, stage: str) -> float:
+        """Factor on the learning rate in ``stage`` (1)."""
+        return 1.0
+
     def prepare(self, features: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Check the inputs (:func:`check_bag_inputs`) and standardise the features.
 

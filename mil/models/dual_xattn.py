@@ -302,11 +302,13 @@ class DualCrossAttentionMIL(Aggregator):
             the histology path's logits alone (default).
         warm_start: with ``residual``, train in two stages: the histology path alone,
             then the rest with it frozen (default).
+        fusion_lr: learning-rate factor of the warm start's second stage (0.1: the
+            cross-attention overfits a small cohort within tens of steps at ``--lr``).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
             ``dim`` not divisible by ``n_heads``, an unknown ``omics_encoder``,
-            ``modality_dropout`` outside [0, 1).
+            ``modality_dropout`` outside [0, 1) or ``fusion_lr <= 0``.
     """
 
     def __init__(
@@ -326,6 +328,7 @@ class DualCrossAttentionMIL(Aggregator):
         histology_dim: int | None = 512,
         histology_fallback: bool = True,
         warm_start: bool = True,
+        fusion_lr: float = 0.1,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
@@ -339,6 +342,8 @@ class DualCrossAttentionMIL(Aggregator):
             raise ConfigError(
                 "dual_xattn needs omics_groups or n_clinical > 0; for histology alone use abmil"
             )
+        if not fusion_lr > 0:
+            raise ConfigError(f"dual_xattn: fusion_lr={fusion_lr} must be > 0")
         if dim % n_heads:
             raise ConfigError(f"dual_xattn: dim={dim} must be divisible by n_heads={n_heads}")
         if n_layers < 1:
@@ -381,6 +386,7 @@ class DualCrossAttentionMIL(Aggregator):
         self.histology_head = nn.Linear(h_dim, n_outputs) if residual else None
         self.histology_fallback = histology_fallback and residual
         self.warm_start = warm_start and residual
+        self.fusion_lr = fusion_lr
         self._stage: str | None = None
         if residual:  # zero start: the model begins as its histology path
             nn.init.zeros_(self.classifier.weight)
@@ -390,6 +396,10 @@ class DualCrossAttentionMIL(Aggregator):
     def training_stages(self) -> tuple[str, ...]:
         """``("histology", "fusion")`` with ``warm_start``, else ``()``."""
         return ("histology", "fusion") if self.warm_start else ()
+
+    def stage_lr_factor(self, stage: str) -> float:
+        """``fusion_lr`` in the ``"fusion"`` stage, else 1."""
+        return self.fusion_lr if stage == "fusion" else 1.0
 
     def _histology_modules(self) -> list[nn.Module]:
         mods = [self.histology_proj, self.histology_pool, self.histology_head]

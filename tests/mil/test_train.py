@@ -244,7 +244,10 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     assert meta["aggregator"]["omics_groups"] == [[0, 1], [2]]
     assert meta["aggregator"]["n_clinical"] == 1 and meta["in_dim"] == 8
     assert meta["head"]["kind"] == "discrete"
-    assert [r["stage"] for r in meta["stages"]] == ["histology", "fusion"]
+    assert [(r["stage"], r["lr"]) for r in meta["stages"]] == [
+        ("histology", config.lr),
+        ("fusion", pytest.approx(0.1 * config.lr)),
+    ]
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
     assert list(result.predictions.columns) == [
         "patient_id",
