@@ -214,7 +214,10 @@ def harrell_c(
     if len(t) <= _PAIRWISE_MAX:
         boots = _pair_bootstrap(t, e, r, np.ones_like(t), tied_tol, n_bootstrap, seed)
     else:
-        stat = lambda i: _harrell(t[i], e[i], r[i], tied_tol)  # noqa: E731
+
+        def stat(i: np.ndarray) -> float:
+            return _harrell(t[i], e[i], r[i], tied_tol)
+
         boots = _bootstrap(stat, len(t), n_bootstrap, seed)
     lo, hi = _interval(boots, alpha)
     return CIndex(est, float(lo), float(hi), len(boots))

@@ -300,8 +300,8 @@ class DualCrossAttentionMIL(Aggregator):
             ``abmil``); ``None`` pools the shared tile tokens (folds saved before it).
         histology_fallback: with ``residual``, a bag without any context modality gets
             the histology path's logits alone (default).
-        warm_start: with ``residual``, train in two stages: the histology path alone,
-            then the rest with it frozen (default).
+        warm_start: with ``residual`` and ``histology_dim``, train in two stages: the
+            histology path alone, then the rest with it frozen (default).
         fusion_lr: learning-rate factor of the warm start's second stage (0.1: the
             cross-attention overfits a small cohort within tens of steps at ``--lr``).
 
@@ -385,7 +385,7 @@ class DualCrossAttentionMIL(Aggregator):
         self.histology_pool = GatedAttention(h_dim, h_dim // 2, 1, dropout) if residual else None
         self.histology_head = nn.Linear(h_dim, n_outputs) if residual else None
         self.histology_fallback = histology_fallback and residual
-        self.warm_start = warm_start and residual
+        self.warm_start = warm_start and self.histology_proj is not None
         self.fusion_lr = fusion_lr
         self._stage: str | None = None
         if residual:  # zero start: the model begins as its histology path

@@ -680,6 +680,7 @@ def test_dual_xattn_warm_start_stages() -> None:
     assert model.training_stages == ("histology", "fusion")
     assert build("dual_xattn", warm_start=False).training_stages == ()
     assert build("dual_xattn", residual=False).training_stages == ()
+    assert build("dual_xattn", histology_dim=None).training_stages == ()
     assert (model.stage_lr_factor("histology"), model.stage_lr_factor("fusion")) == (1.0, 0.1)
     assert build("abmil").stage_lr_factor("anything") == 1.0
     own = {n for n, _ in model.named_parameters() if n.startswith("histology_")}
