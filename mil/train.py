@@ -338,19 +338,20 @@ def _optimise_stages(
         The last stage's selected step and history, and one record per stage
         (``stage``, ``best_step``, ``steps_run``, ``lr``; empty without stages).
     """
+    staged_model = cast(Aggregator, model)
     stages = tuple(getattr(model, "training_stages", ()))
     if not stages:
         return (*_optimise(ctx, model, head, fit, val, k), [])
     records = []
     for i, stage in enumerate(stages):
-        model.set_stage(stage)
-        lr = ctx.config.lr * model.stage_lr_factor(stage)
+        staged_model.set_stage(stage)
+        lr = ctx.config.lr * staged_model.stage_lr_factor(stage)
         staged = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, lr=lr))
         best_step, history = _optimise(staged, model, head, fit, val, k, keep_start=i > 0)
         steps_run = history["step"][-1] if history["step"] else 0
         records.append({"stage": stage, "best_step": best_step, "steps_run": steps_run, "lr": lr})
         log.debug("fold %d stage %s: best step %d of %d", k, stage, best_step, steps_run)
-    model.set_stage(None)
+    staged_model.set_stage(None)
     model.eval()
     return best_step, history, records
 
