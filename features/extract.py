@@ -109,20 +109,13 @@ def stain_folder(encoder: str, stain: Any = None) -> str:
     return encoder if stain is None else f"{encoder}_stain-{stain.folder_suffix}"
 
 
-def _same_stain(recorded: Any, stain: Any) -> bool:
-    if stain is None:
+def _same_setting(recorded: Any, spec: Any) -> bool:
+    """Whether a bag's recorded stain or augment setting is ``spec`` (None = off)."""
+    if spec is None:
         return recorded in (None, {"method": "none"})
     if not isinstance(recorded, dict):
         return False
-    return all(recorded.get(k) == v for k, v in stain.record().items())
-
-
-def _same_augment(recorded: Any, augment: Any) -> bool:
-    if augment is None:
-        return recorded in (None, {"method": "none"})
-    if not isinstance(recorded, dict):
-        return False
-    return all(recorded.get(k) == v for k, v in augment.record().items())
+    return all(recorded.get(k) == v for k, v in spec.record().items())
 
 
 def _bag_matches(
@@ -140,8 +133,8 @@ def _bag_matches(
         info.get("encoder") == encoder
         and info.get("weights_sha256") == sha
         and info.get("store_fingerprint") == fingerprint
-        and _same_stain(info.get("stain"), stain)
-        and _same_augment(info.get("augment"), augment)
+        and _same_setting(info.get("stain"), stain)
+        and _same_setting(info.get("augment"), augment)
     )
 
 

@@ -13,7 +13,7 @@ statistic is undefined for valid data (no events, no comparable pairs, ...).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -135,6 +135,13 @@ def _structured(time: np.ndarray, event: np.ndarray) -> np.ndarray:
     return out
 
 
+def _resamples(n: int, n_bootstrap: int, seed: int) -> Iterator[np.ndarray]:
+    """The seeded bootstrap draws, ``(n,)`` row indices each, shared by every CI."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_bootstrap):
+        yield rng.integers(0, n, n)
+
+
 def _bootstrap(
     stat: Callable[[np.ndarray], Any],
     n: int,
@@ -144,10 +151,8 @@ def _bootstrap(
     """Evaluate ``stat(indices)`` on seeded resamples; skip undefined resamples."""
     if n_bootstrap < 0:
         raise SurvivalDataError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
-    rng = np.random.default_rng(seed)
     values = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, n, n)
+    for idx in _resamples(n, n_bootstrap, seed):
         try:
             values.append(stat(idx))
         except (UndefinedStatisticError, ValueError, ZeroDivisionError):
@@ -266,9 +271,8 @@ def _pair_bootstrap(
     comparable = (e[:, None] & later) * w[:, None]  # B: (N, N)
     tie = np.abs(r[None, :] - r[:, None]) <= tied_tol
     credit = np.where(tie, 0.5, (r[None, :] < r[:, None]).astype(np.float64))
-    rng = np.random.default_rng(seed)
     counts = np.stack(  # (n_bootstrap, N) multiplicities
-        [np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_bootstrap)]
+        [np.bincount(idx, minlength=n) for idx in _resamples(n, n_bootstrap, seed)]
     ).astype(np.float64)
     num = ((counts @ (comparable * credit)) * counts).sum(1)
     den = ((counts @ comparable) * counts).sum(1)
