@@ -4,8 +4,9 @@ Each test builds the exact published architecture (full depth) with random weigh
 publisher's code would (timm with the publisher's config, transformers'
 ``Dinov2WithRegistersModel``, open_clip's CoCa attentional pooler), saves the weights in
 the publisher's layout (file names, key names, wrappers), loads them through the real
-path (``create_encoder(name, weights=path)``) and compares embeddings of the same tiles:
-cosine ≥ 0.999 and a small absolute difference. Nothing is downloaded.
+path (``create_encoder(name, weights=path)``) and compares embeddings of the same tiles
+(tissue of the real Aperio slide in ``../shared/data`` when it is there, else seeded
+noise): cosine ≥ 0.999 and a small absolute difference. Nothing is downloaded.
 
 The ViT-g models (1.1 B parameters) are built on the meta device and filled with a
 cheap seeded init, embed one tile, and free the reference before the copy under test is
@@ -18,6 +19,7 @@ import gc
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +32,19 @@ from wsi_mil.features.weights import file_sha256
 timm = pytest.importorskip("timm")
 
 
+# the real slide beside the checkout (../shared/data), as in tests/wsi/conftest.py
+REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "CMU-1-Small-Region.svs"
+
+
 def _tiles(n: int, px: int = 224, seed: int = 0) -> torch.Tensor:
+    """``n`` tiles ``(n, px, px, 3)`` uint8: the real slide's tissue (a row of tiles from
+    its tissue-rich centre) when present, else seeded noise."""
+    if REAL.is_file():
+        from wsi_mil.wsi import open_slide
+
+        region = open_slide(REAL).read_region((800, 2300), 0, (n * px, px))
+        tiles = np.ascontiguousarray(region[..., :3]).reshape(px, n, px, 3).swapaxes(0, 1)
+        return torch.from_numpy(np.ascontiguousarray(tiles))
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, px, px, 3), dtype=torch.uint8, generator=g)
 
