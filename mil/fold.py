@@ -101,6 +101,7 @@ _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
         "histology_dim": None,
         "histology_fallback": False,
         "warm_start": False,
+        "context_linear": False,
     },
 }
 

@@ -49,6 +49,18 @@ benchmark; older folds are rebuilt without them):
   inner validation loss;
 * *histology fallback*: the fused correction is added only for bags with at least one
   context modality present; a bag with none gets the histology path's logits alone.
+
+One more keeps the context's main effects learnable from a small cohort
+(``context_linear``, the default since the fusion benchmark's seed study; older folds
+are rebuilt without it):
+
+* a *context linear path*: a linear model on each omics group's score (the mean of its
+  standardised genes, the "mean z-score" pathway score) and the clinical vector, zero at
+  the start, whose logits are added for bags with context. With the warm start it is
+  fitted in its own stage (``"context"``, at ``--lr``, the histology path frozen) before
+  the cross-attention stage, so the cross-attention only has to learn what the groups'
+  additive effects and the histology do not explain. A missing modality contributes 0
+  (its inputs are 0, the training mean of standardised values).
 """
 
 from __future__ import annotations
@@ -302,8 +314,10 @@ class DualCrossAttentionMIL(Aggregator):
             the histology path's logits alone (default).
         warm_start: with ``residual`` and ``histology_dim``, train in two stages: the
             histology path alone, then the rest with it frozen (default).
-        fusion_lr: learning-rate factor of the warm start's second stage (0.1: the
-            cross-attention overfits a small cohort within tens of steps at ``--lr``).
+        fusion_lr: learning-rate factor of the warm start's cross-attention stage (0.1:
+            the cross-attention overfits a small cohort within tens of steps at ``--lr``).
+        context_linear: add the context linear path (group scores and clinical values
+            to logits; default).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
@@ -329,6 +343,7 @@ class DualCrossAttentionMIL(Aggregator):
         histology_fallback: bool = True,
         warm_start: bool = True,
         fusion_lr: float = 0.1,
+        context_linear: bool = True,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
@@ -387,15 +402,24 @@ class DualCrossAttentionMIL(Aggregator):
         self.histology_fallback = histology_fallback and residual
         self.warm_start = warm_start and self.histology_proj is not None
         self.fusion_lr = fusion_lr
+        self.context_linear = (
+            nn.Linear(self.n_groups + n_clinical, n_outputs, bias=False) if context_linear else None
+        )
         self._stage: str | None = None
         if residual:  # zero start: the model begins as its histology path
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
+        if self.context_linear is not None:
+            nn.init.zeros_(self.context_linear.weight)
 
     @property
     def training_stages(self) -> tuple[str, ...]:
-        """``("histology", "fusion")`` with ``warm_start``, else ``()``."""
-        return ("histology", "fusion") if self.warm_start else ()
+        """With ``warm_start``: ``("histology", "context", "fusion")`` (no ``"context"``
+        without ``context_linear``); else ``()``."""
+        if not self.warm_start:
+            return ()
+        context = ("context",) if self.context_linear is not None else ()
+        return ("histology", *context, "fusion")
 
     def stage_lr_factor(self, stage: str) -> float:
         """``fusion_lr`` in the ``"fusion"`` stage, else 1."""
@@ -405,17 +429,25 @@ class DualCrossAttentionMIL(Aggregator):
         mods = [self.histology_proj, self.histology_pool, self.histology_head]
         return [m for m in mods if m is not None]
 
+    def _stage_of(self, p: nn.Parameter) -> str:
+        """The warm-start stage that trains ``p``."""
+        if any(p is q for m in self._histology_modules() for q in m.parameters()):
+            return "histology"
+        if self.context_linear is not None and p is self.context_linear.weight:
+            return "context"
+        return "fusion"
+
     def set_stage(self, stage: str | None) -> None:
         """``"histology"``: only the histology path trains and ``forward`` returns its
-        logits; ``"fusion"``: the histology path is frozen, the rest trains;
-        ``None``: everything trains, full model."""
+        logits; ``"context"``: only the context linear path trains, ``forward`` returns
+        the histology logits plus its own; ``"fusion"``: the histology and context
+        linear paths are frozen, the rest trains; ``None``: everything trains, full
+        model."""
         if stage not in (None, *self.training_stages):
             raise ValueError(f"dual_xattn has no training stage {stage!r}")
         self._stage = stage
-        histology = {id(p) for m in self._histology_modules() for p in m.parameters()}
         for p in self.parameters():
-            own = id(p) in histology
-            p.requires_grad_(stage is None or own == (stage == "histology"))
+            p.requires_grad_(stage is None or self._stage_of(p) == stage)
 
     def _present(
         self,
@@ -447,9 +479,10 @@ class DualCrossAttentionMIL(Aggregator):
         omics_present: Tensor,
         clinical_present: Tensor,
         like: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Context tokens ``(B, T, C)`` and their mask ``(B, T)``."""
-        tokens, masks = [], []
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Context tokens ``(B, T, C)``, their mask ``(B, T)`` and the context linear
+        path's logits ``(B, n_outputs)`` (``None`` without it)."""
+        tokens, masks, values = [], [], []
         if self.omics_encoder is not None:
             if omics is None:
                 omics = like.new_zeros(batch, self.n_omics_columns)
@@ -461,7 +494,9 @@ class DualCrossAttentionMIL(Aggregator):
                     f"for the configured omics_groups, got {tuple(omics.shape)}"
                 )
             omics = torch.where(omics_present[:, None], omics.to(like.dtype), 0.0)
-            tokens.append(self.omics_encoder(omics))
+            enc = self.omics_encoder
+            values.append((omics[:, enc.index] * enc.valid).sum(-1) / enc.valid.sum(-1))
+            tokens.append(enc(omics))
             masks.append(omics_present[:, None].expand(-1, self.n_groups))
         if self.clinical_encoder is not None:
             if clinical is None:
@@ -472,9 +507,13 @@ class DualCrossAttentionMIL(Aggregator):
                     f"got {tuple(clinical.shape)}"
                 )
             clinical = torch.where(clinical_present[:, None], clinical.to(like.dtype), 0.0)
+            values.append(clinical)
             tokens.append(self.clinical_encoder(clinical)[:, None])
             masks.append(clinical_present[:, None])
-        return torch.cat(tokens, dim=1) + self.token_type, torch.cat(masks, dim=1)
+        linear = None
+        if self.context_linear is not None:
+            linear = self.context_linear(torch.cat(values, dim=1))
+        return torch.cat(tokens, dim=1) + self.token_type, torch.cat(masks, dim=1), linear
 
     def _aggregate(
         self,
@@ -501,9 +540,14 @@ class DualCrossAttentionMIL(Aggregator):
             residual = self.histology_head(h_hist[:, 0])
             if self._stage == "histology":  # the warm start's first stage: ABMIL alone
                 return MILOutput(residual, h_weights[:, 0], None)
+            if self._stage == "context":  # the context linear path on the histology path
+                linear = self._context(b, omics, clinical, omics_present, clinical_present,
+                                       features)[2]  # fmt: skip
+                assert linear is not None  # the stage exists only with the path
+                return MILOutput(residual + linear, h_weights[:, 0], None)
         if tiles is None:
             tiles = self.tile_proj(features)
-        context, context_mask = self._context(
+        context, context_mask, linear = self._context(
             b, omics, clinical, omics_present, clinical_present, tiles
         )
         for block in self.blocks:
@@ -520,6 +564,8 @@ class DualCrossAttentionMIL(Aggregator):
             h_context = h_context + (~clinical_present)[:, None] * self.missing_clinical
         fused = self.fusion(torch.cat([h_tiles[:, 0], h_context], dim=-1))
         logits = self.classifier(fused)
+        if linear is not None:
+            logits = logits + linear
         if residual is not None:
             if self.histology_fallback:  # no context at all: the histology path alone
                 logits = logits * context_mask.any(dim=1, keepdim=True)

@@ -675,9 +675,11 @@ def test_dual_xattn_without_any_context_is_its_histology_path() -> None:
 
 def test_dual_xattn_warm_start_stages() -> None:
     """Stage "histology": only the histology path trains and the logits are its own;
-    stage "fusion": the histology path is frozen; None: all trainable again."""
+    stage "context": only the context linear path trains, on top of the histology logits;
+    stage "fusion": both are frozen; None: all trainable again."""
     model = build("dual_xattn", n_outputs=1)
-    assert model.training_stages == ("histology", "fusion")
+    assert model.training_stages == ("histology", "context", "fusion")
+    assert build("dual_xattn", context_linear=False).training_stages == ("histology", "fusion")
     assert build("dual_xattn", warm_start=False).training_stages == ()
     assert build("dual_xattn", residual=False).training_stages == ()
     assert build("dual_xattn", histology_dim=None).training_stages == ()
@@ -696,9 +698,18 @@ def test_dual_xattn_warm_start_stages() -> None:
     assert alone.context_attention is None and not torch.allclose(alone.logits, full)
     changed = {**inputs, "omics": inputs["omics"] + 3.0}
     assert torch.equal(run(model, changed).logits, alone.logits)
+    model.set_stage("context")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"context_linear.weight"}
+    assert torch.equal(run(model, inputs).logits, alone.logits)  # the path starts at zero
+    with torch.no_grad():
+        model.context_linear.weight.fill_(0.5)
+    shifted = run(model, changed).logits - run(model, inputs).logits
+    assert torch.allclose(shifted, torch.full_like(shifted, 0.5 * 3.0 * 3), atol=1e-5)
+    with torch.no_grad():
+        model.context_linear.weight.zero_()
     model.set_stage("fusion")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and not trainable & own
+    assert trainable and not trainable & (own | {"context_linear.weight"})
     assert torch.equal(run(model, inputs).logits, full)
     model.set_stage(None)
     assert all(p.requires_grad for p in model.parameters())
