@@ -155,9 +155,16 @@ def summarise_co_attention(run: str | os.PathLike[str], predictions: Any) -> Any
         predictions: The run's predictions table (``patient_id``, ``split``, and ``risk``
             or ``prob_<class>`` columns).
 
+    With the model's context linear path (``dual_xattn``'s ``context_linear``) each
+    gene group also gets its coefficient: the change of the logit (the log hazard in
+    survival, the last class's logit against the others' mean in classification) per
+    unit of the group's score (the mean of its standardised genes), mean and SD over the
+    folds; the clinical token gets one when it holds one covariate.
+
     Returns:
         A DataFrame ``token, n_patients, mean_weight, sd_weight, spearman_rho,
-        spearman_p`` (one row per token, in model order), or None without co-attention.
+        spearman_p, linear_coef, linear_coef_sd`` (one row per token, in model order;
+        the last two NaN without the path), or None without co-attention.
     """
     import pandas as pd
     from scipy.stats import spearmanr
@@ -194,7 +201,34 @@ def summarise_co_attention(run: str | os.PathLike[str], predictions: Any) -> Any
                 "spearman_p": float(p),
             }
         )
-    return pd.DataFrame(out)
+    coef = _linear_coefficients(Path(run), len(tokens))
+    frame = pd.DataFrame(out)
+    frame["linear_coef"] = coef.mean(axis=0) if coef.size else np.nan
+    frame["linear_coef_sd"] = coef.std(axis=0, ddof=1) if len(coef) > 1 else np.nan
+    return frame
+
+
+def _linear_coefficients(run: Path, n_tokens: int) -> np.ndarray:
+    """``(n_folds, n_tokens)`` coefficients of the folds' context linear paths (see
+    :func:`summarise_co_attention`); ``(0, n_tokens)`` when the folds have none. The
+    clinical token's entry is NaN unless it holds exactly one covariate."""
+    from safetensors import safe_open
+
+    rows = []
+    for path in sorted(run.glob("fold_*/model.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            if "context_linear.weight" not in f.keys():
+                continue
+            w = f.get_tensor("context_linear.weight").astype(float)  # (n_outputs, G + C)
+        c = w[0] if len(w) == 1 else w[-1] - w[:-1].mean(axis=0)
+        row = np.full(n_tokens, np.nan)
+        meta = json.loads((path.parent / "fold.json").read_text())["aggregator"]
+        n_groups = len(meta.get("omics_groups") or [])
+        row[:n_groups] = c[:n_groups]
+        if n_tokens > n_groups and len(c) == n_groups + 1:  # one clinical covariate
+            row[n_groups] = c[n_groups]
+        rows.append(row)
+    return np.array(rows).reshape(len(rows), n_tokens)
 
 
 def write_co_attention_summary(run: str | os.PathLike[str], predictions: Any) -> Path | None:
@@ -233,13 +267,16 @@ def report_section(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def _figure(summary: Any) -> Any:
-    """Two panels per token: mean pooling weight (± SD) and Spearman ρ with the score."""
+    """Per token: mean pooling weight (± SD), Spearman ρ with the score and, with a
+    context linear path, its coefficient (± SD over folds)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.0, 0.3 * len(summary) + 1.5), layout="constrained")
+    linear = "linear_coef" in summary and summary["linear_coef"].notna().any()
+    fig = Figure(figsize=(12.0 if linear else 8.0, 0.3 * len(summary) + 1.5),
+                 layout="constrained")  # fmt: skip
     FigureCanvasAgg(fig)
-    left, right = fig.subplots(1, 2, sharey=True)
+    left, right, *third = fig.subplots(1, 3 if linear else 2, sharey=True)
     y = np.arange(len(summary))
     left.barh(y, summary["mean_weight"], xerr=summary["sd_weight"], color="#4575b4")
     left.set_yticks(y, [str(t).replace("$", r"\$") for t in summary["token"]])
@@ -250,5 +287,11 @@ def _figure(summary: Any) -> Any:
     right.axvline(0, color="black", lw=0.8)
     right.set_xlim(-1, 1)
     right.set_xlabel("Spearman ρ of the weight with the out-of-fold score")
+    for ax in third:
+        coef = summary["linear_coef"].fillna(0)
+        ax.barh(y, coef, xerr=summary["linear_coef_sd"].fillna(0),
+                color=["#d73027" if c > 0 else "#4575b4" for c in coef])  # fmt: skip
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlabel("linear path: logit per unit of group score (mean ± SD over folds)")
     fig.suptitle("Which context tokens count, and with which prediction")
     return fig

@@ -246,6 +246,7 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     assert meta["head"]["kind"] == "discrete"
     assert [(r["stage"], r["lr"]) for r in meta["stages"]] == [
         ("histology", config.lr),
+        ("context", config.lr),
         ("fusion", pytest.approx(0.1 * config.lr)),
     ]
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
@@ -285,6 +286,13 @@ def _check_co_attention(run: Path, syn: Any, without_omics: set[str]) -> None:
     assert list(summary["token"]) == ["group_0", "group_1", "clinical"]
     assert list(summary["n_patients"]) == [8, 8, 10]  # two patients without omics
     assert summary["spearman_rho"].between(-1, 1).all()
+    from safetensors.numpy import load_file
+
+    folds = [
+        load_file(f)["context_linear.weight"] for f in sorted(run.glob("fold_*/model.safetensors"))
+    ]
+    coef = np.stack([w[0] if len(w) == 1 else w[-1] - w[:-1].mean(0) for w in folds])
+    np.testing.assert_allclose(summary["linear_coef"], coef.mean(0), atol=1e-6)
     assert (run / "co_attention.png").stat().st_size > 0
     html = (run / "report.html").read_text()
     assert "Which gene groups count (co-attention)" in html and "<td>group_1</td>" in html
