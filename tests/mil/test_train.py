@@ -349,16 +349,21 @@ def test_patient_without_omics_is_predicted_as_with_its_omics_masked_by_hand(
     "old",
     [
         {"omics_encoder": "snn", "residual": False, "modality_dropout": 0.0,
-         "histology_dim": None, "histology_fallback": False, "warm_start": False},
-        {"histology_dim": None, "histology_fallback": False, "warm_start": False},
+         "histology_dim": None, "histology_fallback": False, "warm_start": False,
+         "context_linear": False},
+        {"histology_dim": None, "histology_fallback": False, "warm_start": False,
+         "context_linear": False},
+        {"context_linear": False},
     ],
-    ids=["before-the-residual-path", "before-the-histology-fallback"],
+    ids=["before-the-residual-path", "before-the-histology-fallback",
+         "before-the-context-linear-path"],
 )  # fmt: skip
 def test_dual_xattn_fold_saved_before_a_default_changed_loads_as_trained(
     tmp_path: Path, old: dict[str, Any]
 ) -> None:
     """A ``fold.json`` that does not name an option was trained with its old value: SNN
-    group encoders, no residual, no modality dropout, no histology fallback."""
+    group encoders, no residual, no modality dropout, no histology fallback, no context
+    linear path."""
     from safetensors.torch import save_file
 
     from wsi_mil.mil.fold import FoldModel
@@ -379,7 +384,8 @@ def test_dual_xattn_fold_saved_before_a_default_changed_loads_as_trained(
     }))  # fmt: skip
     loaded = FoldModel.load(fold).model
     assert loaded.aggregator_config == model.aggregator_config
-    assert not loaded.histology_fallback
+    assert loaded.histology_fallback == model.histology_fallback
+    assert loaded.context_linear is None
 
 
 def test_test_bags_are_not_read_before_the_model_is_chosen(
