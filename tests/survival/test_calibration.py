@@ -83,6 +83,25 @@ def test_ibs_and_km_ibs_match_scikit_survival(make_preds) -> None:
     assert res.ibs < res.ibs_km  # a real signal beats the Kaplan–Meier curve
 
 
+def test_out_of_fold_brier_reuses_its_last_result(make_preds, tmp_path, monkeypatch) -> None:
+    """The same table (also read back from its CSV) and settings: one computation; any
+    other value or setting: a new one."""
+    import wsi_mil.survival.calibration as C
+
+    calls = []
+    monkeypatch.setattr(C, "brier_vs_km", lambda *a, **k: calls.append(1) or brier_vs_km(*a, **k))
+    df = _with_lp(make_preds(n_patients=60, clinical=False))
+    tau = run_tau(df)
+    first = out_of_fold_brier(df, tau, n_bootstrap=20, seed=1)
+    df.to_csv(tmp_path / "p.csv", index=False)
+    again = out_of_fold_brier(pd.read_csv(tmp_path / "p.csv"), tau, n_bootstrap=20, seed=1)
+    assert again[0] is first[0] and len(calls) == 1
+    changed = df.assign(time=df["time"] * 1.01)
+    out_of_fold_brier(changed, tau, n_bootstrap=20, seed=1)
+    out_of_fold_brier(changed, tau, n_bootstrap=20, seed=2)
+    assert len(calls) == 3
+
+
 def test_brier_depends_on_the_linear_predictor_not_on_the_z_scored_risk(make_preds) -> None:
     df = _with_lp(make_preds(n_patients=90, clinical=False))
     other = df.copy()
