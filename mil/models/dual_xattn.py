@@ -312,8 +312,9 @@ class DualCrossAttentionMIL(Aggregator):
             ``abmil``); ``None`` pools the shared tile tokens (folds saved before it).
         histology_fallback: with ``residual``, a bag without any context modality gets
             the histology path's logits alone (default).
-        warm_start: with ``residual`` and ``histology_dim``, train in two stages: the
-            histology path alone, then the rest with it frozen (default).
+        warm_start: with ``residual`` and ``histology_dim``, train in stages: the
+            histology path alone, then the context linear path, then the rest with both
+            frozen (default).
         fusion_lr: learning-rate factor of the warm start's cross-attention stage (0.1:
             the cross-attention overfits a small cohort within tens of steps at ``--lr``).
         context_linear: add the context linear path (group scores and clinical values
