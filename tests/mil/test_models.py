@@ -675,7 +675,7 @@ def test_dual_xattn_without_any_context_is_its_histology_path() -> None:
 
 def test_dual_xattn_warm_start_stages() -> None:
     """Stage "histology": only the histology path trains and the logits are its own;
-    stage "context": only the context linear path trains, on top of the histology logits;
+    stage "context": only the context linear path trains, and the logits are its own;
     stage "fusion": both are frozen; None: all trainable again."""
     model = build("dual_xattn", n_outputs=1)
     assert model.training_stages == ("histology", "context", "fusion")
@@ -700,7 +700,7 @@ def test_dual_xattn_warm_start_stages() -> None:
     assert torch.equal(run(model, changed).logits, alone.logits)
     model.set_stage("context")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"context_linear.weight"}
-    assert torch.equal(run(model, inputs).logits, alone.logits)  # the path starts at zero
+    assert torch.equal(run(model, inputs).logits, torch.zeros(3, 1))  # its own, from zero
     with torch.no_grad():
         model.context_linear.weight.fill_(0.5)
     shifted = run(model, changed).logits - run(model, inputs).logits
