@@ -57,10 +57,11 @@ are rebuilt without it):
 * a *context linear path*: a linear model on each omics group's score (the mean of its
   standardised genes, the "mean z-score" pathway score) and the clinical vector, zero at
   the start, whose logits are added for bags with context. With the warm start it is
-  fitted on its own in a stage of its own (``"context"``, at ``--lr``: its logits alone
-  are the prediction), like the histology path, so the model starts the cross-attention
-  stage as the sum of the two modalities' main effects, each fitted and early-stopped
-  alone, and the cross-attention only has to learn what that sum does not explain.
+  fitted on its own in a stage of its own (``"context"``, at ``context_lr`` × ``--lr``:
+  its logits alone are the prediction), like the histology path, so the model starts the
+  cross-attention stage as the sum of the two modalities' main effects, each fitted and
+  early-stopped alone, and the cross-attention only has to learn what that sum does not
+  explain.
   (Fitted on top of the frozen histology path instead, it learned the omics effect
   against the histology path's fit of its own training patients, and took too small a
   share: the fusion benchmark's seed study.) A missing modality contributes 0 (its
@@ -323,11 +324,14 @@ class DualCrossAttentionMIL(Aggregator):
             the cross-attention overfits a small cohort within tens of steps at ``--lr``).
         context_linear: add the context linear path (group scores and clinical values
             to logits; default).
+        context_lr: learning-rate factor of the warm start's context stage (10: a
+            linear model on a few scores moves by about ``lr`` a step under AdamW, and at
+            ``--lr`` it was still growing at the step limit).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
             ``dim`` not divisible by ``n_heads``, an unknown ``omics_encoder``,
-            ``modality_dropout`` outside [0, 1) or ``fusion_lr <= 0``.
+            ``modality_dropout`` outside [0, 1), ``fusion_lr <= 0`` or ``context_lr <= 0``.
     """
 
     def __init__(
@@ -349,6 +353,7 @@ class DualCrossAttentionMIL(Aggregator):
         warm_start: bool = True,
         fusion_lr: float = 0.1,
         context_linear: bool = True,
+        context_lr: float = 10.0,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
@@ -362,8 +367,9 @@ class DualCrossAttentionMIL(Aggregator):
             raise ConfigError(
                 "dual_xattn needs omics_groups or n_clinical > 0; for histology alone use abmil"
             )
-        if not fusion_lr > 0:
-            raise ConfigError(f"dual_xattn: fusion_lr={fusion_lr} must be > 0")
+        for name, factor in (("fusion_lr", fusion_lr), ("context_lr", context_lr)):
+            if not factor > 0:
+                raise ConfigError(f"dual_xattn: {name}={factor} must be > 0")
         if dim % n_heads:
             raise ConfigError(f"dual_xattn: dim={dim} must be divisible by n_heads={n_heads}")
         if n_layers < 1:
@@ -406,7 +412,7 @@ class DualCrossAttentionMIL(Aggregator):
         self.histology_head = nn.Linear(h_dim, n_outputs) if residual else None
         self.histology_fallback = histology_fallback and residual
         self.warm_start = warm_start and self.histology_proj is not None
-        self.fusion_lr = fusion_lr
+        self.fusion_lr, self.context_lr = fusion_lr, context_lr
         self.context_linear = (
             nn.Linear(self.n_groups + n_clinical, n_outputs, bias=False) if context_linear else None
         )
@@ -427,8 +433,8 @@ class DualCrossAttentionMIL(Aggregator):
         return ("histology", *context, "fusion")
 
     def stage_lr_factor(self, stage: str) -> float:
-        """``fusion_lr`` in the ``"fusion"`` stage, else 1."""
-        return self.fusion_lr if stage == "fusion" else 1.0
+        """``fusion_lr`` in the ``"fusion"`` stage, ``context_lr`` in ``"context"``, else 1."""
+        return {"fusion": self.fusion_lr, "context": self.context_lr}.get(stage, 1.0)
 
     def _histology_modules(self) -> list[nn.Module]:
         mods = [self.histology_proj, self.histology_pool, self.histology_head]

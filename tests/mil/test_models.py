@@ -683,7 +683,7 @@ def test_dual_xattn_warm_start_stages() -> None:
     assert build("dual_xattn", warm_start=False).training_stages == ()
     assert build("dual_xattn", residual=False).training_stages == ()
     assert build("dual_xattn", histology_dim=None).training_stages == ()
-    assert (model.stage_lr_factor("histology"), model.stage_lr_factor("fusion")) == (1.0, 0.1)
+    assert [model.stage_lr_factor(s) for s in model.training_stages] == [1.0, 10.0, 0.1]
     assert build("abmil").stage_lr_factor("anything") == 1.0
     own = {n for n, _ in model.named_parameters() if n.startswith("histology_")}
     assert own and all(n.split(".")[0] in {"histology_proj", "histology_pool",
@@ -725,6 +725,7 @@ def test_dual_xattn_warm_start_stages() -> None:
         ({"omics_encoder": "mlp"}, "omics_encoder"),
         ({"modality_dropout": 1.0}, "modality_dropout"),
         ({"fusion_lr": 0.0}, "fusion_lr"),
+        ({"context_lr": -1.0}, "context_lr"),
     ],
 )
 def test_dual_xattn_bad_fusion_options(options: dict[str, Any], match: str) -> None:

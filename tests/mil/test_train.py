@@ -246,7 +246,7 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     assert meta["head"]["kind"] == "discrete"
     assert [(r["stage"], r["lr"]) for r in meta["stages"]] == [
         ("histology", config.lr),
-        ("context", config.lr),
+        ("context", pytest.approx(10 * config.lr)),
         ("fusion", pytest.approx(0.1 * config.lr)),
     ]
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
