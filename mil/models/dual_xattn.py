@@ -482,7 +482,7 @@ class DualCrossAttentionMIL(Aggregator):
             flags = flags & keep
         return flags
 
-    def _context(
+    def _inputs(
         self,
         batch: int,
         omics: Tensor | None,
@@ -490,41 +490,60 @@ class DualCrossAttentionMIL(Aggregator):
         omics_present: Tensor,
         clinical_present: Tensor,
         like: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Context tokens ``(B, T, C)``, their mask ``(B, T)`` and the context linear
-        path's logits ``(B, n_outputs)`` (``None`` without it)."""
-        tokens, masks, values = [], [], []
-        if self.omics_encoder is not None:
-            if omics is None:
-                omics = like.new_zeros(batch, self.n_omics_columns)
-            elif (
-                omics.ndim != 2 or omics.shape[0] != batch or omics.shape[1] < self.n_omics_columns
-            ):
-                raise ConfigError(
-                    f"dual_xattn: omics must be (B={batch}, >= {self.n_omics_columns}) "
-                    f"for the configured omics_groups, got {tuple(omics.shape)}"
-                )
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The checked omics ``(B, >= n_omics_columns)`` and clinical ``(B, n_clinical)``
+        inputs, 0 where absent (``None`` for a modality the model does not have)."""
+        if self.omics_encoder is None:
+            omics = None
+        elif omics is None:
+            omics = like.new_zeros(batch, self.n_omics_columns)
+        elif omics.ndim != 2 or omics.shape[0] != batch or omics.shape[1] < self.n_omics_columns:
+            raise ConfigError(
+                f"dual_xattn: omics must be (B={batch}, >= {self.n_omics_columns}) "
+                f"for the configured omics_groups, got {tuple(omics.shape)}"
+            )
+        if self.clinical_encoder is None:
+            clinical = None
+        elif clinical is None:
+            clinical = like.new_zeros(batch, self.n_clinical)
+        elif clinical.shape != (batch, self.n_clinical):
+            raise ConfigError(
+                f"dual_xattn: clinical must be ({batch}, n_clinical={self.n_clinical}), "
+                f"got {tuple(clinical.shape)}"
+            )
+        if omics is not None:
             omics = torch.where(omics_present[:, None], omics.to(like.dtype), 0.0)
-            enc = self.omics_encoder
-            values.append((omics[:, enc.index] * enc.valid).sum(-1) / enc.valid.sum(-1))
-            tokens.append(enc(omics))
-            masks.append(omics_present[:, None].expand(-1, self.n_groups))
-        if self.clinical_encoder is not None:
-            if clinical is None:
-                clinical = like.new_zeros(batch, self.n_clinical)
-            elif clinical.shape != (batch, self.n_clinical):
-                raise ConfigError(
-                    f"dual_xattn: clinical must be ({batch}, n_clinical={self.n_clinical}), "
-                    f"got {tuple(clinical.shape)}"
-                )
+        if clinical is not None:
             clinical = torch.where(clinical_present[:, None], clinical.to(like.dtype), 0.0)
-            values.append(clinical)
+        return omics, clinical
+
+    def _context(
+        self,
+        omics: Tensor | None,
+        clinical: Tensor | None,
+        omics_present: Tensor,
+        clinical_present: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Context tokens ``(B, T, C)`` and their mask ``(B, T)`` of :meth:`_inputs`."""
+        tokens, masks = [], []
+        if self.omics_encoder is not None and omics is not None:
+            tokens.append(self.omics_encoder(omics))
+            masks.append(omics_present[:, None].expand(-1, self.n_groups))
+        if self.clinical_encoder is not None and clinical is not None:
             tokens.append(self.clinical_encoder(clinical)[:, None])
             masks.append(clinical_present[:, None])
-        linear = None
-        if self.context_linear is not None:
-            linear = self.context_linear(torch.cat(values, dim=1))
-        return torch.cat(tokens, dim=1) + self.token_type, torch.cat(masks, dim=1), linear
+        return torch.cat(tokens, dim=1) + self.token_type, torch.cat(masks, dim=1)
+
+    def _linear(self, omics: Tensor | None, clinical: Tensor | None) -> Tensor | None:
+        """The context linear path's logits ``(B, n_outputs)`` of :meth:`_inputs` (each
+        group's mean gene value, then the clinical values); ``None`` without the path."""
+        if self.context_linear is None:
+            return None
+        values = [] if clinical is None else [clinical]
+        if self.omics_encoder is not None and omics is not None:
+            enc = self.omics_encoder
+            values.insert(0, (omics[:, enc.index] * enc.valid).sum(-1) / enc.valid.sum(-1))
+        return self.context_linear(torch.cat(values, dim=1))
 
     def _aggregate(
         self,
@@ -541,9 +560,10 @@ class DualCrossAttentionMIL(Aggregator):
         b, dev = features.shape[0], features.device
         omics_present = self._present("omics", omics, omics_mask, b, dev)
         clinical_present = self._present("clinical", clinical, clinical_mask, b, dev)
+        omics, clinical = self._inputs(b, omics, clinical, omics_present, clinical_present,
+                                       features)  # fmt: skip
+        linear = self._linear(omics, clinical)
         if self._stage == "context":  # the warm start's second stage: the linear path alone
-            linear = self._context(b, omics, clinical, omics_present, clinical_present,
-                                   features)[2]  # fmt: skip
             assert linear is not None  # the stage exists only with the path
             return MILOutput(linear, None, None)
         tiles, residual = None, None
@@ -558,9 +578,7 @@ class DualCrossAttentionMIL(Aggregator):
                 return MILOutput(residual, h_weights[:, 0], None)
         if tiles is None:
             tiles = self.tile_proj(features)
-        context, context_mask, linear = self._context(
-            b, omics, clinical, omics_present, clinical_present, tiles
-        )
+        context, context_mask = self._context(omics, clinical, omics_present, clinical_present)
         for block in self.blocks:
             tiles, context, co_attention = block(tiles, mask, context, context_mask)
         tiles, context = self.norm_tiles(tiles), self.norm_context(context)

@@ -37,8 +37,8 @@ REAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "CMU-1-S
 
 
 def _tiles(n: int, px: int = 224, seed: int = 0) -> torch.Tensor:
-    """``n`` tiles ``(n, px, px, 3)`` uint8: the real slide's tissue (a row of tiles from
-    its tissue-rich centre) when present, else seeded noise."""
+    """``n`` tiles ``(n, px, px, 3)`` uint8: the real slide's tissue (a row of tiles at
+    level-0 (800, 2300), at least 74 % tissue each) when present, else seeded noise."""
     if REAL.is_file():
         from wsi_mil.wsi import open_slide
 
