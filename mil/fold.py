@@ -102,6 +102,7 @@ _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
         "histology_fallback": False,
         "warm_start": False,
         "context_linear": False,
+        "context_fit": "sgd",
     },
 }
 

@@ -327,12 +327,53 @@ def _optimise(
     return best[1], history
 
 
+def _fit_penalised_stage(
+    ctx: _Context, model: Aggregator, head: Head, stage: str, sets: tuple[UnitSet, ...], k: int
+) -> dict[str, Any]:
+    """Fit a penalised stage (:attr:`Aggregator.penalised_stages`) by ridge regression
+    with the head's loss on all the units of ``sets`` (the fold's training and inner
+    validation patients), the penalty chosen by cross-validation among them.
+
+    Returns:
+        The stage record: ``stage``, ``fit`` (``"ridge"``), the chosen ``penalty``
+        (``None`` for infinite: no covariate kept), ``penalties`` and ``cv_loss``.
+    """
+    from wsi_mil.mil.penalised import fit_ridge
+
+    cpu = torch.device("cpu")
+    x = torch.cat([model.stage_design(stage, **u.extras(range(len(u)), cpu)) for u in sets])
+    targets = {key: torch.cat([u.targets[key] for u in sets]) for key in sets[0].targets}
+    strata = targets.get("event", targets.get("label"))
+
+    def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return head.loss(logits, {key: v[idx] for key, v in targets.items()})
+
+    fit = fit_ridge(
+        x,
+        loss,
+        [unit.patient_id for u in sets for unit in u.units],
+        n_outputs=model.n_outputs,
+        strata=None if strata is None else strata.tolist(),
+        seed=ctx.config.seed * 1009 + k,
+    )
+    model.set_stage_weight(stage, fit.weight.to(ctx.device))
+    log.debug("fold %d stage %s: ridge penalty %s", k, stage, fit.penalty)
+    return {
+        "stage": stage,
+        "fit": "ridge",
+        "penalty": fit.penalty if math.isfinite(fit.penalty) else None,
+        "penalties": [p if math.isfinite(p) else None for p in fit.penalties],
+        "cv_loss": list(fit.cv_loss),
+    }
+
+
 def _optimise_stages(
     ctx: _Context, model: torch.nn.Module, head: Head, fit: UnitSet, val: UnitSet, k: int
 ) -> tuple[int, dict[str, list[float]], list[dict[str, Any]]]:
     """:func:`_optimise` once, or once per stage of the model's ``training_stages``.
 
-    Each stage runs at ``--lr`` times the model's ``stage_lr_factor(stage)``.
+    Each stage runs at ``--lr`` times the model's ``stage_lr_factor(stage)``; a
+    penalised stage is fitted by :func:`_fit_penalised_stage` instead.
 
     Returns:
         The last stage's selected step and history, and one record per stage
@@ -345,6 +386,9 @@ def _optimise_stages(
     records = []
     for i, stage in enumerate(stages):
         staged_model.set_stage(stage)
+        if stage in staged_model.penalised_stages:
+            records.append(_fit_penalised_stage(ctx, staged_model, head, stage, (fit, val), k))
+            continue
         lr = ctx.config.lr * staged_model.stage_lr_factor(stage)
         staged = dataclasses.replace(ctx, config=dataclasses.replace(ctx.config, lr=lr))
         best_step, history = _optimise(staged, model, head, fit, val, k, keep_start=i > 0)

@@ -252,6 +252,23 @@ class Aggregator(nn.Module, abc.ABC):
         """Factor on the learning rate in ``stage`` (1)."""
         return 1.0
 
+    @property
+    def penalised_stages(self) -> tuple[str, ...]:
+        """Stages of :attr:`training_stages` that are a linear model on per-bag
+        covariates (:meth:`stage_design`), which the trainer fits by ridge regression
+        with a cross-validated penalty (:func:`wsi_mil.mil.penalised.fit_ridge`)
+        instead of gradient steps; ``()`` (every aggregator but ``dual_xattn``)."""
+        return ()
+
+    def stage_design(self, stage: str, **inputs: Tensor | None) -> Tensor:
+        """(B, P) covariates of a penalised stage from the bags' tabular ``inputs``
+        (``omics``, ``omics_mask``, ``clinical``, ``clinical_mask``)."""
+        raise ValueError(f"{self.name} has no penalised stage {stage!r}")
+
+    def set_stage_weight(self, stage: str, weight: Tensor) -> None:
+        """Set a penalised stage's (P, n_outputs) coefficients."""
+        raise ValueError(f"{self.name} has no penalised stage {stage!r}")
+
     def prepare(self, features: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Check the inputs (:func:`check_bag_inputs`) and standardise the features.
 

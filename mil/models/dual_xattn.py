@@ -90,6 +90,8 @@ __all__ = ["CrossAttention", "DualCrossAttentionMIL", "GroupedLinear", "GroupedS
 
 #: ``omics_encoder`` choices.
 OMICS_ENCODERS = ("linear", "snn")
+#: ``context_fit`` choices.
+CONTEXT_FITS = ("ridge", "sgd")
 
 
 def _group_index(groups: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -324,14 +326,21 @@ class DualCrossAttentionMIL(Aggregator):
             the cross-attention overfits a small cohort within tens of steps at ``--lr``).
         context_linear: add the context linear path (group scores and clinical values
             to logits; default).
-        context_lr: learning-rate factor of the warm start's context stage (10: a
-            linear model on a few scores moves by about ``lr`` a step under AdamW, and at
-            ``--lr`` it was still growing at the step limit).
+        context_lr: learning-rate factor of the warm start's context stage with
+            ``context_fit="sgd"`` (10: a linear model on a few scores moves by about
+            ``lr`` a step under AdamW, and at ``--lr`` it was still growing at the step
+            limit).
+        context_fit: how the warm start fits the context linear path: ``"ridge"``
+            (default; ridge regression with the head's loss on all training patients,
+            the penalty chosen by cross-validation among them, :attr:`penalised_stages`)
+            or ``"sgd"`` (gradient steps, early stopped on the inner validation
+            patients, as folds trained before it).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
             ``dim`` not divisible by ``n_heads``, an unknown ``omics_encoder``,
-            ``modality_dropout`` outside [0, 1), ``fusion_lr <= 0`` or ``context_lr <= 0``.
+            ``modality_dropout`` outside [0, 1), ``fusion_lr <= 0``, ``context_lr <= 0``
+            or an unknown ``context_fit``.
     """
 
     def __init__(
@@ -354,12 +363,17 @@ class DualCrossAttentionMIL(Aggregator):
         fusion_lr: float = 0.1,
         context_linear: bool = True,
         context_lr: float = 10.0,
+        context_fit: str = "ridge",
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
         if omics_encoder not in OMICS_ENCODERS:
             raise ConfigError(
                 f"dual_xattn: omics_encoder={omics_encoder!r}; choose one of {OMICS_ENCODERS}"
+            )
+        if context_fit not in CONTEXT_FITS:
+            raise ConfigError(
+                f"dual_xattn: context_fit={context_fit!r}; choose one of {CONTEXT_FITS}"
             )
         if not 0 <= modality_dropout < 1:
             raise ConfigError(f"dual_xattn: modality_dropout={modality_dropout} must be in [0, 1)")
@@ -412,7 +426,7 @@ class DualCrossAttentionMIL(Aggregator):
         self.histology_head = nn.Linear(h_dim, n_outputs) if residual else None
         self.histology_fallback = histology_fallback and residual
         self.warm_start = warm_start and self.histology_proj is not None
-        self.fusion_lr, self.context_lr = fusion_lr, context_lr
+        self.fusion_lr, self.context_lr, self.context_fit = fusion_lr, context_lr, context_fit
         self.context_linear = (
             nn.Linear(self.n_groups + n_clinical, n_outputs, bias=False) if context_linear else None
         )
@@ -435,6 +449,40 @@ class DualCrossAttentionMIL(Aggregator):
     def stage_lr_factor(self, stage: str) -> float:
         """``fusion_lr`` in the ``"fusion"`` stage, ``context_lr`` in ``"context"``, else 1."""
         return {"fusion": self.fusion_lr, "context": self.context_lr}.get(stage, 1.0)
+
+    @property
+    def penalised_stages(self) -> tuple[str, ...]:
+        """``("context",)`` when the warm start has that stage and ``context_fit`` is
+        ``"ridge"``; else ``()``."""
+        ridge = self.context_fit == "ridge" and "context" in self.training_stages
+        return ("context",) if ridge else ()
+
+    def stage_design(self, stage: str, **inputs: Tensor | None) -> Tensor:
+        """(B, n_groups + n_clinical) covariates of the context linear path: each
+        group's mean standardised gene value, then the clinical values; 0 for a missing
+        modality (no modality dropout: this is not a training forward pass)."""
+        if stage not in self.penalised_stages:
+            raise ValueError(f"dual_xattn has no penalised stage {stage!r}")
+        omics, clinical = inputs.get("omics"), inputs.get("clinical")
+        present = [v for v in (omics, clinical) if v is not None]
+        if not present:
+            raise ConfigError("dual_xattn.stage_design: no omics and no clinical input")
+        b, like = present[0].shape[0], present[0].float()
+        omics_present, clinical_present = (
+            self._present(name, value, inputs.get(f"{name}_mask"), b, like.device, drop=False)
+            for name, value in (("omics", omics), ("clinical", clinical))
+        )
+        return self._scores(
+            *self._inputs(b, omics, clinical, omics_present, clinical_present, like)
+        )
+
+    def set_stage_weight(self, stage: str, weight: Tensor) -> None:
+        """Set the context linear path's coefficients, ``weight`` (P, n_outputs) as
+        fitted on :meth:`stage_design`."""
+        if stage not in self.penalised_stages or self.context_linear is None:
+            raise ValueError(f"dual_xattn has no penalised stage {stage!r}")
+        with torch.no_grad():
+            self.context_linear.weight.copy_(weight.T)
 
     def _histology_modules(self) -> list[nn.Module]:
         mods = [self.histology_proj, self.histology_pool, self.histology_head]
@@ -467,17 +515,18 @@ class DualCrossAttentionMIL(Aggregator):
         flags: Tensor | None,
         batch: int,
         device: torch.device,
+        drop: bool = True,
     ) -> Tensor:
         """Which bags have the modality: ``(B,)`` bool (all False when ``value`` is None);
-        in training, each present modality is dropped with probability
-        ``modality_dropout``."""
+        in training (and with ``drop``), each present modality is dropped with
+        probability ``modality_dropout``."""
         if value is None:
             return torch.zeros(batch, dtype=torch.bool, device=device)
         if flags is None:
             flags = torch.ones(batch, dtype=torch.bool, device=device)
         elif flags.shape != (batch,) or flags.dtype != torch.bool:
             raise ConfigError(f"dual_xattn: {name}_mask must be a ({batch},) bool tensor")
-        if self.training and self.modality_dropout > 0:
+        if drop and self.training and self.modality_dropout > 0:
             keep = torch.rand(batch, device=device) >= self.modality_dropout
             flags = flags & keep
         return flags
@@ -534,16 +583,21 @@ class DualCrossAttentionMIL(Aggregator):
             masks.append(clinical_present[:, None])
         return torch.cat(tokens, dim=1) + self.token_type, torch.cat(masks, dim=1)
 
-    def _linear(self, omics: Tensor | None, clinical: Tensor | None) -> Tensor | None:
-        """The context linear path's logits ``(B, n_outputs)`` of :meth:`_inputs` (each
-        group's mean gene value, then the clinical values); ``None`` without the path."""
-        if self.context_linear is None:
-            return None
+    def _scores(self, omics: Tensor | None, clinical: Tensor | None) -> Tensor:
+        """``(B, n_groups + n_clinical)``: each group's mean gene value, then the
+        clinical values, of :meth:`_inputs`."""
         values = [] if clinical is None else [clinical]
         if self.omics_encoder is not None and omics is not None:
             enc = self.omics_encoder
             values.insert(0, (omics[:, enc.index] * enc.valid).sum(-1) / enc.valid.sum(-1))
-        return self.context_linear(torch.cat(values, dim=1))
+        return torch.cat(values, dim=1)
+
+    def _linear(self, omics: Tensor | None, clinical: Tensor | None) -> Tensor | None:
+        """The context linear path's logits ``(B, n_outputs)`` of :meth:`_inputs`;
+        ``None`` without the path."""
+        if self.context_linear is None:
+            return None
+        return self.context_linear(self._scores(omics, clinical))
 
     def _aggregate(
         self,

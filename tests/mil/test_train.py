@@ -244,11 +244,13 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     assert meta["aggregator"]["omics_groups"] == [[0, 1], [2]]
     assert meta["aggregator"]["n_clinical"] == 1 and meta["in_dim"] == 8
     assert meta["head"]["kind"] == "discrete"
-    assert [(r["stage"], r["lr"]) for r in meta["stages"]] == [
-        ("histology", config.lr),
-        ("context", pytest.approx(10 * config.lr)),
-        ("fusion", pytest.approx(0.1 * config.lr)),
-    ]
+    histology, context, fusion = meta["stages"]
+    assert (histology["stage"], histology["lr"]) == ("histology", config.lr)
+    assert (fusion["stage"], fusion["lr"]) == ("fusion", pytest.approx(0.1 * config.lr))
+    # the context linear path: ridge, its penalty one of the cross-validated candidates
+    assert (context["stage"], context["fit"]) == ("context", "ridge")
+    assert len(context["cv_loss"]) == len(context["penalties"])
+    assert context["penalty"] in context["penalties"]
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
     assert list(result.predictions.columns) == [
         "patient_id",
