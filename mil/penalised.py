@@ -1,10 +1,11 @@
-"""Ridge-penalised linear models fitted with a head's own loss, the penalty chosen by
-cross-validation inside the training patients.
+"""Penalised (elastic-net) linear models fitted with a head's own loss, the penalty
+chosen by cross-validation inside the training patients.
 
 The trainer fits a model's *penalised stages* (``dual_xattn``'s context linear path)
-with :func:`fit_ridge` instead of stochastic gradient steps: a handful of covariates and
-a few dozen patients are a convex problem that L-BFGS solves exactly, and the penalty is
-chosen on many held-out patients instead of by early stopping on a small inner
+with :func:`fit_penalised` instead of stochastic gradient steps: a handful of covariates
+and a few dozen patients are a convex problem that is solved exactly (L-BFGS for a pure
+ridge penalty, accelerated proximal gradient with an L1 part), and the penalty is chosen
+on every training patient held out in turn instead of by early stopping on a small inner
 validation set.
 
 Cross-validation scores a penalty by the loss of the *cross-validated linear predictor*:
@@ -25,24 +26,28 @@ from torch import Tensor
 
 from wsi_mil.errors import ConfigError
 
-__all__ = ["DEFAULT_PENALTIES", "RidgeFit", "fit_ridge"]
+__all__ = ["DEFAULT_PENALTIES", "PenalisedFit", "fit_penalised"]
 
 #: Candidate penalties on the standardised covariates (the loss is a mean over samples
-#: or events); ``inf`` is the model without covariates.
-DEFAULT_PENALTIES: tuple[float, ...] = (*np.logspace(-3, 1, 9).tolist(), math.inf)
+#: or events), largest first; ``inf`` is the model without covariates.
+DEFAULT_PENALTIES: tuple[float, ...] = (math.inf, *np.logspace(1, -3, 13).tolist())
 
 #: ``loss(logits (n, K), idx (n,) long)``: the mean loss of the samples ``idx``.
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
+#: Iteration limit of the proximal-gradient solver (penalties with an L1 part).
+_MAX_PROXIMAL_STEPS = 1000
 
-class RidgeFit(NamedTuple):
-    """The result of :func:`fit_ridge`.
+
+class PenalisedFit(NamedTuple):
+    """The result of :func:`fit_penalised`.
 
     Attributes:
         weight: (P, K) coefficients on the covariates as given (not standardised).
         bias: (K,) unpenalised intercept of the fit (for scoring; a caller whose model
             has its own intercept may drop it).
         penalty: the chosen penalty (``inf``: no covariate kept).
+        l1_ratio: the share of the penalty on ``|w|_1`` (0: ridge, 1: lasso).
         penalties: the candidates, in the order of ``cv_loss``.
         cv_loss: mean cross-validated loss per candidate.
     """
@@ -50,33 +55,108 @@ class RidgeFit(NamedTuple):
     weight: Tensor
     bias: Tensor
     penalty: float
+    l1_ratio: float
     penalties: tuple[float, ...]
     cv_loss: tuple[float, ...]
 
 
-def _solve(
-    x: Tensor, loss: LossFn, idx: Tensor, penalty: float, n_outputs: int
-) -> tuple[Tensor, Tensor]:
-    """Minimise ``loss(x[idx] w + b, idx) + penalty / 2 * |w|^2`` by L-BFGS from zero;
-    ``(w (P, K), b (K,))``; ``w = 0`` when ``penalty`` is infinite."""
-    w = torch.zeros(x.shape[1], n_outputs, requires_grad=math.isfinite(penalty))
-    b = torch.zeros(n_outputs, requires_grad=True)
+def _soft(w: Tensor, threshold: float) -> Tensor:
+    """Soft thresholding, the proximal map of ``threshold * |w|_1``."""
+    return torch.sign(w) * (w.abs() - threshold).clamp_min(0.0)
+
+
+def _lbfgs(xs: Tensor, loss: LossFn, idx: Tensor, l2: float, w: Tensor, b: Tensor) -> None:
+    """Minimise ``loss(xs w + b, idx) + l2 / 2 |w|^2`` in place by L-BFGS (``w`` is
+    left alone when it does not require a gradient)."""
     params = [w, b] if w.requires_grad else [b]
     opt = torch.optim.LBFGS(
         params, lr=1.0, max_iter=200, tolerance_grad=1e-6, line_search_fn="strong_wolfe"
     )
-    xs = x[idx]
 
     def closure() -> Tensor:
         opt.zero_grad()
-        objective = loss(xs @ w + b, idx)
-        if w.requires_grad:
-            objective = objective + 0.5 * penalty * w.pow(2).sum()
+        objective = loss(xs @ w + b, idx) + 0.5 * l2 * w.pow(2).sum()
         objective.backward()
         return objective
 
     opt.step(closure)
+
+
+def _fista(
+    xs: Tensor, loss: LossFn, idx: Tensor, l1: float, l2: float, w: Tensor, b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Minimise ``loss(xs w + b, idx) + l2 / 2 |w|^2 + l1 |w|_1`` from ``(w, b)`` by
+    accelerated proximal gradient (FISTA) with a backtracking step and restarts."""
+
+    def smooth(w_: Tensor, b_: Tensor) -> Tensor:
+        return loss(xs @ w_ + b_, idx) + 0.5 * l2 * w_.pow(2).sum()
+
+    yw, yb, t, step = w, b, 1.0, 1.0
+    for _ in range(_MAX_PROXIMAL_STEPS):
+        pw, pb = yw.clone().requires_grad_(), yb.clone().requires_grad_()
+        f = smooth(pw, pb)
+        gw, gb = torch.autograd.grad(f, (pw, pb))
+        with torch.no_grad():
+            while True:
+                nw, nb = _soft(yw - step * gw, step * l1), yb - step * gb
+                dw, db = nw - yw, nb - yb
+                bound = f + (gw * dw).sum() + (gb * db).sum()
+                bound = bound + (dw.pow(2).sum() + db.pow(2).sum()) / (2 * step)
+                if smooth(nw, nb) <= bound + 1e-9 or step < 1e-8:
+                    break
+                step /= 2
+            moved = max(float((nw - w).abs().max()), float((nb - b).abs().max()))
+            if float(((yw - nw) * (nw - w)).sum() + ((yb - nb) * (nb - b)).sum()) > 0:
+                t = 1.0  # the momentum points uphill: restart it
+            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            yw = nw + (t - 1) / t_next * (nw - w)
+            yb = nb + (t - 1) / t_next * (nb - b)
+            w, b, t = nw, nb, t_next
+        if moved < 1e-6:
+            break
+    return w, b
+
+
+def _solve(
+    x: Tensor,
+    loss: LossFn,
+    idx: Tensor,
+    penalty: float,
+    l1_ratio: float,
+    start: tuple[Tensor, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Minimise ``loss(x[idx] w + b, idx) + penalty * ((1 - l1_ratio) / 2 |w|^2 +
+    l1_ratio |w|_1)`` from ``start``; ``(w (P, K), b (K,))``, ``w = 0`` when
+    ``penalty`` is infinite."""
+    xs = x[idx]
+    if not math.isfinite(penalty):
+        w = torch.zeros_like(start[0])
+        b = start[1].clone().requires_grad_()
+        _lbfgs(xs, loss, idx, 0.0, w, b)
+        return w, b.detach()
+    l1, l2 = penalty * l1_ratio, penalty * (1 - l1_ratio)
+    if l1 > 0:
+        return _fista(xs, loss, idx, l1, l2, start[0].clone(), start[1].clone())
+    w, b = start[0].clone().requires_grad_(), start[1].clone().requires_grad_()
+    _lbfgs(xs, loss, idx, l2, w, b)
     return w.detach(), b.detach()
+
+
+def _path(
+    x: Tensor,
+    loss: LossFn,
+    idx: Tensor,
+    penalties: Sequence[float],
+    l1_ratio: float,
+    n_outputs: int,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`_solve` at each of ``penalties``, largest first, each warm-started from the
+    last; returned in the order of ``penalties``."""
+    start = (torch.zeros(x.shape[1], n_outputs), torch.zeros(n_outputs))
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for j in np.argsort(-np.asarray(penalties, float), kind="stable"):
+        out[int(j)] = start = _solve(x, loss, idx, penalties[j], l1_ratio, start)
+    return [out[j] for j in range(len(penalties))]
 
 
 def _folds(groups: np.ndarray, strata: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -94,22 +174,25 @@ def _folds(groups: np.ndarray, strata: np.ndarray, n_folds: int, seed: int) -> n
     return np.array([fold_of[g] for g in groups])
 
 
-def fit_ridge(
+def fit_penalised(
     x: Tensor,
     loss: LossFn,
     groups: Sequence[str],
     *,
     n_outputs: int = 1,
+    l1_ratio: float = 1.0,
     strata: Sequence[int] | None = None,
     penalties: Sequence[float] = DEFAULT_PENALTIES,
     n_folds: int = 5,
     n_repeats: int = 3,
     seed: int = 0,
-) -> RidgeFit:
-    """Ridge fit of ``loss`` on ``x``, the penalty chosen by repeated grouped K-fold CV.
+) -> PenalisedFit:
+    """Elastic-net fit of ``loss`` on ``x``, the penalty chosen by repeated grouped
+    K-fold cross-validation.
 
-    Covariates are scaled to unit standard deviation (not centred: a row of zeros, a
-    missing modality, keeps a zero linear predictor) before the penalty applies; the
+    Minimises ``loss(x w + b) + penalty * ((1 - l1_ratio) / 2 |w|^2 + l1_ratio |w|_1)``
+    (glmnet's parametrisation) on covariates scaled to unit standard deviation (not
+    centred: a row of zeros, a missing modality, keeps a zero linear predictor); the
     returned weights are on the original scale.
 
     Args:
@@ -117,6 +200,7 @@ def fit_ridge(
         loss: ``loss(logits (m, K), idx (m,))``, the mean loss of samples ``idx``.
         groups: (n,) group (patient) of each sample; a group is never split by a fold.
         n_outputs: ``K``, the number of logits.
+        l1_ratio: share of the L1 penalty in [0, 1] (1: lasso, the default; 0: ridge).
         strata: (n,) integer stratum (event, class) folds are balanced on; None: one.
         penalties: candidate penalties (``inf``: no covariates).
         n_folds: folds per repeat (at most the number of groups).
@@ -124,25 +208,29 @@ def fit_ridge(
         seed: seed of the fold assignments.
 
     Returns:
-        The :class:`RidgeFit` refitted on all samples at the chosen penalty (the largest
-        penalty among equally good ones).
+        The :class:`PenalisedFit` refitted on all samples at the chosen penalty (the
+        largest penalty among equally good ones).
 
     Raises:
         ConfigError: ``x`` is not 2-D, ``groups``/``strata`` do not match its rows,
-            fewer than 2 groups, or no candidate penalty.
+            fewer than 2 groups, ``l1_ratio`` outside [0, 1], or no candidate penalty.
     """
+    if not 0 <= l1_ratio <= 1:
+        raise ConfigError(f"fit_penalised: l1_ratio={l1_ratio} must be in [0, 1]")
     if x.ndim != 2:
-        raise ConfigError(f"fit_ridge: x must be (n, P), got {tuple(x.shape)}")
+        raise ConfigError(f"fit_penalised: x must be (n, P), got {tuple(x.shape)}")
     n = x.shape[0]
     group_arr = np.asarray(groups, dtype=object)
     strata_arr = np.zeros(n, int) if strata is None else np.asarray(strata, int)
     if group_arr.shape != (n,) or strata_arr.shape != (n,):
-        raise ConfigError(f"fit_ridge: groups and strata must have one entry per row of x ({n})")
+        raise ConfigError(
+            f"fit_penalised: groups and strata must have one entry per row of x ({n})"
+        )
     n_groups = len(set(group_arr.tolist()))
     if n_groups < 2:
-        raise ConfigError(f"fit_ridge: needs at least 2 groups (patients), got {n_groups}")
+        raise ConfigError(f"fit_penalised: needs at least 2 groups (patients), got {n_groups}")
     if not penalties:
-        raise ConfigError("fit_ridge: penalties is empty")
+        raise ConfigError("fit_penalised: penalties is empty")
     x = x.detach().float()
     sd = x.std(dim=0, unbiased=False)
     sd = torch.where(sd > 0, sd, torch.ones_like(sd))
@@ -151,17 +239,16 @@ def fit_ridge(
     cv = np.zeros(len(penalties))
     for r in range(n_repeats):
         fold = _folds(group_arr, strata_arr, min(n_folds, n_groups), seed + r)
-        for j, penalty in enumerate(penalties):
-            oof = torch.zeros(n, n_outputs)
-            for f in np.unique(fold):
-                test = torch.from_numpy(np.flatnonzero(fold == f))
-                w, b = _solve(z, loss, torch.from_numpy(np.flatnonzero(fold != f)), penalty,
-                              n_outputs)  # fmt: skip
-                oof[test] = z[test] @ w + b
-            with torch.no_grad():
-                cv[j] += float(loss(oof, everyone)) / n_repeats
+        oof = torch.zeros(len(penalties), n, n_outputs)
+        for f in np.unique(fold):
+            test = torch.from_numpy(np.flatnonzero(fold == f))
+            train = torch.from_numpy(np.flatnonzero(fold != f))
+            for j, (w, b) in enumerate(_path(z, loss, train, penalties, l1_ratio, n_outputs)):
+                oof[j, test] = z[test] @ w + b
+        with torch.no_grad():
+            cv += np.array([float(loss(o, everyone)) for o in oof]) / n_repeats
     order = np.argsort(-np.asarray(penalties, float), kind="stable")  # largest first
     best = int(order[np.argmin(cv[order])])
-    w, b = _solve(z, loss, everyone, penalties[best], n_outputs)
-    return RidgeFit(w / sd[:, None], b, float(penalties[best]), tuple(map(float, penalties)),
-                    tuple(cv.tolist()))  # fmt: skip
+    w, b = _path(z, loss, everyone, penalties, l1_ratio, n_outputs)[best]
+    return PenalisedFit(w / sd[:, None], b, float(penalties[best]), l1_ratio,
+                        tuple(map(float, penalties)), tuple(cv.tolist()))  # fmt: skip

@@ -330,15 +330,16 @@ def _optimise(
 def _fit_penalised_stage(
     ctx: _Context, model: Aggregator, head: Head, stage: str, sets: tuple[UnitSet, ...], k: int
 ) -> dict[str, Any]:
-    """Fit a penalised stage (:attr:`Aggregator.penalised_stages`) by ridge regression
-    with the head's loss on all the units of ``sets`` (the fold's training and inner
-    validation patients), the penalty chosen by cross-validation among them.
+    """Fit a penalised stage (:attr:`Aggregator.penalised_stages`) by an elastic-net
+    regression with the head's loss on all the units of ``sets`` (the fold's training
+    and inner validation patients), the penalty chosen by cross-validation among them.
 
     Returns:
-        The stage record: ``stage``, ``fit`` (``"ridge"``), the chosen ``penalty``
-        (``None`` for infinite: no covariate kept), ``penalties`` and ``cv_loss``.
+        The stage record: ``stage``, ``fit`` (``"penalised"``), ``l1_ratio``, the
+        chosen ``penalty`` (``None`` for infinite: no covariate kept), ``penalties``
+        and ``cv_loss``.
     """
-    from wsi_mil.mil.penalised import fit_ridge
+    from wsi_mil.mil.penalised import fit_penalised
 
     cpu = torch.device("cpu")
     x = torch.cat([model.stage_design(stage, **u.extras(range(len(u)), cpu)) for u in sets])
@@ -348,19 +349,21 @@ def _fit_penalised_stage(
     def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return head.loss(logits, {key: v[idx] for key, v in targets.items()})
 
-    fit = fit_ridge(
+    fit = fit_penalised(
         x,
         loss,
         [unit.patient_id for u in sets for unit in u.units],
         n_outputs=model.n_outputs,
+        l1_ratio=model.stage_l1_ratio(stage),
         strata=None if strata is None else strata.tolist(),
         seed=ctx.config.seed * 1009 + k,
     )
     model.set_stage_weight(stage, fit.weight.to(ctx.device))
-    log.debug("fold %d stage %s: ridge penalty %s", k, stage, fit.penalty)
+    log.debug("fold %d stage %s: penalty %s", k, stage, fit.penalty)
     return {
         "stage": stage,
-        "fit": "ridge",
+        "fit": "penalised",
+        "l1_ratio": fit.l1_ratio,
         "penalty": fit.penalty if math.isfinite(fit.penalty) else None,
         "penalties": [p if math.isfinite(p) else None for p in fit.penalties],
         "cv_loss": list(fit.cv_loss),

@@ -255,10 +255,16 @@ class Aggregator(nn.Module, abc.ABC):
     @property
     def penalised_stages(self) -> tuple[str, ...]:
         """Stages of :attr:`training_stages` that are a linear model on per-bag
-        covariates (:meth:`stage_design`), which the trainer fits by ridge regression
-        with a cross-validated penalty (:func:`wsi_mil.mil.penalised.fit_ridge`)
-        instead of gradient steps; ``()`` (every aggregator but ``dual_xattn``)."""
+        covariates (:meth:`stage_design`), which the trainer fits by a penalised
+        regression with a cross-validated penalty
+        (:func:`wsi_mil.mil.penalised.fit_penalised`, L1 share
+        :meth:`stage_l1_ratio`) instead of gradient steps; ``()`` (every aggregator
+        but ``dual_xattn``)."""
         return ()
+
+    def stage_l1_ratio(self, stage: str) -> float:
+        """The L1 share of a penalised stage's elastic-net penalty."""
+        raise ValueError(f"{self.name} has no penalised stage {stage!r}")
 
     def stage_design(self, stage: str, **inputs: Tensor | None) -> Tensor:
         """(B, P) covariates of a penalised stage from the bags' tabular ``inputs``

@@ -90,8 +90,9 @@ __all__ = ["CrossAttention", "DualCrossAttentionMIL", "GroupedLinear", "GroupedS
 
 #: ``omics_encoder`` choices.
 OMICS_ENCODERS = ("linear", "snn")
-#: ``context_fit`` choices.
-CONTEXT_FITS = ("ridge", "sgd")
+#: ``context_fit`` choices: the L1 share of each penalised fit, and ``"sgd"``.
+CONTEXT_L1_RATIOS = {"lasso": 1.0, "elastic_net": 0.5, "ridge": 0.0}
+CONTEXT_FITS = (*CONTEXT_L1_RATIOS, "sgd")
 
 
 def _group_index(groups: list[list[int]]) -> tuple[Tensor, Tensor]:
@@ -330,11 +331,12 @@ class DualCrossAttentionMIL(Aggregator):
             ``context_fit="sgd"`` (10: a linear model on a few scores moves by about
             ``lr`` a step under AdamW, and at ``--lr`` it was still growing at the step
             limit).
-        context_fit: how the warm start fits the context linear path: ``"ridge"``
-            (default; ridge regression with the head's loss on all training patients,
-            the penalty chosen by cross-validation among them, :attr:`penalised_stages`)
-            or ``"sgd"`` (gradient steps, early stopped on the inner validation
-            patients, as folds trained before it).
+        context_fit: how the warm start fits the context linear path: ``"lasso"``
+            (default), ``"elastic_net"`` (half L1, half L2) or ``"ridge"``: a penalised
+            regression with the head's loss on all the fold's training patients, the
+            penalty chosen by cross-validation among them (:attr:`penalised_stages`);
+            ``"sgd"``: gradient steps, early stopped on the inner validation patients
+            (folds trained before the option).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
@@ -363,7 +365,7 @@ class DualCrossAttentionMIL(Aggregator):
         fusion_lr: float = 0.1,
         context_linear: bool = True,
         context_lr: float = 10.0,
-        context_fit: str = "ridge",
+        context_fit: str = "lasso",
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
@@ -452,10 +454,16 @@ class DualCrossAttentionMIL(Aggregator):
 
     @property
     def penalised_stages(self) -> tuple[str, ...]:
-        """``("context",)`` when the warm start has that stage and ``context_fit`` is
-        ``"ridge"``; else ``()``."""
-        ridge = self.context_fit == "ridge" and "context" in self.training_stages
-        return ("context",) if ridge else ()
+        """``("context",)`` when the warm start has that stage and ``context_fit`` is a
+        penalised regression; else ``()``."""
+        penalised = self.context_fit in CONTEXT_L1_RATIOS
+        return ("context",) if penalised and "context" in self.training_stages else ()
+
+    def stage_l1_ratio(self, stage: str) -> float:
+        """The L1 share of ``context_fit``'s penalty (1 lasso, 0.5, 0 ridge)."""
+        if stage not in self.penalised_stages:
+            raise ValueError(f"dual_xattn has no penalised stage {stage!r}")
+        return CONTEXT_L1_RATIOS[self.context_fit]
 
     def stage_design(self, stage: str, **inputs: Tensor | None) -> Tensor:
         """(B, n_groups + n_clinical) covariates of the context linear path: each

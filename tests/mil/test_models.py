@@ -719,10 +719,41 @@ def test_dual_xattn_warm_start_stages() -> None:
         build("abmil").set_stage("histology")
 
 
+def test_dual_xattn_context_stage_is_penalised_and_its_design_is_what_the_path_reads() -> None:
+    """With ``context_fit="ridge"`` the trainer fits stage "context" from
+    :meth:`stage_design`; weights set on that design give the stage's own logits, and
+    a masked modality contributes 0."""
+    model = build("dual_xattn", n_outputs=1).eval()
+    assert model.penalised_stages == ("context",)
+    assert build("dual_xattn", context_fit="sgd").penalised_stages == ()
+    assert build("dual_xattn", context_linear=False).penalised_stages == ()
+    assert build("abmil").penalised_stages == ()
+    assert model.stage_l1_ratio("context") == 1.0
+    assert build("dual_xattn", context_fit="ridge").stage_l1_ratio("context") == 0.0
+    inputs = make_inputs(lengths=[9, 6, 4])
+    inputs["omics_mask"] = torch.tensor([True, False, True])
+    tabular = {k: v for k, v in inputs.items() if k not in ("features", "mask")}
+    x = model.stage_design("context", **tabular)
+    assert x.shape == (3, model.n_groups + N_CLINICAL)
+    assert torch.all(x[1, : model.n_groups] == 0) and torch.all(x[0] != 0)
+    weight = torch.linspace(-1, 1, x.shape[1])[:, None]
+    model.set_stage_weight("context", weight)
+    model.set_stage("context")
+    assert torch.allclose(run(model, inputs).logits, x @ weight, atol=1e-6)
+    with pytest.raises(ValueError, match="penalised stage"):
+        build("dual_xattn", context_fit="sgd").stage_design("context", **tabular)
+    for method in ("stage_design", "stage_l1_ratio"):
+        with pytest.raises(ValueError, match="penalised stage"):
+            getattr(build("abmil"), method)("context")
+    with pytest.raises(ValueError, match="penalised stage"):
+        build("abmil").set_stage_weight("context", weight)
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
         ({"omics_encoder": "mlp"}, "omics_encoder"),
+        ({"context_fit": "group_lasso"}, "context_fit"),
         ({"modality_dropout": 1.0}, "modality_dropout"),
         ({"fusion_lr": 0.0}, "fusion_lr"),
         ({"context_lr": -1.0}, "context_lr"),

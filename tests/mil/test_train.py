@@ -247,8 +247,8 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     histology, context, fusion = meta["stages"]
     assert (histology["stage"], histology["lr"]) == ("histology", config.lr)
     assert (fusion["stage"], fusion["lr"]) == ("fusion", pytest.approx(0.1 * config.lr))
-    # the context linear path: ridge, its penalty one of the cross-validated candidates
-    assert (context["stage"], context["fit"]) == ("context", "ridge")
+    # the context linear path: the lasso, its penalty one of the cross-validated candidates
+    assert (context["stage"], context["fit"], context["l1_ratio"]) == ("context", "penalised", 1)
     assert len(context["cv_loss"]) == len(context["penalties"])
     assert context["penalty"] in context["penalties"]
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
