@@ -50,6 +50,7 @@ class PenalisedFit(NamedTuple):
         l1_ratio: the share of the penalty on ``|w|_1`` (0: ridge, 1: lasso).
         penalties: the candidates, in the order of ``cv_loss``.
         cv_loss: mean cross-validated loss per candidate.
+        cv_se: its standard error (over the held-out folds of every repeat).
     """
 
     weight: Tensor
@@ -58,6 +59,7 @@ class PenalisedFit(NamedTuple):
     l1_ratio: float
     penalties: tuple[float, ...]
     cv_loss: tuple[float, ...]
+    cv_se: tuple[float, ...]
 
 
 def _soft(w: Tensor, threshold: float) -> Tensor:
@@ -185,6 +187,7 @@ def fit_penalised(
     penalties: Sequence[float] = DEFAULT_PENALTIES,
     n_folds: int = 5,
     n_repeats: int = 3,
+    rule: str = "1se",
     seed: int = 0,
 ) -> PenalisedFit:
     """Elastic-net fit of ``loss`` on ``x``, the penalty chosen by repeated grouped
@@ -205,16 +208,21 @@ def fit_penalised(
         penalties: candidate penalties (``inf``: no covariates).
         n_folds: folds per repeat (at most the number of groups).
         n_repeats: CV repeats with different fold assignments; losses are averaged.
+        rule: ``"1se"`` (default): the largest penalty whose CV loss is within one
+            standard error of the smallest (glmnet's ``lambda.1se``; the standard error
+            from the held-out folds' own losses); ``"min"``: the smallest CV loss.
         seed: seed of the fold assignments.
 
     Returns:
-        The :class:`PenalisedFit` refitted on all samples at the chosen penalty (the
-        largest penalty among equally good ones).
+        The :class:`PenalisedFit` refitted on all samples at the chosen penalty.
 
     Raises:
         ConfigError: ``x`` is not 2-D, ``groups``/``strata`` do not match its rows,
-            fewer than 2 groups, ``l1_ratio`` outside [0, 1], or no candidate penalty.
+            fewer than 2 groups, ``l1_ratio`` outside [0, 1], an unknown ``rule`` or no
+            candidate penalty.
     """
+    if rule not in ("1se", "min"):
+        raise ConfigError(f"fit_penalised: rule={rule!r}; choose '1se' or 'min'")
     if not 0 <= l1_ratio <= 1:
         raise ConfigError(f"fit_penalised: l1_ratio={l1_ratio} must be in [0, 1]")
     if x.ndim != 2:
@@ -236,7 +244,7 @@ def fit_penalised(
     sd = torch.where(sd > 0, sd, torch.ones_like(sd))
     z = x / sd
     everyone = torch.arange(n)
-    cv = np.zeros(len(penalties))
+    cv, per_fold = np.zeros(len(penalties)), []
     for r in range(n_repeats):
         fold = _folds(group_arr, strata_arr, min(n_folds, n_groups), seed + r)
         oof = torch.zeros(len(penalties), n, n_outputs)
@@ -245,10 +253,21 @@ def fit_penalised(
             train = torch.from_numpy(np.flatnonzero(fold != f))
             for j, (w, b) in enumerate(_path(z, loss, train, penalties, l1_ratio, n_outputs)):
                 oof[j, test] = z[test] @ w + b
+            with torch.no_grad():
+                per_fold.append([float(loss(o[test], test)) for o in oof])
         with torch.no_grad():
             cv += np.array([float(loss(o, everyone)) for o in oof]) / n_repeats
-    order = np.argsort(-np.asarray(penalties, float), kind="stable")  # largest first
-    best = int(order[np.argmin(cv[order])])
+    se = np.std(per_fold, axis=0, ddof=1) / math.sqrt(len(per_fold))
+    best = _choose(np.asarray(penalties, float), cv, se if rule == "1se" else np.zeros_like(se))
     w, b = _path(z, loss, everyone, penalties, l1_ratio, n_outputs)[best]
     return PenalisedFit(w / sd[:, None], b, float(penalties[best]), l1_ratio,
-                        tuple(map(float, penalties)), tuple(cv.tolist()))  # fmt: skip
+                        tuple(map(float, penalties)), tuple(cv.tolist()),
+                        tuple(se.tolist()))  # fmt: skip
+
+
+def _choose(penalties: np.ndarray, cv: np.ndarray, se: np.ndarray) -> int:
+    """Index of the largest penalty whose CV loss is within ``se`` of the minimum's
+    (the largest of the minima when ``se`` is 0)."""
+    order = np.argsort(-penalties, kind="stable")  # largest first
+    best = int(order[np.argmin(cv[order])])
+    return int(next(j for j in order if cv[j] <= cv[best] + se[best]))

@@ -336,8 +336,8 @@ def _fit_penalised_stage(
 
     Returns:
         The stage record: ``stage``, ``fit`` (``"penalised"``), ``l1_ratio``, the
-        chosen ``penalty`` (``None`` for infinite: no covariate kept), ``penalties``
-        and ``cv_loss``.
+        chosen ``penalty`` (``None`` for infinite: no covariate kept), ``penalties``,
+        ``cv_loss`` and ``cv_se``.
     """
     from wsi_mil.mil.penalised import fit_penalised
 
@@ -367,6 +367,7 @@ def _fit_penalised_stage(
         "penalty": fit.penalty if math.isfinite(fit.penalty) else None,
         "penalties": [p if math.isfinite(p) else None for p in fit.penalties],
         "cv_loss": list(fit.cv_loss),
+        "cv_se": list(fit.cv_se),
     }
 
 

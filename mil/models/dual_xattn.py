@@ -63,7 +63,8 @@ are rebuilt without it):
   cross-attention only has to learn what that sum does not explain. The stage is a
   penalised regression (``context_fit``: the lasso by default, elastic net or ridge;
   :attr:`penalised_stages`): the trainer fits it with the head's own loss on all of
-  the fold's training patients and chooses the penalty by cross-validation among them
+  the fold's training patients and chooses the penalty by cross-validation among them,
+  the largest within one standard error of the best
   (:func:`wsi_mil.mil.penalised.fit_penalised`). (Early-stopped gradient steps,
   ``"sgd"`` at ``context_lr`` × ``--lr``, chose on 16 inner-validation patients and
   kept either no omics or noise groups as large as the informative one; fitted on top

@@ -122,7 +122,18 @@ def test_cross_validation_keeps_signal_and_drops_noise() -> None:
     sd = x.std(axis=0)
     assert int(np.argmax(np.abs(fit.weight[:, 0].numpy() * sd))) == 0
     assert fit.weight[0, 0] > 0
-    assert fit.cv_loss[fit.penalties.index(fit.penalty)] == min(fit.cv_loss)
+    # the 1-SE rule: the largest penalty within one standard error of the best CV loss
+    j_min = int(np.argmin(fit.cv_loss))
+    chosen = fit.penalties.index(fit.penalty)
+    assert fit.penalty >= fit.penalties[j_min]
+    assert fit.cv_loss[chosen] <= fit.cv_loss[j_min] + fit.cv_se[j_min]
+    assert all(
+        fit.cv_loss[j] > fit.cv_loss[j_min] + fit.cv_se[j_min]
+        for j, p in enumerate(fit.penalties)
+        if p > fit.penalty
+    )
+    smallest = _cox_fit(x, targets, strata=targets["event"].tolist(), rule="min")
+    assert smallest.penalty == fit.penalties[j_min] <= fit.penalty
     noise = np.random.default_rng(4).normal(size=x.shape)
     dropped = _cox_fit(noise, targets, strata=targets["event"].tolist())
     assert dropped.penalty >= 1.0
@@ -148,6 +159,7 @@ def test_folds_keep_patients_whole_and_balance_strata() -> None:
         ({"groups": ["a"] * 4}, "at least 2 groups"),
         ({"penalties": ()}, "penalties is empty"),
         ({"l1_ratio": 1.5}, "l1_ratio"),
+        ({"rule": "2se"}, "rule"),
     ],
 )
 def test_bad_inputs_name_the_argument(kwargs: dict, match: str) -> None:
