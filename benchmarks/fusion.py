@@ -19,6 +19,9 @@ and cohort), for each task:
   chosen by 3-fold CV inside the outer training set;
 * ``late fusion`` — the mean of the two models' outputs, each standardised with the
   outputs of the fold's training patients;
+* ``main effects`` — ``abmil``'s logits plus a lasso on the gene-group scores
+  (``fit_penalised``, as ``dual_xattn``'s context stage): the two main effects that
+  ``dual_xattn``'s warm start adds up, without its cross-attention stage;
 * ``dual_xattn`` — the fusion aggregator with the omics groups (and with ``age``, an
   uninformative clinical column, as ``+clinical``), ``train`` defaults.
 
@@ -45,9 +48,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from learning import _fmt, fit_linear, prepare
 
+from wsi_mil.mil.heads import ClassificationHead, CoxHead, Head
 from wsi_mil.mil.metrics import classification_metrics, survival_metrics
+from wsi_mil.mil.penalised import fit_penalised
 from wsi_mil.mil.planted import MultimodalCohort, make_multimodal_cohort
 from wsi_mil.mil.run import TrainConfig
 from wsi_mil.mil.train import train_cv
@@ -104,15 +110,69 @@ def omics_linear(mm: MultimodalCohort, task: str, splits: dict[str, Any]) -> pd.
     return pd.DataFrame(rows, columns=["patient_id", "fold", "split", "score"])
 
 
+def _standardised(frame: pd.DataFrame) -> pd.Series:
+    """A model's scores standardised on each fold's training patients, indexed by
+    ``patient_id, fold, split``."""
+    f = frame[["patient_id", "fold", "split", "score"]].copy()
+    train = f[f["split"] == "train"].groupby("fold")["score"].agg(["mean", "std"])
+    f["score"] = (f["score"] - f["fold"].map(train["mean"])) / f["fold"].map(train["std"])
+    return f.set_index(["patient_id", "fold", "split"])["score"]
+
+
 def late_fusion(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """Mean of two models' scores, each standardised on the fold's training patients."""
-    parts = []
-    for frame in (a, b):
-        f = frame[["patient_id", "fold", "split", "score"]].copy()
-        train = f[f["split"] == "train"].groupby("fold")["score"].agg(["mean", "std"])
-        f["score"] = (f["score"] - f["fold"].map(train["mean"])) / f["fold"].map(train["std"])
-        parts.append(f.set_index(["patient_id", "fold", "split"])["score"])
-    return (parts[0] + parts[1]).div(2).rename("score").reset_index()
+    return (_standardised(a) + _standardised(b)).div(2).rename("score").reset_index()
+
+
+def main_effects(
+    mm: MultimodalCohort, task: str, hist: pd.DataFrame, hist_run: Path, splits: dict[str, Any]
+) -> pd.DataFrame:
+    """``abmil``'s logits plus a lasso on the gene-group scores (:func:`fit_penalised`,
+    the 1-SE rule, as ``dual_xattn``'s context stage) fitted on each outer fold's
+    training patients: the sum ``dual_xattn``'s warm start starts its cross-attention
+    stage from, without that stage (and with ``abmil``'s own run as histology path)."""
+    table = pd.read_csv(mm.cohort, dtype={"patient_id": str}).set_index("patient_id")
+    omics = pd.read_csv(mm.omics, dtype={"patient_id": str}).set_index("patient_id")
+    omics = omics.reindex(table.index)
+    groups = json.loads(mm.groups.read_text())
+    rows = []
+    for fold in splits["folds"]:
+        k, train_ids = fold["fold"], fold["train"] + fold["val"]
+        genes = omics.loc[train_ids]
+        z = (omics - genes.mean()) / genes.std(ddof=0)
+        x = pd.DataFrame({g: z[cols].mean(axis=1) for g, cols in groups.items()}).fillna(0.0)
+        w = _lasso(task, x.loc[train_ids].to_numpy(), table.loc[train_ids])
+        logits = hist[hist["fold"] == k].set_index(["patient_id", "split"])["score"]
+        if task == "survival":  # standardised risks back to log relative hazards
+            head = json.loads((hist_run / f"fold_{k}" / "fold.json").read_text())["head"]
+            logits = logits * head["scale"] + head["center"]
+        for split, ids in (("train", train_ids), ("test", fold["test"])):
+            values = logits.loc[[(p, split) for p in ids]].to_numpy() + x.loc[ids].to_numpy() @ w
+            rows += [(p, k, split, float(v)) for p, v in zip(ids, values, strict=True)]
+    return pd.DataFrame(rows, columns=["patient_id", "fold", "split", "score"])
+
+
+def _lasso(task: str, x: np.ndarray, table: pd.DataFrame) -> np.ndarray:
+    """(P,) lasso coefficients of the task's head loss on ``x`` (the logit of ``pos``
+    for classification)."""
+    if task == "survival":
+        head: Head = CoxHead()
+        targets = {"time": torch.tensor(table["time"].to_numpy(float)),
+                   "event": torch.tensor(table["event"].to_numpy(int))}  # fmt: skip
+        strata = targets["event"]
+    else:
+        head = ClassificationHead(["neg", "pos"])
+        targets = {"label": torch.tensor((table["label"] == "pos").to_numpy(int))}
+        strata = targets["label"]
+    fit = fit_penalised(
+        torch.tensor(x, dtype=torch.float32),
+        lambda logits, idx: head.loss(logits, {k: v[idx] for k, v in targets.items()}),
+        list(table.index),
+        n_outputs=head.n_outputs,
+        strata=strata.tolist(),
+    )
+    w = fit.weight.numpy()
+    return w[:, 0] if task == "survival" else w[:, 1] - w[:, 0]
 
 
 def metric(mm: MultimodalCohort, task: str, oof: pd.DataFrame) -> dict[str, Any]:
@@ -209,6 +269,7 @@ def main() -> None:
                     "abmil (histology)": (hist, t_hist),
                     "omics linear": (omics, 0.0),
                     "late fusion": (late_fusion(hist, omics), 0.0),
+                    "main effects": (main_effects(mm, task, hist, hist_run, splits), 0.0),
                 }
                 for variant in args.variants:
                     t0 = time.perf_counter()
