@@ -149,7 +149,8 @@ def main_effects(
         for split, ids in (("train", train_ids), ("test", fold["test"])):
             values = logits.loc[[(p, split) for p in ids]].to_numpy() + x.loc[ids].to_numpy() @ w
             rows += [(p, k, split, float(v)) for p, v in zip(ids, values, strict=True)]
-    return pd.DataFrame(rows, columns=["patient_id", "fold", "split", "score"])
+    frame = pd.DataFrame(rows, columns=["patient_id", "fold", "split", "score"])
+    return _standardised(frame).reset_index()  # pooled over folds, as the trainer's risks
 
 
 def _lasso(task: str, x: np.ndarray, table: pd.DataFrame) -> np.ndarray:
