@@ -259,7 +259,10 @@ def fit_penalised(
             cv += np.array([float(loss(o, everyone)) for o in oof]) / n_repeats
     se = np.std(per_fold, axis=0, ddof=1) / math.sqrt(len(per_fold))
     best = _choose(np.asarray(penalties, float), cv, se if rule == "1se" else np.zeros_like(se))
-    w, b = _path(z, loss, everyone, penalties, l1_ratio, n_outputs)[best]
+    down_to_best = [p for p in penalties if p >= penalties[best]]  # the warm-start path
+    w, b = _path(z, loss, everyone, down_to_best, l1_ratio, n_outputs)[
+        down_to_best.index(penalties[best])
+    ]
     return PenalisedFit(w / sd[:, None], b, float(penalties[best]), l1_ratio,
                         tuple(map(float, penalties)), tuple(cv.tolist()),
                         tuple(se.tolist()))  # fmt: skip

@@ -388,6 +388,8 @@ def _optimise_stages(
     if not stages:
         return (*_optimise(ctx, model, head, fit, val, k), [])
     records = []
+    best_step = 0  # a last stage may be penalised
+    history: dict[str, list[float]] = {"step": [], "train": [], "val": []}
     for i, stage in enumerate(stages):
         staged_model.set_stage(stage)
         if stage in staged_model.penalised_stages:
