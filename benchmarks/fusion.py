@@ -19,9 +19,10 @@ and cohort), for each task:
   chosen by 3-fold CV inside the outer training set;
 * ``late fusion`` — the mean of the two models' outputs, each standardised with the
   outputs of the fold's training patients;
-* ``main effects`` — ``abmil``'s logits plus a lasso on the gene-group scores
-  (``fit_penalised``, as ``dual_xattn``'s context stage): the two main effects that
-  ``dual_xattn``'s warm start adds up, without its cross-attention stage;
+* ``main effects`` — ``abmil``'s logits plus a lasso on the gene-group scores with
+  those logits as offset (``fit_penalised``, as ``dual_xattn``'s context stage): the
+  two main effects ``dual_xattn``'s warm start starts from, without its
+  cross-attention stage;
 * ``dual_xattn`` — the fusion aggregator with the omics groups (and with ``age``, an
   uninformative clinical column, as ``+clinical``), ``train`` defaults.
 
@@ -128,9 +129,10 @@ def main_effects(
     mm: MultimodalCohort, task: str, hist: pd.DataFrame, hist_run: Path, splits: dict[str, Any]
 ) -> pd.DataFrame:
     """``abmil``'s logits plus a lasso on the gene-group scores (:func:`fit_penalised`,
-    the 1-SE rule, as ``dual_xattn``'s context stage) fitted on each outer fold's
-    training patients: the sum ``dual_xattn``'s warm start starts its cross-attention
-    stage from, without that stage (and with ``abmil``'s own run as histology path)."""
+    the 1-SE rule, the logits as offset, as ``dual_xattn``'s context stage) fitted on
+    each outer fold's training patients: the sum ``dual_xattn``'s warm start starts its
+    cross-attention stage from, without that stage (and with ``abmil``'s own run as
+    histology path)."""
     table = pd.read_csv(mm.cohort, dtype={"patient_id": str}).set_index("patient_id")
     omics = pd.read_csv(mm.omics, dtype={"patient_id": str}).set_index("patient_id")
     omics = omics.reindex(table.index)
@@ -141,11 +143,12 @@ def main_effects(
         genes = omics.loc[train_ids]
         z = (omics - genes.mean()) / genes.std(ddof=0)
         x = pd.DataFrame({g: z[cols].mean(axis=1) for g, cols in groups.items()}).fillna(0.0)
-        w = _lasso(task, x.loc[train_ids].to_numpy(), table.loc[train_ids])
         logits = hist[hist["fold"] == k].set_index(["patient_id", "split"])["score"]
         if task == "survival":  # standardised risks back to log relative hazards
             head = json.loads((hist_run / f"fold_{k}" / "fold.json").read_text())["head"]
             logits = logits * head["scale"] + head["center"]
+        offset = logits.loc[[(p, "train") for p in train_ids]].to_numpy()
+        w = _lasso(task, x.loc[train_ids].to_numpy(), table.loc[train_ids], offset)
         for split, ids in (("train", train_ids), ("test", fold["test"])):
             values = logits.loc[[(p, split) for p in ids]].to_numpy() + x.loc[ids].to_numpy() @ w
             rows += [(p, k, split, float(v)) for p, v in zip(ids, values, strict=True)]
@@ -153,9 +156,9 @@ def main_effects(
     return _standardised(frame).reset_index()  # pooled over folds, as the trainer's risks
 
 
-def _lasso(task: str, x: np.ndarray, table: pd.DataFrame) -> np.ndarray:
-    """(P,) lasso coefficients of the task's head loss on ``x`` (the logit of ``pos``
-    for classification)."""
+def _lasso(task: str, x: np.ndarray, table: pd.DataFrame, offset: np.ndarray) -> np.ndarray:
+    """(P,) lasso coefficients of the task's head loss on ``x`` with the (n,) logit
+    ``offset`` (the logit of ``pos`` for classification)."""
     if task == "survival":
         head: Head = CoxHead()
         targets = {"time": torch.tensor(table["time"].to_numpy(float)),
@@ -165,9 +168,11 @@ def _lasso(task: str, x: np.ndarray, table: pd.DataFrame) -> np.ndarray:
         head = ClassificationHead(["neg", "pos"])
         targets = {"label": torch.tensor((table["label"] == "pos").to_numpy(int))}
         strata = targets["label"]
+    off = torch.zeros(len(x), head.n_outputs)
+    off[:, -1] = torch.tensor(offset, dtype=torch.float32)  # on the logit of pos
     fit = fit_penalised(
         torch.tensor(x, dtype=torch.float32),
-        lambda logits, idx: head.loss(logits, {k: v[idx] for k, v in targets.items()}),
+        lambda logits, idx: head.loss(logits + off[idx], {k: v[idx] for k, v in targets.items()}),
         list(table.index),
         n_outputs=head.n_outputs,
         strata=strata.tolist(),

@@ -103,6 +103,7 @@ _LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {
         "warm_start": False,
         "context_linear": False,
         "context_fit": "sgd",
+        "context_adjust": False,
     },
 }
 

@@ -334,10 +334,14 @@ def _fit_penalised_stage(
     regression with the head's loss on all the units of ``sets`` (the fold's training
     and inner validation patients), the penalty chosen by cross-validation among them.
 
+    The stage's output with its coefficients at zero (what the rest of the model
+    contributes in that stage: ``dual_xattn``'s frozen histology path) is the fit's
+    offset.
+
     Returns:
         The stage record: ``stage``, ``fit`` (``"penalised"``), ``l1_ratio``, the
         chosen ``penalty`` (``None`` for infinite: no covariate kept), ``penalties``,
-        ``cv_loss`` and ``cv_se``.
+        ``cv_loss``, ``cv_se`` and ``offset`` (whether the offset was non-zero).
     """
     from wsi_mil.mil.penalised import fit_penalised
 
@@ -345,9 +349,11 @@ def _fit_penalised_stage(
     x = torch.cat([model.stage_design(stage, **u.extras(range(len(u)), cpu)) for u in sets])
     targets = {key: torch.cat([u.targets[key] for u in sets]) for key in sets[0].targets}
     strata = targets.get("event", targets.get("label"))
+    model.set_stage_weight(stage, torch.zeros(x.shape[1], model.n_outputs, device=ctx.device))
+    offset = torch.cat([_predict(ctx, model, u).logits.float().cpu() for u in sets])
 
     def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return head.loss(logits, {key: v[idx] for key, v in targets.items()})
+        return head.loss(logits + offset[idx], {key: v[idx] for key, v in targets.items()})
 
     fit = fit_penalised(
         x,
@@ -368,6 +374,7 @@ def _fit_penalised_stage(
         "penalties": [p if math.isfinite(p) else None for p in fit.penalties],
         "cv_loss": list(fit.cv_loss),
         "cv_se": list(fit.cv_se),
+        "offset": bool(offset.abs().max() > 0),
     }
 
 

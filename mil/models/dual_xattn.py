@@ -342,6 +342,11 @@ class DualCrossAttentionMIL(Aggregator):
             penalty chosen by cross-validation among them (:attr:`penalised_stages`);
             ``"sgd"``: gradient steps, early stopped on the inner validation patients
             (folds trained before the option).
+        context_adjust: fit the context linear path adjusted for the histology path:
+            in the ``"context"`` stage ``forward`` returns the frozen histology logits
+            plus the linear path's, so the penalised fit sees the histology logits as an
+            offset (default); ``False``: the linear path alone (folds trained before
+            the option).
 
     Raises:
         ConfigError: no omics group and no clinical input, an empty group, a bad index,
@@ -371,6 +376,7 @@ class DualCrossAttentionMIL(Aggregator):
         context_linear: bool = True,
         context_lr: float = 10.0,
         context_fit: str = "lasso",
+        context_adjust: bool = True,
     ) -> None:
         super().__init__(in_dim, n_outputs)
         groups = _check_groups(omics_groups)
@@ -434,6 +440,7 @@ class DualCrossAttentionMIL(Aggregator):
         self.histology_fallback = histology_fallback and residual
         self.warm_start = warm_start and self.histology_proj is not None
         self.fusion_lr, self.context_lr, self.context_fit = fusion_lr, context_lr, context_fit
+        self.context_adjust = context_adjust
         self.context_linear = (
             nn.Linear(self.n_groups + n_clinical, n_outputs, bias=False) if context_linear else None
         )
@@ -630,7 +637,7 @@ class DualCrossAttentionMIL(Aggregator):
         omics, clinical = self._inputs(b, omics, clinical, omics_present, clinical_present,
                                        features)  # fmt: skip
         linear = self._linear(omics, clinical)
-        if self._stage == "context":  # the warm start's second stage: the linear path alone
+        if self._stage == "context" and not self.context_adjust:  # the linear path alone
             assert linear is not None  # the stage exists only with the path
             return MILOutput(linear, None, None)
         tiles, residual = None, None
@@ -643,6 +650,9 @@ class DualCrossAttentionMIL(Aggregator):
             residual = self.histology_head(h_hist[:, 0])
             if self._stage == "histology":  # the warm start's first stage: ABMIL alone
                 return MILOutput(residual, h_weights[:, 0], None)
+            if self._stage == "context":  # adjusted: the linear path on top of ABMIL
+                assert linear is not None
+                return MILOutput(residual + linear, h_weights[:, 0], None)
         if tiles is None:
             tiles = self.tile_proj(features)
         context, context_mask = self._context(omics, clinical, omics_present, clinical_present)

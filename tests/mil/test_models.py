@@ -675,7 +675,8 @@ def test_dual_xattn_without_any_context_is_its_histology_path() -> None:
 
 def test_dual_xattn_warm_start_stages() -> None:
     """Stage "histology": only the histology path trains and the logits are its own;
-    stage "context": only the context linear path trains, and the logits are its own;
+    stage "context": only the context linear path trains, and the logits are the
+    histology path's plus its own (its own alone with ``context_adjust=False``);
     stage "fusion": both are frozen; None: all trainable again."""
     model = build("dual_xattn", n_outputs=1)
     assert model.training_stages == ("histology", "context", "fusion")
@@ -700,7 +701,11 @@ def test_dual_xattn_warm_start_stages() -> None:
     assert torch.equal(run(model, changed).logits, alone.logits)
     model.set_stage("context")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"context_linear.weight"}
-    assert torch.equal(run(model, inputs).logits, torch.zeros(3, 1))  # its own, from zero
+    assert torch.equal(run(model, inputs).logits, alone.logits)  # adjusted, from zero
+    unadjusted = build("dual_xattn", n_outputs=1, context_adjust=False).eval()
+    unadjusted.load_state_dict(model.state_dict())
+    unadjusted.set_stage("context")
+    assert torch.equal(run(unadjusted, inputs).logits, torch.zeros(3, 1))  # its own
     with torch.no_grad():
         model.context_linear.weight.fill_(0.5)
     shifted = run(model, changed).logits - run(model, inputs).logits
@@ -737,9 +742,10 @@ def test_dual_xattn_context_stage_is_penalised_and_its_design_is_what_the_path_r
     assert x.shape == (3, model.n_groups + N_CLINICAL)
     assert torch.all(x[1, : model.n_groups] == 0) and torch.all(x[0] != 0)
     weight = torch.linspace(-1, 1, x.shape[1])[:, None]
-    model.set_stage_weight("context", weight)
     model.set_stage("context")
-    assert torch.allclose(run(model, inputs).logits, x @ weight, atol=1e-6)
+    offset = run(model, inputs).logits  # the histology path's logits: the fit's offset
+    model.set_stage_weight("context", weight)
+    assert torch.allclose(run(model, inputs).logits, offset + x @ weight, atol=1e-6)
     with pytest.raises(ValueError, match="penalised stage"):
         build("dual_xattn", context_fit="sgd").stage_design("context", **tabular)
     for method in ("stage_design", "stage_l1_ratio"):

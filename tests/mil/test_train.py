@@ -251,6 +251,7 @@ def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) 
     assert (context["stage"], context["fit"], context["l1_ratio"]) == ("context", "penalised", 1)
     assert len(context["cv_loss"]) == len(context["penalties"])
     assert context["penalty"] in context["penalties"]
+    assert context["offset"]  # fitted on top of the histology path's logits
     assert len(result.predictions) == 2 * 10  # slide bags averaged per patient
     assert list(result.predictions.columns) == [
         "patient_id",
