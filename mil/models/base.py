@@ -258,8 +258,9 @@ class Aggregator(nn.Module, abc.ABC):
         covariates (:meth:`stage_design`), which the trainer fits by a penalised
         regression with a cross-validated penalty
         (:func:`wsi_mil.mil.penalised.fit_penalised`, L1 share
-        :meth:`stage_l1_ratio`) instead of gradient steps; ``()`` (every aggregator
-        but ``dual_xattn``)."""
+        :meth:`stage_l1_ratio`) instead of gradient steps, with the stage's output at
+        zero coefficients as the fit's offset; ``()`` (every aggregator but
+        ``dual_xattn``)."""
         return ()
 
     def stage_l1_ratio(self, stage: str) -> float:

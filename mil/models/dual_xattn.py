@@ -57,19 +57,22 @@ are rebuilt without it):
 * a *context linear path*: a linear model on each omics group's score (the mean of its
   standardised genes, the "mean z-score" pathway score) and the clinical vector, zero at
   the start, whose logits are added for bags with context. With the warm start it is
-  fitted on its own in a stage of its own (``"context"``: its logits alone are the
-  prediction), like the histology path, so the model starts the cross-attention stage
-  as the sum of the two modalities' main effects, each fitted alone, and the
-  cross-attention only has to learn what that sum does not explain. The stage is a
-  penalised regression (``context_fit``: the lasso by default, elastic net or ridge;
-  :attr:`penalised_stages`): the trainer fits it with the head's own loss on all of
-  the fold's training patients and chooses the penalty by cross-validation among them,
-  the largest within one standard error of the best
-  (:func:`wsi_mil.mil.penalised.fit_penalised`). (Early-stopped gradient steps,
-  ``"sgd"`` at ``context_lr`` × ``--lr``, chose on 16 inner-validation patients and
-  kept either no omics or noise groups as large as the informative one; fitted on top
-  of the frozen histology path instead, it learned the omics effect against the
-  histology path's fit of its own training patients: the fusion benchmark.) A missing
+  fitted in a stage of its own (``"context"``) on top of the frozen histology path: in
+  that stage the prediction is the histology logits plus the linear path's
+  (``context_adjust``), so the model starts the cross-attention stage from the two
+  modalities' main effects in one model, and the cross-attention only has to learn what
+  their sum does not explain. The stage is a penalised regression (``context_fit``: the
+  lasso by default, elastic net or ridge; :attr:`penalised_stages`): the trainer fits it
+  with the head's own loss, the histology logits as offset, on all of the fold's
+  training patients and chooses the penalty by cross-validation among them, the largest
+  within one standard error of the best (:func:`wsi_mil.mil.penalised.fit_penalised`).
+  Adjusting for the histology path matters: a hazard (or log-odds) model that leaves out
+  a strong covariate underestimates the others (non-collapsibility), and the residual
+  signal is easier to tell from noise, so fitted alone (``context_adjust=False``) the
+  lasso kept no omics group in most folds and the sum of the two separately fitted
+  paths under-weighted the omics (the fusion benchmark). (Early-stopped gradient
+  steps, ``"sgd"`` at ``context_lr`` × ``--lr``, chose on 16 inner-validation patients
+  and kept either no omics or noise groups as large as the informative one.) A missing
   modality contributes 0 (its inputs are 0, the training mean of standardised values).
 """
 
