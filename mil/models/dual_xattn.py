@@ -404,6 +404,14 @@ class DualCrossAttentionMIL(Aggregator):
             raise ConfigError(f"dual_xattn: dim={dim} must be divisible by n_heads={n_heads}")
         if n_layers < 1:
             raise ConfigError(f"dual_xattn: n_layers must be >= 1, got {n_layers}")
+        # the histology path first, in abmil's order and shapes: from the same seed it
+        # starts from abmil's initial weights (the trainer reseeds before training)
+        h_dim = histology_dim or dim
+        self.histology_proj = (
+            mlp_block(in_dim, h_dim, dropout) if residual and histology_dim else None
+        )
+        self.histology_pool = GatedAttention(h_dim, h_dim // 2, 1, dropout) if residual else None
+        self.histology_head = nn.Linear(h_dim, n_outputs) if residual else None
         self.n_groups = len(groups)
         self.n_omics_columns = max((max(g) + 1 for g in groups), default=0)
         self.n_clinical = n_clinical
@@ -434,12 +442,6 @@ class DualCrossAttentionMIL(Aggregator):
         self.missing_clinical = nn.Parameter(torch.zeros(dim)) if n_clinical > 0 else None
         self.fusion = mlp_block(2 * dim, dim, dropout)
         self.classifier = nn.Linear(dim, n_outputs)
-        h_dim = histology_dim or dim
-        self.histology_proj = (
-            mlp_block(in_dim, h_dim, dropout) if residual and histology_dim else None
-        )
-        self.histology_pool = GatedAttention(h_dim, h_dim // 2, 1, dropout) if residual else None
-        self.histology_head = nn.Linear(h_dim, n_outputs) if residual else None
         self.histology_fallback = histology_fallback and residual
         self.warm_start = warm_start and self.histology_proj is not None
         self.fusion_lr, self.context_lr, self.context_fit = fusion_lr, context_lr, context_fit
@@ -635,14 +637,6 @@ class DualCrossAttentionMIL(Aggregator):
     ) -> MILOutput:
         """Fuse tiles with omics and clinical tokens (``clinical``: ``(B, n_clinical)``)."""
         b, dev = features.shape[0], features.device
-        omics_present = self._present("omics", omics, omics_mask, b, dev)
-        clinical_present = self._present("clinical", clinical, clinical_mask, b, dev)
-        omics, clinical = self._inputs(b, omics, clinical, omics_present, clinical_present,
-                                       features)  # fmt: skip
-        linear = self._linear(omics, clinical)
-        if self._stage == "context" and not self.context_adjust:  # the linear path alone
-            assert linear is not None  # the stage exists only with the path
-            return MILOutput(linear, None, None)
         tiles, residual = None, None
         if self.histology_pool is not None and self.histology_head is not None:
             if self.histology_proj is None:  # folds saved before histology_dim
@@ -652,10 +646,17 @@ class DualCrossAttentionMIL(Aggregator):
             h_hist, h_weights = attention_pool(h_in, self.histology_pool(h_in), mask)
             residual = self.histology_head(h_hist[:, 0])
             if self._stage == "histology":  # the warm start's first stage: ABMIL alone
-                return MILOutput(residual, h_weights[:, 0], None)
-            if self._stage == "context":  # adjusted: the linear path on top of ABMIL
-                assert linear is not None
+                return MILOutput(residual, h_weights[:, 0], None)  # (abmil's random draws)
+        omics_present = self._present("omics", omics, omics_mask, b, dev)
+        clinical_present = self._present("clinical", clinical, clinical_mask, b, dev)
+        omics, clinical = self._inputs(b, omics, clinical, omics_present, clinical_present,
+                                       features)  # fmt: skip
+        linear = self._linear(omics, clinical)
+        if self._stage == "context":  # the linear path, on top of ABMIL with context_adjust
+            assert linear is not None  # the stage exists only with the path
+            if self.context_adjust and residual is not None:
                 return MILOutput(residual + linear, h_weights[:, 0], None)
+            return MILOutput(linear, None, None)
         if tiles is None:
             tiles = self.tile_proj(features)
         context, context_mask = self._context(omics, clinical, omics_present, clinical_present)

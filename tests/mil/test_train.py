@@ -196,6 +196,40 @@ def test_bad_inputs(tmp_path: Path, tiny_cohort: Any, make_config: Any) -> None:
         train_cv(make_config(few, "classification", folds=2, clinical=["label"]), tmp_path / "r5")
 
 
+def test_dual_xattn_histology_stage_trains_exactly_abmil(
+    tmp_path: Path, make_config: Any
+) -> None:
+    """From the same seed, ``dual_xattn``'s warm-start histology stage is the ``abmil``
+    run: the path is built first in ``abmil``'s order (same initial weights) and its
+    stage returns before any modality-dropout draw (same random draws in training), so
+    every fold selects the same step and keeps the same weights."""
+    syn = make_synthetic_cohort(tmp_path / "d", task="survival", n_patients=12,
+                                n_tiles=(10, 30), dims=(4, 4))  # fmt: skip
+    omics = tmp_path / "omics.csv"
+    rng = np.random.default_rng(1)
+    patients = sorted(set(syn.patients.values()))
+    omics.write_text("patient_id,g1,g2\n" + "".join(
+        f"{p},{rng.normal():.3f},{rng.normal():.3f}\n" for p in patients))  # fmt: skip
+    small = {"dropout": 0.25, "attn_dim": 8}
+    abmil = train_cv(make_config(syn, "survival", folds=2, n_boot=0,
+                                 model_kwargs={**small, "hidden_dim": 16}), tmp_path / "a")
+    dual = train_cv(make_config(syn, "survival", folds=2, n_boot=0, model="dual_xattn",
+                                omics=str(omics), omics_group_size=1,
+                                model_kwargs={"dim": 16, "n_heads": 2, "histology_dim": 16,
+                                              "dropout": 0.25}), tmp_path / "x")  # fmt: skip
+    names = {"encoder": "histology_proj", "attention": "histology_pool",
+             "classifier": "histology_head"}  # fmt: skip
+    for k in range(2):
+        a_meta = json.loads((abmil.out / f"fold_{k}" / "fold.json").read_text())
+        x_meta = json.loads((dual.out / f"fold_{k}" / "fold.json").read_text())
+        assert x_meta["stages"][0]["best_step"] == a_meta["best_step"]
+        a_state = load_file(abmil.out / f"fold_{k}" / "model.safetensors")
+        x_state = load_file(dual.out / f"fold_{k}" / "model.safetensors")
+        for key, value in a_state.items():
+            module, _, rest = key.partition(".")
+            torch.testing.assert_close(x_state[f"{names.get(module, module)}.{rest}"], value)
+
+
 def test_fusion_slide_level_and_discrete_loss(tmp_path: Path, make_config: Any) -> None:
     syn = make_synthetic_cohort(
         tmp_path / "d",
