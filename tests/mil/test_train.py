@@ -196,9 +196,7 @@ def test_bad_inputs(tmp_path: Path, tiny_cohort: Any, make_config: Any) -> None:
         train_cv(make_config(few, "classification", folds=2, clinical=["label"]), tmp_path / "r5")
 
 
-def test_dual_xattn_histology_stage_trains_exactly_abmil(
-    tmp_path: Path, make_config: Any
-) -> None:
+def test_dual_xattn_histology_stage_trains_exactly_abmil(tmp_path: Path, make_config: Any) -> None:
     """From the same seed, ``dual_xattn``'s warm-start histology stage is the ``abmil``
     run: the path is built first in ``abmil``'s order (same initial weights) and its
     stage returns before any modality-dropout draw (same random draws in training), so
@@ -211,8 +209,10 @@ def test_dual_xattn_histology_stage_trains_exactly_abmil(
     omics.write_text("patient_id,g1,g2\n" + "".join(
         f"{p},{rng.normal():.3f},{rng.normal():.3f}\n" for p in patients))  # fmt: skip
     small = {"dropout": 0.25, "attn_dim": 8}
-    abmil = train_cv(make_config(syn, "survival", folds=2, n_boot=0,
-                                 model_kwargs={**small, "hidden_dim": 16}), tmp_path / "a")
+    abmil = train_cv(
+        make_config(syn, "survival", folds=2, n_boot=0, model_kwargs={**small, "hidden_dim": 16}),
+        tmp_path / "a",
+    )
     dual = train_cv(make_config(syn, "survival", folds=2, n_boot=0, model="dual_xattn",
                                 omics=str(omics), omics_group_size=1,
                                 model_kwargs={"dim": 16, "n_heads": 2, "histology_dim": 16,
