@@ -46,7 +46,10 @@ benchmark; older folds are rebuilt without them):
   (stage ``"histology"``: ABMIL, with its own early stopping), then freezes it and fits
   the rest (stage ``"fusion"``); the fused classifier starts at zero, so the second stage
   starts from the first one's model and keeps it where the context does not help the
-  inner validation loss;
+  inner validation loss. The histology path is built before the other modules, in
+  ``abmil``'s order and shapes, and its stage makes no other random draw, so from the
+  same seed this stage trains exactly the ``abmil`` run of the same options: what the
+  context adds is measured against ``abmil`` itself, not against another random start;
 * *histology fallback*: the fused correction is added only for bags with at least one
   context modality present; a bag with none gets the histology path's logits alone.
 
