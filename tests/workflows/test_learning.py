@@ -84,23 +84,21 @@ def _harrell(table: pd.DataFrame, score: pd.Series) -> float:
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("WSI_MIL_FUSION_TEST"),
-    reason="opt-in (WSI_MIL_FUSION_TEST=1): about 10 minutes on 2 cores; it records a "
-    "gap of issue 17 (C >= 0.7 not reached): the current defaults measured 0.679",
+    reason="opt-in (WSI_MIL_FUSION_TEST=1): 7-10 minutes on 2 cores, longer than the "
+    "rest of the learning tests together",
 )
 def test_dual_xattn_fuses_histology_and_omics(planted15, tmp_path: Path) -> None:
     """Log hazard ``2 h + 1.5 z``: the planted region (``h``) and one gene group of eight
     (``z``) each carry part of it, and even the *true* value of either alone orders the
     40 patients with C < 0.7 (0.664 and 0.676; the true log hazard: 0.79).
     ``dual_xattn``, trained with its defaults on the tiles and the omics table (a fifth
-    of the patients without omics), must order them better than either truth alone, out
-    of fold, and its context linear path must give the informative group ``G00`` the
-    largest mean coefficient of the eight. (Measured 2026-11-29: C 0.695 before the
-    histology warm start, 0.679 with it, 0.697 with the early-stopped context linear
-    path, 0.679 with the cross-validated lasso, the current defaults, which keeps
-    ``G00`` in 4 of 5 folds and sets 5 of the 7 noise groups to 0; the issue's bar of
-    0.7 is not reached with 40 patients, and the earlier bar of 0.68 was dropped for the
-    coefficient check. With ``2 h + 2 z`` and outcome seed 23 an earlier version got
-    0.663.)
+    of the patients without omics), must reach the issue's C of 0.7 out of fold, above
+    either truth alone, and its context linear path must give the informative group
+    ``G00`` the largest mean coefficient of the eight. (Measured 2026-11-30: C 0.730
+    with the current defaults, the context lasso adjusted for the histology path and
+    that path trained as ``abmil``: ``G00`` kept in 4 of 5 folds, 0.72 ± 0.43. Earlier
+    versions: 0.695 before the histology warm start, 0.679 with it, 0.697 with the
+    early-stopped context linear path, 0.679 with the lasso fitted alone.)
     Its co-attention files are aligned with each slide's tiles."""
     cohort, bags = planted15
     mm = make_multimodal_cohort(cohort, tmp_path / "mm", histology_effect=2.0, omics_effect=1.5,
@@ -115,7 +113,7 @@ def test_dual_xattn_fuses_histology_and_omics(planted15, tmp_path: Path) -> None
     assert main(argv) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     c_index = metrics["pooled"]["harrell_c"]["value"]
-    assert c_index > max(alone)
+    assert c_index >= 0.7 and c_index > max(alone)
     summary = pd.read_csv(run / "co_attention_summary.csv").set_index("token")
     assert summary["linear_coef"].abs().idxmax() == "G00" and summary.loc["G00", "linear_coef"] > 0
     without = set(table.index) - set(pd.read_csv(mm.omics, dtype={"patient_id": str})["patient_id"])
