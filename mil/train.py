@@ -346,6 +346,7 @@ def _fit_penalised_stage(
     from wsi_mil.mil.penalised import fit_penalised
 
     cpu = torch.device("cpu")
+    sets = tuple(u for u in sets if len(u))  # an empty inner validation set adds nothing
     x = torch.cat([model.stage_design(stage, **u.extras(range(len(u)), cpu)) for u in sets])
     targets = {key: torch.cat([u.targets[key] for u in sets]) for key in sets[0].targets}
     strata = targets.get("event", targets.get("label"))

@@ -72,7 +72,7 @@ are rebuilt without it):
   Adjusting for the histology path matters: a hazard (or log-odds) model that leaves out
   a strong covariate underestimates the others (non-collapsibility), and the residual
   signal is easier to tell from noise, so fitted alone (``context_adjust=False``) the
-  lasso kept no omics group in most folds and the sum of the two separately fitted
+  lasso often kept no omics group and the sum of the two separately fitted
   paths under-weighted the omics (the fusion benchmark). (Early-stopped gradient
   steps, ``"sgd"`` at ``context_lr`` × ``--lr``, chose on 16 inner-validation patients
   and kept either no omics or noise groups as large as the informative one.) A missing
