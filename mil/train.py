@@ -351,7 +351,7 @@ def _fit_penalised_stage(
     targets = {key: torch.cat([u.targets[key] for u in sets]) for key in sets[0].targets}
     strata = targets.get("event", targets.get("label"))
     model.set_stage_weight(stage, torch.zeros(x.shape[1], model.n_outputs, device=ctx.device))
-    offset = torch.cat([_predict(ctx, model, u).logits.float().cpu() for u in sets])
+    offset = torch.cat([_predict(ctx, model, u).logits for u in sets])  # float32, CPU
 
     def loss(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return head.loss(logits + offset[idx], {key: v[idx] for key, v in targets.items()})
